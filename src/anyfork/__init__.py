@@ -1,0 +1,43 @@
+"""anyfork: PyTorch's fork/wait model for async Python, on anyio.
+
+``fork(func, *args, **kwargs)`` starts work and returns a :class:`Future` at once; ``wait``
+blocks for its value and ``await`` waits without blocking. Coroutine functions run as anyio
+tasks, sync callables in worker threads, and plain scripts work without any event loop.
+"""
+
+from __future__ import annotations
+
+from ._config import Config, configure
+from ._errors import (
+    AlreadyCompletedError,
+    AnyforkError,
+    CancelledError,
+    NotReadyError,
+    ShutdownError,
+    WouldBlockError,
+)
+from ._fork import fork
+from ._future import Future
+from ._scope import Scope, scope
+from ._wait import collect_all, wait, wait_all, wait_async
+
+__all__ = [
+    "AlreadyCompletedError",
+    "AnyforkError",
+    "CancelledError",
+    "Config",
+    "Future",
+    "NotReadyError",
+    "Scope",
+    "ShutdownError",
+    "WouldBlockError",
+    "collect_all",
+    "configure",
+    "fork",
+    "scope",
+    "wait",
+    "wait_all",
+    "wait_async",
+]
+
+__version__ = "0.1.0"

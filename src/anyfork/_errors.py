@@ -1,0 +1,50 @@
+"""The exceptions anyfork raises of its own.
+
+Every type subclasses the closest built-in, so generic handlers keep working, and each one
+has a single meaning, so callers can tell them apart from each other and from errors raised
+by the forked work itself.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyCompletedError",
+    "AnyforkError",
+    "CancelledError",
+    "NotReadyError",
+    "ShutdownError",
+    "WouldBlockError",
+]
+
+
+class AnyforkError(Exception):
+    """Base class of every exception defined by anyfork."""
+
+
+class CancelledError(AnyforkError):
+    """Raised when waiting on a future that was cancelled.
+
+    This is an ordinary :class:`Exception`, deliberately *not* the event loop's own
+    cancellation exception (``asyncio.CancelledError``, ``trio.Cancelled``): a cancelled
+    fork must not look as if the waiting task itself had been cancelled.
+    """
+
+
+class AlreadyCompletedError(AnyforkError, RuntimeError):
+    """Raised by ``set_result``/``set_exception`` on a future that is already done."""
+
+
+class NotReadyError(AnyforkError, RuntimeError):
+    """Raised by :meth:`Future.value` while the future is still pending."""
+
+
+class WouldBlockError(AnyforkError, RuntimeError):
+    """Raised by a blocking wait called on an event-loop thread for a pending future.
+
+    Blocking there would freeze the loop, and with it the very work being waited for.
+    """
+
+
+class ShutdownError(AnyforkError, RuntimeError):
+    """Raised by :func:`fork` when the interpreter is shutting down and can no longer run
+    new work."""

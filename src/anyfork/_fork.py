@@ -1,0 +1,212 @@
+"""``fork()``: the one place that decides where work runs.
+
+=============================  ===========================  ==============================
+caller                         coroutine function           sync callable
+=============================  ===========================  ==============================
+task on a running loop         task in innermost scope,     worker thread under anyfork's
+                               else the loop's ambient      own CapacityLimiter
+                               group
+anyio worker thread            the same, on that loop       the same
+no loop                        background event loop        thread pool
+eager mode                     run now, in the caller       called now, in the caller
+=============================  ===========================  ==============================
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, overload
+
+import anyio
+from typing_extensions import ParamSpec
+
+from . import _loops
+from ._config import current_config
+from ._fallback import fallback
+from ._future import _FAILED, _FINISHED, Future
+from ._scope import TaskFactory, _ForkGroup, ambient_group, current_scope_group
+
+__all__ = ["fork"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+@overload
+def fork(
+    func: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+) -> Future[T]: ...
+
+
+@overload
+def fork(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+
+
+def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+    """Start ``func(*args, **kwargs)`` and return a :class:`Future` of its result at once.
+
+    Coroutine functions run as anyio tasks on the current event loop (in the innermost
+    :func:`scope`, else in the loop's ambient task group). Sync callables — functions, bound
+    methods, builtins, callable objects such as an ``nn.Module`` — run in worker threads, off
+    the loop. Where no loop runs, coroutine functions go to a background event loop and sync
+    callables to a thread pool. The current :mod:`contextvars` are copied into the fork.
+
+    Any error of the work itself is stored in the future and raised when it is waited for,
+    never by ``fork``.
+
+    :param func: the callable to run; positional-only, so ``func`` may itself take a
+        keyword argument named ``func``
+    :param args: positional arguments for ``func``
+    :param kwargs: keyword arguments for ``func``
+    :return: a future of ``func``'s (awaited) result
+    :raises TypeError: if ``func`` is not callable, or is a coroutine object
+    :raises ShutdownError: if called while the interpreter is shutting down, outside a loop
+
+    Example::
+
+        async def handler() -> str:
+            features = anyfork.fork(fetch_features, user_id=7)  # async: a task
+            score = anyfork.fork(model, [1.0, 2.0])  # sync: a worker thread
+            return f"{await features} {await score}"
+    """
+    if not callable(func):
+        if inspect.iscoroutine(func):
+            func.close()  # it will never run; spare the user a 'never awaited' warning
+            raise TypeError(
+                "fork() takes the coroutine function and its arguments, not a coroutine "
+                f"object: write fork({func.__qualname__}, ...) instead of "
+                f"fork({func.__qualname__}(...))"
+            )
+        raise TypeError(f"fork() takes a callable, got {type(func).__name__} {func!r}")
+
+    future: Future[Any] = Future(name=_name_of(func))
+    context = contextvars.copy_context()
+    is_async = _is_coroutine_function(func)
+    native = _loops.running_native_loop()
+
+    if current_config().eager and not (is_async and native is not None):
+        _run_now(future, func, args, kwargs, is_async, context)
+        return future
+
+    group = _group_for_caller(native)
+    if group is None:
+        if is_async:
+            group = fallback.loop_group()
+        else:
+            job = _sync_job(future, func, args, kwargs, context)
+            future._steal = job
+            fallback.submit_sync(future, job)
+            return future
+
+    spawn_context: contextvars.Context | None
+    if is_async:
+        spawn_context = context
+
+        def task_for(group: _ForkGroup) -> TaskFactory:
+            return functools.partial(group.run_coroutine_fork, future, func, args, kwargs)
+    else:
+        # The worker thread enters ``context`` itself, so the task needs none of its own.
+        spawn_context = None
+        job = _sync_job(future, func, args, kwargs, context)
+        future._steal = job
+
+        def task_for(group: _ForkGroup) -> TaskFactory:
+            return functools.partial(group.run_sync_fork, future, job)
+
+    if not group.spawn(future, task_for(group), spawn_context):
+        # The scope captured in this context has already closed: use the loop's ambient group.
+        group = _ambient_for(group)
+        group.spawn(future, task_for(group), spawn_context)
+    return future
+
+
+def _group_for_caller(native: object | None) -> _ForkGroup | None:
+    """The group a fork made here belongs to, or None for the no-loop fallback."""
+    group = current_scope_group()
+    if group is not None and not group._closed:
+        return group
+    if native is not None:
+        return ambient_group(native)
+    token = _loops.worker_thread_token()
+    if token is not None:
+        return ambient_group(token.native_token, token)
+    return None
+
+
+def _ambient_for(group: _ForkGroup) -> _ForkGroup:
+    return ambient_group(group.token.native_token, group.token)
+
+
+def _sync_job(
+    future: Future[Any],
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: contextvars.Context,
+) -> Callable[[], None]:
+    """Wrap a sync fork's work so that exactly one thread runs it: a worker or a waiter."""
+
+    def job() -> None:
+        if not future._start_running():  # cancelled, or another thread took it
+            return
+        try:
+            result = context.run(func, *args, **kwargs)
+        except BaseException as exc:
+            future._complete(_FAILED, None, exc)
+        else:
+            if inspect.iscoroutine(result):
+                result.close()
+                future._complete(
+                    _FAILED,
+                    None,
+                    TypeError(
+                        f"{future.name} returned a coroutine from a worker thread; declare it "
+                        "with 'async def' (or fork the coroutine function itself) so that "
+                        "anyfork runs it as a task"
+                    ),
+                )
+            else:
+                future._complete(_FINISHED, result, None)
+
+    return job
+
+
+def _run_now(
+    future: Future[Any],
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    is_async: bool,
+    context: contextvars.Context,
+) -> None:
+    try:
+        if is_async:
+            result = context.run(anyio.run, functools.partial(func, *args, **kwargs))
+        else:
+            result = context.run(func, *args, **kwargs)
+    except BaseException as exc:
+        future._complete(_FAILED, None, exc)
+    else:
+        future._complete(_FINISHED, result, None)
+
+
+def _is_coroutine_function(func: Callable[..., Any]) -> bool:
+    while isinstance(func, functools.partial):
+        func = func.func
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(type(func), "__call__", None)
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _name_of(func: Callable[..., Any]) -> str:
+    while isinstance(func, functools.partial):
+        func = func.func
+    name = getattr(func, "__qualname__", None)
+    if not isinstance(name, str):
+        name = type(func).__qualname__
+    return name
+

@@ -1,0 +1,401 @@
+"""``Future[T]``: a thread-safe result holder that can be waited on blocking or awaited.
+
+The future knows nothing about where its work runs. The code that runs the work (see
+``_fork.py``) may attach two hooks: ``_steal``, which lets a blocking waiter run a sync fork
+that has not started yet in its own thread, and ``_on_cancel``, which stops the work when the
+future is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Generator
+from typing import Any, Generic, NoReturn, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+from . import _loops
+from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
+
+__all__ = ["Future"]
+
+T = TypeVar("T")
+S = TypeVar("S")
+
+logger = logging.getLogger("anyfork")
+
+_PENDING = 0
+_FINISHED = 1
+_FAILED = 2
+_CANCELLED = 3
+
+_STATE_NAMES = {
+    _PENDING: "pending",
+    _FINISHED: "finished",
+    _FAILED: "failed",
+    _CANCELLED: "cancelled",
+}
+
+Callback = Callable[["Future[Any]"], object]
+
+
+class _Dispatch(threading.local):
+    # Callbacks queued by completions that happened while this thread was already running
+    # callbacks. Draining them iteratively (instead of recursing) is what lets a 5000-link
+    # ``then`` chain complete without hitting the recursion limit.
+    queue: deque[tuple[Future[Any], list[Callback]]] | None = None
+
+
+_dispatch = _Dispatch()
+
+
+def _run_callbacks(future: Future[Any], callbacks: list[Callback]) -> None:
+    queue = _dispatch.queue
+    if queue is not None:
+        queue.append((future, callbacks))
+        return
+
+    queue = _dispatch.queue = deque([(future, callbacks)])
+    try:
+        _drain(queue)
+    finally:
+        _dispatch.queue = None
+
+
+def _drain(queue: deque[tuple[Future[Any], list[Callback]]]) -> None:
+    while queue:
+        future, callbacks = queue.popleft()
+        for callback in callbacks:
+            _invoke(callback, future)
+
+
+def _help_pending_dispatch() -> None:
+    """Run the callbacks queued in this thread before it blocks.
+
+    A callback that blocks on a future further down its own ``then`` chain would otherwise
+    wait forever for callbacks that are queued behind it, in its own thread.
+    """
+    queue = _dispatch.queue
+    if queue:
+        _drain(queue)
+
+
+def _invoke(callback: Callback, future: Future[Any]) -> None:
+    try:
+        callback(future)
+    except Exception:
+        logger.exception("anyfork: done callback %r of %r raised", callback, future)
+
+
+class Future(Generic[T]):
+    """The eventual result of a fork, or of any work that completes it by hand.
+
+    One future serves every kind of caller, from any thread and any event loop:
+
+    * blocking: :meth:`wait` (or :func:`anyfork.wait`) in scripts and worker threads;
+    * awaiting: ``await fut`` (or :func:`anyfork.wait_async`) on asyncio, uvloop or trio,
+      even a loop other than the one that ran the work, or after that loop has closed;
+    * callbacks: :meth:`then` and :meth:`add_done_callback`.
+
+    It completes exactly once, with a result, an exception or a cancellation. Results keep
+    their identity and exceptions are re-raised as the very same object.
+
+    Example::
+
+        fut: anyfork.Future[int] = anyfork.Future()
+        doubled = fut.then(lambda f: f.value() * 2)
+        fut.set_result(21)
+        assert doubled.wait() == 42
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_blocking_event",
+        "_callbacks",
+        "_exception",
+        "_lock",
+        "_on_cancel",
+        "_result",
+        "_retrieved",
+        "_running",
+        "_state",
+        "_steal",
+        "name",
+    )
+
+    def __init__(self, *, name: str | None = None) -> None:
+        """
+        :param name: a label shown in ``repr`` and in log messages about this future
+        """
+        self.name = name
+        self._lock = threading.Lock()
+        self._state = _PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._retrieved = False
+        self._running = False
+        self._callbacks: list[Callback] = []
+        self._blocking_event: threading.Event | None = None
+        self._steal: Callable[[], object] | None = None
+        self._on_cancel: Callable[[], object] | None = None
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        state = _STATE_NAMES[self._state]
+        if self._state == _PENDING and self._running:
+            state = "running"
+        return f"<anyfork.Future{label} {state}>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "anyfork.Future cannot be pickled: it is tied to the threads and event loops of "
+            "this process. Wait for it and pickle its value() instead."
+        )
+
+    def __del__(self) -> None:
+        if self._state == _FAILED and not self._retrieved:
+            try:
+                logger.error(
+                    "anyfork: exception of %r was never retrieved",
+                    self,
+                    exc_info=self._exception,
+                )
+            except Exception:  # pragma: no cover - logging torn down at interpreter exit
+                pass
+
+    # --- inspection -------------------------------------------------------------------
+
+    def done(self) -> bool:
+        """Return ``True`` once the future has a result, an exception or was cancelled."""
+        return self._state != _PENDING
+
+    def cancelled(self) -> bool:
+        """Return ``True`` if the future was cancelled."""
+        return self._state == _CANCELLED
+
+    def value(self) -> T:
+        """Return the result without blocking.
+
+        :raises NotReadyError: if the future is still pending
+        :raises CancelledError: if the future was cancelled
+        :raises BaseException: the exception the work raised, as the same object
+        """
+        if self._state == _PENDING:
+            raise NotReadyError(
+                f"{self!r} is still pending: value() never blocks. Use wait() to block, "
+                "or 'await fut' in async code."
+            )
+        return self._outcome()
+
+    def _outcome(self) -> T:
+        state = self._state
+        if state == _FINISHED:
+            return self._result  # type: ignore[no-any-return]
+        if state == _FAILED:
+            self._retrieved = True
+            assert self._exception is not None
+            raise self._exception
+        raise CancelledError(f"{self!r} was cancelled")
+
+    # --- waiting ----------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> T:
+        """Block the calling thread until the future is done, then return its value.
+
+        If the future belongs to a sync fork that has not started yet, the waiting thread
+        runs it itself (work stealing), so nested fork-and-wait never starves.
+
+        :param timeout: seconds to wait at most; ``None`` waits for as long as it takes
+        :raises WouldBlockError: if called on an event-loop thread while still pending;
+            use ``await fut`` there instead
+        :raises TimeoutError: if the timeout elapses first
+        :raises CancelledError: if the future was cancelled
+        :raises BaseException: the exception the work raised, as the same object
+        """
+        _check_timeout(timeout)
+        if self._state == _PENDING:
+            self._block_until_done(timeout)
+        return self._outcome()
+
+    def _block_until_done(self, timeout: float | None) -> None:
+        if _loops.running_native_loop() is not None:
+            raise WouldBlockError(
+                f"blocking wait on {self!r} from an event-loop thread would freeze the "
+                "loop: use 'await fut' (or 'await anyfork.wait_async(fut)') instead"
+            )
+        steal = self._steal
+        if steal is not None:
+            steal()
+        _help_pending_dispatch()
+        with self._lock:
+            if self._state != _PENDING:
+                return
+            event = self._blocking_event
+            if event is None:
+                event = self._blocking_event = threading.Event()
+        if not event.wait(timeout):
+            raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        if self._state == _PENDING:
+            yield from self._wait_done_async().__await__()
+        return self._outcome()
+
+    async def _wait_done_async(self) -> None:
+        """Wait, without blocking the loop, until the future is done.
+
+        Wake-ups from other threads reach this loop through anyio's event loop token, and
+        cancelling the waiting task only stops the waiting, never the work.
+        """
+        event = anyio.Event()
+        token = anyio.lowlevel.current_token()
+        loop_thread = threading.get_ident()
+
+        def wake(_: Future[Any]) -> None:
+            if threading.get_ident() == loop_thread:
+                event.set()
+            else:
+                _loops.call_soon(token, event.set)
+
+        self.add_done_callback(wake)
+        try:
+            await event.wait()
+        finally:
+            self._discard_callback(wake)
+
+    # --- callbacks --------------------------------------------------------------------
+
+    def add_done_callback(self, callback: Callable[[Future[T]], object]) -> None:
+        """Call ``callback(self)`` once the future is done.
+
+        Callbacks run once each, first in first out, in the thread that completes the
+        future, or at once in the calling thread if the future is already done. For forked
+        work that thread is usually the event loop's: keep callbacks short, and fork
+        anything heavy. An exception raised by a callback is logged (logger ``anyfork``)
+        and does not stop the callbacks after it.
+        """
+        with self._lock:
+            if self._state == _PENDING:
+                self._callbacks.append(callback)
+                return
+        _invoke(callback, self)
+
+    def _discard_callback(self, callback: Callback) -> None:
+        with self._lock:
+            try:
+                self._callbacks.remove(callback)
+            except ValueError:
+                pass
+
+    def then(self, callback: Callable[[Future[T]], S]) -> Future[S]:
+        """Return a new future holding ``callback(self)`` once this future is done.
+
+        The callback receives this future and reads it with :meth:`value` or :meth:`wait`.
+        This future's exception is not propagated automatically: the new future fails only
+        if the callback raises, and then with the callback's own exception (torch wraps it
+        in ``RuntimeError``; anyfork keeps its type).
+
+        Example::
+
+            total = fut.then(lambda f: sum(f.value()))
+        """
+        child: Future[S] = Future()
+
+        def run_callback(parent: Future[T]) -> None:
+            try:
+                result = callback(parent)
+            except BaseException as exc:
+                child._complete(_FAILED, None, exc)
+            else:
+                child._complete(_FINISHED, result, None)
+
+        self.add_done_callback(run_callback)
+        return child
+
+    # --- completion -------------------------------------------------------------------
+
+    def set_result(self, result: T) -> None:
+        """Complete the future with ``result``.
+
+        :raises AlreadyCompletedError: if the future is already done; it stays unchanged
+        """
+        if not self._complete(_FINISHED, result, None):
+            raise AlreadyCompletedError(
+                f"cannot set the result of {self!r}: a future completes only once"
+            )
+
+    def set_exception(self, exception: BaseException) -> None:
+        """Complete the future with ``exception``; waiters re-raise that same object.
+
+        :raises TypeError: if ``exception`` is not an exception instance
+        :raises AlreadyCompletedError: if the future is already done; it stays unchanged
+        """
+        if not isinstance(exception, BaseException):
+            raise TypeError(
+                "set_exception() takes an exception instance, e.g. ValueError('bad input'); "
+                f"got {exception!r}"
+            )
+        if not self._complete(_FAILED, None, exception):
+            raise AlreadyCompletedError(
+                f"cannot set an exception on {self!r}: a future completes only once"
+            )
+
+    def cancel(self) -> bool:
+        """Cancel the future and the work behind it.
+
+        A coroutine fork's task is cancelled; a sync fork that has not started never starts.
+        A sync fork already running in a thread cannot be stopped, so then nothing happens
+        and ``False`` is returned, as with :mod:`concurrent.futures`.
+
+        :return: ``True`` if the future is now cancelled, ``False`` if it was already done
+            or its work is running and cannot be stopped
+        """
+        if not self._complete(_CANCELLED, None, None, unless_running=True):
+            return False
+        on_cancel = self._on_cancel
+        if on_cancel is not None:
+            on_cancel()
+        return True
+
+    def _start_running(self) -> bool:
+        """Claim the right to run a sync fork's work; false if cancelled or already claimed."""
+        with self._lock:
+            if self._state != _PENDING or self._running:
+                return False
+            self._running = True
+            return True
+
+    def _complete(
+        self,
+        state: int,
+        result: Any,
+        exception: BaseException | None,
+        *,
+        unless_running: bool = False,
+    ) -> bool:
+        with self._lock:
+            if self._state != _PENDING or (unless_running and self._running):
+                return False
+            self._state = state
+            self._result = result
+            self._exception = exception
+            callbacks = self._callbacks
+            self._callbacks = []
+            event = self._blocking_event
+        self._steal = self._on_cancel = None
+        if event is not None:
+            event.set()
+        if callbacks:
+            _run_callbacks(self, callbacks)
+        return True
+
+    def _mark_retrieved(self) -> None:
+        self._retrieved = True
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")

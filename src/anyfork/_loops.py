@@ -1,0 +1,97 @@
+"""Which event loop (if any) the calling thread belongs to, and how to reach a loop from
+another thread without waiting for it.
+
+This is the only module that looks beneath anyio's public API: anyio records the loop of
+its worker threads in a thread-local, and knows how to schedule a callback on a loop
+without blocking (``AsyncBackend.run_sync_soon``), but exposes neither as a public
+function. Both are covered by tests so that an anyio upgrade which moves them fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from anyio import RunFinishedError
+from anyio._core._eventloop import get_async_backend, threadlocals
+from anyio.lowlevel import EventLoopToken
+
+__all__ = [
+    "call_soon",
+    "in_task",
+    "running_native_loop",
+    "spawn_detached",
+    "token_for",
+    "worker_thread_token",
+]
+
+
+def running_native_loop() -> object | None:
+    """Return the loop running in this thread (asyncio loop or trio token), else ``None``."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        return loop
+    trio = sys.modules.get("trio")
+    if trio is not None and trio.lowlevel.in_trio_run():
+        return trio.lowlevel.current_trio_token()
+    return None
+
+
+def in_task() -> bool:
+    """Whether this code runs inside a task, where anyio can tell which library runs it.
+
+    asyncio runs plain callbacks (``call_soon``, done callbacks) outside any task; anyio
+    cannot detect the backend there. Trio marks its whole thread, so it always can.
+    """
+    try:
+        return asyncio.current_task() is not None
+    except RuntimeError:  # no asyncio loop in this thread: it is trio's
+        return True
+
+
+def token_for(native: object) -> EventLoopToken:
+    """Build anyio's token for a native loop running in this thread.
+
+    Unlike ``anyio.lowlevel.current_token()`` this also works outside any task, e.g. in a
+    done callback that asyncio runs with ``call_soon``.
+    """
+    backend = "asyncio" if isinstance(native, asyncio.AbstractEventLoop) else "trio"
+    return EventLoopToken(get_async_backend(backend), native)
+
+
+def worker_thread_token() -> EventLoopToken | None:
+    """Return the loop token of an anyio worker thread (``to_thread.run_sync``), else None."""
+    token: EventLoopToken | None = getattr(threadlocals, "current_token", None)
+    return token
+
+
+def call_soon(token: EventLoopToken, func: Callable[[], object]) -> bool:
+    """Schedule ``func()`` on the loop of ``token`` from any thread, without waiting.
+
+    :return: ``False`` if that loop is no longer running, so ``func`` will never run
+    """
+    try:
+        token.backend_class.run_sync_soon(func, (), token.native_token)
+    except RunFinishedError:
+        return False
+    except RuntimeError:
+        # uvloop raises a plain RuntimeError for a closed loop
+        return False
+    return True
+
+
+def spawn_detached(native: object, func: Callable[[], Coroutine[Any, Any, None]]) -> object:
+    """Start ``func()`` as a task owned by the loop itself rather than by the caller.
+
+    It must be called on the loop's thread. On asyncio the task is cancelled when
+    ``asyncio.run`` shuts the loop down; on trio it is a system task, cancelled when the
+    main task returns. The caller keeps the returned task object alive.
+    """
+    if isinstance(native, asyncio.AbstractEventLoop):
+        return native.create_task(func(), name="anyfork ambient task group")
+
+    import trio
+
+    return trio.lowlevel.spawn_system_task(func, name="anyfork ambient task group")

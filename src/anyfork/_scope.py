@@ -1,0 +1,393 @@
+"""Where forks land on an event loop: a structured :class:`Scope`, or the loop's ambient
+task group.
+
+Both are a :class:`_ForkGroup`: an anyio task group on one loop plus the set of its pending
+forks. Forks may be added from any thread; every fork's task runs on the group's loop, so
+the bookkeeping that ends a fork (``_forget``) always happens on that loop's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable, Coroutine
+from contextvars import Context, ContextVar, copy_context
+from functools import partial
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.lowlevel import EventLoopToken
+
+from . import _loops
+from ._config import current_config
+from ._future import _CANCELLED, _FAILED, _FINISHED, Future
+
+if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["Scope", "ambient_group", "current_scope_group", "scope"]
+
+logger = logging.getLogger("anyfork")
+
+TaskFactory = Callable[[], Coroutine[Any, Any, None]]
+
+
+class _ForkGroup:
+    """A task group on one event loop, and the forks that belong to it."""
+
+    def __init__(self, token: EventLoopToken, loop_thread: int, limiter: anyio.CapacityLimiter):
+        self.token = token
+        self.loop_thread = loop_thread
+        self.limiter = limiter
+        self._lock = threading.Lock()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._backlog: list[tuple[Future[Any], TaskFactory, Context | None]] = []
+        self._pending: dict[Future[Any], anyio.TaskHandle[None] | None] = {}
+        self._closed = False
+        self._idle: anyio.Event | None = None
+
+    # --- any thread -------------------------------------------------------------------
+
+    def spawn(self, future: Future[Any], factory: TaskFactory, context: Context | None) -> bool:
+        """Run ``factory()`` as a task of this group, from any thread.
+
+        :return: ``False`` if the group has closed and takes no more forks
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            self._pending[future] = None
+        future._on_cancel = partial(self._cancel_task, future)
+        if (
+            threading.get_ident() == self.loop_thread
+            and self._task_group is not None
+            and _loops.in_task()
+        ):
+            self._start(future, factory, context)
+            return True
+        # Post the start from within the fork's context: anyio copies the posting context
+        # (adding its note of which async library runs), so the task inherits both.
+        start = partial(self._start, future, factory, None)
+        posted = (
+            context.run(_loops.call_soon, self.token, start)
+            if context is not None
+            else _loops.call_soon(self.token, start)
+        )
+        if not posted:
+            self._lose(future, "its event loop is no longer running")
+        return True
+
+    def pending_futures(self) -> list[Future[Any]]:
+        with self._lock:
+            return list(self._pending)
+
+    def _cancel_task(self, future: Future[Any]) -> None:
+        if threading.get_ident() == self.loop_thread:
+            self._cancel_task_now(future)
+        else:
+            _loops.call_soon(self.token, partial(self._cancel_task_now, future))
+
+    # --- the loop's thread ------------------------------------------------------------
+
+    def _start(self, future: Future[Any], factory: TaskFactory, context: Context | None) -> None:
+        task_group = self._task_group
+        if task_group is None:
+            self._backlog.append((future, factory, context or copy_context()))
+            return
+        try:
+            if context is None:
+                handle = task_group.create_task(factory(), name=future.name)
+            else:
+                handle = context.run(task_group.create_task, factory(), name=future.name)
+        except RuntimeError:  # the task group is no longer active
+            self._lose(future, "its task group has already shut down")
+            return
+        with self._lock:
+            if future in self._pending:
+                self._pending[future] = handle
+
+    def _cancel_task_now(self, future: Future[Any]) -> None:
+        handle = self._pending.get(future)
+        if handle is not None:
+            handle.cancel()
+        # A fork whose task has not started yet sees its cancelled future and returns.
+
+    def _forget(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.pop(future, None)
+            idle = not self._pending
+        if idle and self._idle is not None:
+            self._idle.set()
+
+    def _lose(self, future: Future[Any], reason: str) -> None:
+        """Cancel a fork whose work can no longer run, and say so."""
+        self._forget(future)
+        if future._complete(_CANCELLED, None, None, unless_running=True):
+            logger.warning("anyfork: fork %r was cancelled because %s", future, reason)
+
+    def _open(self, task_group: anyio.abc.TaskGroup) -> None:
+        self._task_group = task_group
+        backlog, self._backlog = self._backlog, []
+        for item in backlog:
+            self._start(*item)
+
+    async def _join_and_close(self) -> None:
+        """Wait until no fork is pending, then refuse new ones (atomically)."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._closed = True
+                    return
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
+    def _close_now(self) -> list[Future[Any]]:
+        with self._lock:
+            self._closed = True
+            return list(self._pending)
+
+    # --- the fork's task ----------------------------------------------------------------
+
+    async def run_coroutine_fork(
+        self,
+        future: Future[Any],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        try:
+            if future.done():  # cancelled before its task started
+                return
+            try:
+                result = await func(*args, **kwargs)
+            except anyio.get_cancelled_exc_class():
+                self._note_cancelled(future)
+                raise
+            except BaseException as exc:
+                future._complete(_FAILED, None, exc)
+                self._note_failed(future)
+            else:
+                future._complete(_FINISHED, result, None)
+        finally:
+            self._forget(future)
+
+    async def run_sync_fork(self, future: Future[Any], job: Callable[[], None]) -> None:
+        try:
+            if future.done():
+                return
+            try:
+                await anyio.to_thread.run_sync(job, limiter=self.limiter)
+                if not future.done():
+                    # A blocking waiter stole the job and is running it in its own thread.
+                    await future._wait_done_async()
+            except anyio.get_cancelled_exc_class():
+                self._note_cancelled(future)
+                raise
+            if future._state == _FAILED:
+                self._note_failed(future)
+        finally:
+            self._forget(future)
+
+    def _note_cancelled(self, future: Future[Any]) -> None:
+        future._complete(_CANCELLED, None, None, unless_running=True)
+
+    def _note_failed(self, future: Future[Any]) -> None:
+        pass
+
+
+class _AmbientGroup(_ForkGroup):
+    """The task group of forks made outside any scope, one per event loop.
+
+    It lives in a task owned by the loop itself, started on first use. When the loop shuts
+    down, its pending forks are cancelled, each with a WARNING naming the fork.
+    """
+
+    def __init__(self, native: object, token: EventLoopToken, loop_thread: int) -> None:
+        super().__init__(token, loop_thread, anyio.CapacityLimiter(current_config().worker_threads))
+        self.native = native
+        self._host_task: object = None
+
+    def start_host(self) -> None:
+        self.loop_thread = threading.get_ident()
+        self._host_task = _loops.spawn_detached(self.native, self._host)
+
+    async def _host(self) -> None:
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._open(task_group)
+                await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            pass  # the loop is shutting down; a trio system task must not raise
+        finally:
+            _forget_ambient(self)
+            for future in self._close_now():
+                self._lose(future, "its event loop shut down before it started")
+
+    def _note_cancelled(self, future: Future[Any]) -> None:
+        if future._complete(_CANCELLED, None, None, unless_running=True):
+            logger.warning(
+                "anyfork: fork %r was cancelled because its event loop shut down; use "
+                "'async with anyfork.scope()' (or the app's lifespan) for work that must "
+                "finish",
+                future,
+            )
+
+
+_ambient_lock = threading.Lock()
+_ambient_groups: dict[int, _AmbientGroup] = {}
+
+
+def ambient_group(native: object, token: EventLoopToken | None = None) -> _AmbientGroup:
+    """Return the ambient group of the loop ``native``, creating it on first use.
+
+    Called on the loop's thread (``token`` is None) or from a worker thread of that loop.
+    """
+    group = _ambient_groups.get(id(native))
+    if group is not None and group.native is native:
+        return group
+    with _ambient_lock:
+        group = _ambient_groups.get(id(native))
+        if group is not None and group.native is native:
+            return group
+        if token is None:
+            group = _AmbientGroup(native, _loops.token_for(native), threading.get_ident())
+            group.start_host()
+        else:
+            # The loop's thread is learnt when the host starts; until then every fork is
+            # handed to the loop with call_soon, in order, and queued until the host is up.
+            group = _AmbientGroup(native, token, 0)
+            _loops.call_soon(token, group.start_host)
+        _ambient_groups[id(native)] = group
+        return group
+
+
+def _forget_ambient(group: _AmbientGroup) -> None:
+    with _ambient_lock:
+        if _ambient_groups.get(id(group.native)) is group:
+            del _ambient_groups[id(group.native)]
+
+
+# The innermost open scope of the current context. Forks copy the context, so forks made
+# by a scope's forks (in tasks and in worker threads alike) find the same scope.
+_current_scope: ContextVar[Scope | None] = ContextVar("anyfork_current_scope", default=None)
+
+
+def current_scope_group() -> _ForkGroup | None:
+    active = _current_scope.get()
+    return None if active is None else active._group
+
+
+class Scope:
+    """A structured home for forks; create it with :func:`anyfork.scope`.
+
+    Forks made inside ``async with anyfork.scope():`` — including forks made by those forks,
+    in tasks and in worker threads — belong to the scope. On exit the scope waits for all of
+    them to finish, then raises an :class:`ExceptionGroup` of the failures nobody retrieved.
+    A failing fork cancels neither its siblings nor the body. Cancelling the task that runs
+    the scope cancels its forks.
+    """
+
+    def __init__(self, *, cancel_pending: bool = False) -> None:
+        """
+        :param cancel_pending: on exit, cancel the forks still pending instead of waiting
+            for them (sync forks already running in a thread are still waited for)
+        """
+        if not isinstance(cancel_pending, bool):
+            raise TypeError(f"cancel_pending must be True or False, got {cancel_pending!r}")
+        self.cancel_pending = cancel_pending
+        self._group: _ScopeGroup | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._context_token: Any = None
+
+    def __repr__(self) -> str:
+        pending = 0 if self._group is None else len(self._group.pending_futures())
+        return f"<anyfork.Scope pending={pending}>"
+
+    def cancel(self) -> None:
+        """Cancel every fork of this scope that is still pending."""
+        if self._group is not None:
+            for future in self._group.pending_futures():
+                future.cancel()
+
+    async def __aenter__(self) -> Scope:
+        if self._group is not None:
+            raise RuntimeError("an anyfork.Scope can be entered only once; create a new one")
+        native = _loops.running_native_loop()
+        if native is None:  # pragma: no cover - only reachable by driving __aenter__ by hand
+            raise RuntimeError("anyfork.scope() must be entered in async code")
+        ambient = ambient_group(native)
+        self._group = _ScopeGroup(ambient.token, threading.get_ident(), ambient.limiter)
+        self._task_group = anyio.create_task_group()
+        self._group._open(await self._task_group.__aenter__())
+        self._context_token = _current_scope.set(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        assert self._group is not None and self._task_group is not None
+        _current_scope.reset(self._context_token)
+        group = self._group
+        if self.cancel_pending:
+            self.cancel()
+        try:
+            await group._join_and_close()
+        except BaseException as join_exc:
+            # The task running the scope was cancelled while joining: cancel the forks too.
+            for future in group._close_now():
+                future.cancel()
+            await self._task_group.__aexit__(type(join_exc), join_exc, join_exc.__traceback__)
+            raise
+        if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+            await self._task_group.__aexit__(exc_type, exc, traceback)
+        else:
+            # Every fork has finished, so there is nothing left to cancel; passing the
+            # body's exception on would only make anyio wrap it in an ExceptionGroup.
+            await self._task_group.__aexit__(None, None, None)
+
+        failures = group.take_unretrieved_failures()
+        if failures:
+            errors: list[BaseException] = [] if exc is None else [exc]
+            errors.extend(failures)
+            raise BaseExceptionGroup("failures of forks in an anyfork scope", errors)
+        return False
+
+
+class _ScopeGroup(_ForkGroup):
+    def __init__(self, token: EventLoopToken, loop_thread: int, limiter: anyio.CapacityLimiter):
+        super().__init__(token, loop_thread, limiter)
+        self._failed: list[Future[Any]] = []
+
+    def _note_failed(self, future: Future[Any]) -> None:
+        self._failed.append(future)
+
+    def take_unretrieved_failures(self) -> list[BaseException]:
+        failures = []
+        for future in self._failed:
+            if not future._retrieved and future._exception is not None:
+                future._mark_retrieved()
+                failures.append(future._exception)
+        self._failed.clear()
+        return failures
+
+
+def scope(*, cancel_pending: bool = False) -> Scope:
+    """Open a structured scope for forks: ``async with anyfork.scope(): ...``.
+
+    :param cancel_pending: on exit, cancel the forks still pending instead of waiting for
+        them to finish
+
+    Example::
+
+        async with anyfork.scope():
+            user = anyfork.fork(fetch_user, 42)
+            anyfork.fork(write_audit_log, "viewed", 42)  # finishes before the scope exits
+            print(await user)
+    """
+    return Scope(cancel_pending=cancel_pending)

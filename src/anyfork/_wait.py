@@ -1,0 +1,154 @@
+"""Waiting on futures: ``wait``, ``wait_async``, ``collect_all`` and ``wait_all``.
+
+Besides anyfork's own futures these accept ``concurrent.futures.Future`` (what
+``ThreadPoolExecutor.submit`` and ``asyncio.run_coroutine_threadsafe`` return), adapted
+into an anyfork future that follows it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, TypeVar, Union, overload
+
+from ._future import _CANCELLED, _FAILED, _FINISHED, Future, _check_timeout
+
+__all__ = ["collect_all", "wait", "wait_all", "wait_async"]
+
+T = TypeVar("T")
+
+Waitable = Union[Future[T], "concurrent.futures.Future[T]"]
+
+
+def as_future(obj: object, caller: str) -> Future[Any]:
+    """Return ``obj`` as an anyfork future, or raise a TypeError naming ``caller``."""
+    if isinstance(obj, Future):
+        return obj
+    if isinstance(obj, concurrent.futures.Future):
+        return _follow_concurrent(obj)
+    raise TypeError(
+        f"{caller}() takes an anyfork.Future or a concurrent.futures.Future, got "
+        f"{type(obj).__name__} {obj!r}"
+        + (": did the function that should return the future forget to?" if obj is None else "")
+    )
+
+
+def _follow_concurrent(source: concurrent.futures.Future[Any]) -> Future[Any]:
+    future: Future[Any] = Future(name=repr(source))
+    # The source future owns its errors; the adapter must not report them again when
+    # garbage collected.
+    future._mark_retrieved()
+
+    def copy_outcome(done: concurrent.futures.Future[Any]) -> None:
+        if done.cancelled():
+            future._complete(_CANCELLED, None, None)
+        elif (exc := done.exception()) is not None:
+            future._complete(_FAILED, None, exc)
+        else:
+            future._complete(_FINISHED, done.result(), None)
+
+    future._on_cancel = source.cancel
+    source.add_done_callback(copy_outcome)
+    return future
+
+
+@overload
+def wait(future: Future[T], timeout: float | None = None) -> T: ...
+@overload
+def wait(future: concurrent.futures.Future[T], timeout: float | None = None) -> T: ...
+def wait(future: Any, timeout: float | None = None) -> Any:
+    """Block until ``future`` is done and return its value (the blocking form of ``await``).
+
+    A sync fork that has not started yet runs in the waiting thread instead (work stealing).
+    Called on an event-loop thread, it returns the value of a done future and raises
+    :class:`WouldBlockError` for a pending one rather than freezing the loop.
+
+    :param future: an :class:`anyfork.Future` or a :class:`concurrent.futures.Future`
+    :param timeout: seconds to wait at most; ``None`` waits for as long as it takes
+    :raises TypeError: if ``future`` is neither kind of future
+    :raises TimeoutError: if the timeout elapses first
+    :raises CancelledError: if the future was cancelled
+    :raises WouldBlockError: if called on an event-loop thread for a pending future
+    """
+    return as_future(future, "wait").wait(timeout)
+
+
+@overload
+async def wait_async(future: Future[T]) -> T: ...
+@overload
+async def wait_async(future: concurrent.futures.Future[T]) -> T: ...
+async def wait_async(future: Any) -> Any:
+    """Wait for ``future`` without blocking the event loop and return its value.
+
+    The same as ``await future`` for an anyfork future, and accepts a
+    :class:`concurrent.futures.Future` too. Cancelling the waiting task stops the waiting,
+    never the work: other callers may be waiting for the same future.
+
+    :raises TypeError: if ``future`` is neither kind of future
+    :raises CancelledError: if the future was cancelled
+    """
+    return await as_future(future, "wait_async")
+
+
+def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
+    """Return a future that is done when every future in ``futures`` is done.
+
+    Its value is the list of those futures, in input order, each done (read each with
+    :meth:`Future.value`); like ``torch.futures.collect_all`` it never fails itself. An empty
+    input gives a future already done with ``[]``. ``concurrent.futures.Future`` inputs
+    appear in the list as the anyfork futures that follow them.
+
+    Example::
+
+        everything = await anyfork.collect_all([fork(a), fork(b)])
+        values = [f.value() for f in everything]
+    """
+    members = _as_futures(futures, "collect_all")
+    combined: Future[list[Future[Any]]] = Future(name="collect_all")
+    remaining = len(members)
+    if not remaining:
+        combined._complete(_FINISHED, [], None)
+        return combined
+    lock = threading.Lock()
+
+    def one_done(_: Future[Any]) -> None:
+        nonlocal remaining
+        with lock:
+            remaining -= 1
+            last = remaining == 0
+        if last:
+            combined._complete(_FINISHED, members, None)
+
+    for member in members:
+        member.add_done_callback(one_done)
+    return combined
+
+
+def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
+    """Block until every future is done, then return their values in input order.
+
+    Waiting continues past a failure; once all are done, the first failure in input order
+    is raised. Sync forks not started yet run in the waiting thread (work stealing).
+
+    :param timeout: seconds to wait for all of them at most
+    :raises TimeoutError: if the timeout elapses first
+    """
+    members = _as_futures(futures, "wait_all")
+    _check_timeout(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for member in members:
+        if not member.done():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            member._block_until_done(left)
+    return [member._outcome() for member in members]
+
+
+def _as_futures(futures: Iterable[Any], caller: str) -> list[Future[Any]]:
+    if isinstance(futures, (Future, concurrent.futures.Future)) or not isinstance(
+        futures, Iterable
+    ):
+        raise TypeError(f"{caller}() takes a list of futures, got {futures!r}")
+    return [as_future(item, caller) for item in futures]
+
