@@ -353,9 +353,9 @@ class Future(Generic[T]):
         :return: ``True`` if the future is now cancelled, ``False`` if it was already done
             or its work is running and cannot be stopped
         """
+        on_cancel = self._on_cancel
         if not self._complete(_CANCELLED, None, None, unless_running=True):
             return False
-        on_cancel = self._on_cancel
         if on_cancel is not None:
             on_cancel()
         return True

@@ -1,0 +1,270 @@
+"""Future[T] on its own: completion, callbacks, then-chains, errors, cancellation."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import pickle
+import threading
+
+import pytest
+
+import anyfork
+from anyfork import AlreadyCompletedError, Future, NotReadyError
+
+from .conftest import run_in_thread
+
+
+def test_set_result_then_wait_and_value_return_the_same_object() -> None:
+    fut: Future[object] = Future()
+    payload = object()
+    fut.set_result(payload)
+    assert fut.done()
+    assert fut.wait() is payload
+    assert fut.value() is payload
+
+
+def test_set_exception_is_reraised_as_the_same_object() -> None:
+    fut: Future[int] = Future()
+    error = ValueError("boom")
+    fut.set_exception(error)
+    with pytest.raises(ValueError) as first:
+        fut.wait()
+    with pytest.raises(ValueError) as second:
+        fut.value()
+    assert first.value is error
+    assert second.value is error
+
+
+def test_value_of_a_pending_future_raises_not_ready() -> None:
+    fut: Future[int] = Future()
+    with pytest.raises(NotReadyError, match="still pending"):
+        fut.value()
+    assert isinstance(NotReadyError("x"), RuntimeError)
+
+
+@pytest.mark.parametrize("second", ["result", "exception"])
+def test_completing_twice_raises_and_changes_nothing(second: str) -> None:
+    fut: Future[int] = Future()
+    fut.set_result(1)
+    with pytest.raises(AlreadyCompletedError, match="completes only once"):
+        if second == "result":
+            fut.set_result(2)
+        else:
+            fut.set_exception(ValueError())
+    assert fut.value() == 1
+
+
+def test_set_exception_rejects_non_exceptions() -> None:
+    fut: Future[int] = Future()
+    with pytest.raises(TypeError, match="exception instance"):
+        fut.set_exception("not an exception")  # type: ignore[arg-type]
+    assert not fut.done()
+
+
+@pytest.mark.parametrize("repeat", range(5))
+def test_exactly_one_of_racing_threads_completes_the_future(repeat: int) -> None:
+    fut: Future[int] = Future()
+    barrier = threading.Barrier(8)
+    winners: list[int] = []
+
+    def attempt(index: int) -> None:
+        barrier.wait()
+        try:
+            if index % 2:
+                fut.set_result(index)
+            else:
+                fut.set_exception(RuntimeError(index))
+            winners.append(index)
+        except AlreadyCompletedError:
+            pass
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(winners) == 1
+    if winners[0] % 2:
+        assert fut.value() == winners[0]
+    else:
+        with pytest.raises(RuntimeError):
+            fut.value()
+
+
+def test_callbacks_run_once_in_registration_order_in_the_completing_thread() -> None:
+    fut: Future[int] = Future()
+    calls: list[tuple[str, int]] = []
+    for name in "abc":
+        fut.add_done_callback(
+            lambda f, name=name: calls.append((name, threading.get_ident()))
+        )
+    completer = run_in_thread(lambda: (fut.set_result(1), threading.get_ident())[1])
+    assert calls == [("a", completer), ("b", completer), ("c", completer)]
+
+
+def test_callback_on_a_done_future_runs_inline_at_registration() -> None:
+    fut: Future[int] = Future()
+    fut.set_result(3)
+    seen: list[Future[int]] = []
+    fut.add_done_callback(seen.append)
+    assert seen == [fut]
+
+
+def test_then_and_add_done_callback_share_one_fifo_queue() -> None:
+    fut: Future[int] = Future()
+    order: list[str] = []
+    fut.add_done_callback(lambda f: order.append("callback 1"))
+    fut.then(lambda f: order.append("then"))
+    fut.add_done_callback(lambda f: order.append("callback 2"))
+    fut.set_result(0)
+    assert order == ["callback 1", "then", "callback 2"]
+
+
+def test_a_failing_done_callback_is_logged_and_later_callbacks_still_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fut: Future[int] = Future()
+    later: list[int] = []
+
+    def broken(_: Future[int]) -> None:
+        raise KeyError("broken callback")
+
+    fut.add_done_callback(broken)
+    fut.add_done_callback(lambda f: later.append(f.value()))
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        fut.set_result(5)
+    assert later == [5]
+    assert any("broken" in r.getMessage() for r in caplog.records)
+    assert caplog.records[0].exc_info is not None
+
+
+def test_then_holds_the_callback_result() -> None:
+    fut: Future[int] = Future()
+    child = fut.then(lambda f: f.value() * 2)
+    fut.set_result(21)
+    assert child.wait() == 42
+
+
+def test_a_failing_then_callback_fails_only_the_child_with_its_own_exception() -> None:
+    fut: Future[int] = Future()
+    error = LookupError("from the callback")
+
+    def callback(_: Future[int]) -> int:
+        raise error
+
+    child = fut.then(callback)
+    fut.set_result(1)
+    assert fut.value() == 1
+    with pytest.raises(LookupError) as raised:
+        child.wait()
+    assert raised.value is error
+
+
+def test_then_does_not_propagate_a_parent_error_unless_the_callback_reads_it() -> None:
+    parent: Future[int] = Future()
+    ignoring = parent.then(lambda f: "fine")
+    reading = parent.then(lambda f: f.value())
+    parent.set_exception(ValueError("parent failed"))
+    assert ignoring.wait() == "fine"
+    with pytest.raises(ValueError, match="parent failed"):
+        reading.wait()
+
+
+def test_a_5000_link_then_chain_completes_without_recursion() -> None:
+    head: Future[int] = Future()
+    tail = head
+    for _ in range(5000):
+        tail = tail.then(lambda f: f.value() + 1)
+    head.set_result(0)
+    assert tail.wait(timeout=10) == 5000
+
+
+def test_a_callback_blocking_on_a_downstream_future_of_its_chain_does_not_deadlock() -> None:
+    head: Future[int] = Future()
+    middle = head.then(lambda f: f.value() + 1)
+    tail = middle.then(lambda f: f.value() + 1)
+    seen: list[int] = []
+    # This callback runs while head's callbacks are dispatched; tail only completes once
+    # middle's callbacks run, which are queued behind it in the same thread.
+    head.add_done_callback(lambda f: seen.append(tail.wait(timeout=5)))
+    run_in_thread(lambda: head.set_result(0), timeout=10)
+    assert seen == [2]
+
+
+def test_cancel_a_pending_future() -> None:
+    fut: Future[int] = Future()
+    notified: list[bool] = []
+    fut.add_done_callback(lambda f: notified.append(f.cancelled()))
+    assert fut.cancel() is True
+    assert fut.cancelled() and fut.done()
+    assert notified == [True]
+    with pytest.raises(anyfork.CancelledError):
+        fut.wait()
+    with pytest.raises(anyfork.CancelledError):
+        fut.value()
+
+
+def test_cancel_a_done_future_returns_false() -> None:
+    fut: Future[int] = Future()
+    fut.set_result(1)
+    assert fut.cancel() is False
+    assert not fut.cancelled()
+    assert fut.value() == 1
+
+
+def test_cancelled_error_is_not_a_backend_cancellation() -> None:
+    import asyncio
+
+    assert issubclass(anyfork.CancelledError, Exception)
+    assert not issubclass(anyfork.CancelledError, asyncio.CancelledError)
+
+
+def test_blocking_wait_times_out_with_timeout_error() -> None:
+    fut: Future[int] = Future()
+    with pytest.raises(TimeoutError):
+        fut.wait(timeout=0.05)
+    with pytest.raises(ValueError, match="timeout"):
+        fut.wait(timeout=-1)
+
+
+def test_blocking_wait_returns_when_another_thread_completes() -> None:
+    fut: Future[str] = Future()
+    timer = threading.Timer(0.05, fut.set_result, args=("late",))
+    timer.start()
+    assert fut.wait(timeout=10) == "late"
+
+
+def test_an_exception_nobody_retrieved_is_logged_when_collected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fut: Future[int] = Future(name="lonely")
+    fut.set_exception(ZeroDivisionError("nobody looked"))
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        del fut
+        gc.collect()
+    assert any("never retrieved" in r.getMessage() for r in caplog.records)
+
+
+def test_a_retrieved_exception_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    fut: Future[int] = Future()
+    fut.set_exception(ZeroDivisionError())
+    with pytest.raises(ZeroDivisionError):
+        fut.wait()
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        del fut
+        gc.collect()
+    assert not caplog.records
+
+
+def test_pickling_a_future_raises_a_clear_error() -> None:
+    fut: Future[int] = Future()
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(fut)
+
+
+def test_repr_shows_name_and_state() -> None:
+    fut: Future[int] = Future(name="job")
+    assert repr(fut) == "<anyfork.Future 'job' pending>"
+    fut.set_result(1)
+    assert repr(fut) == "<anyfork.Future 'job' finished>"

@@ -1,0 +1,227 @@
+"""wait, wait_async, await, collect_all and wait_all, across threads and event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import anyio
+import pytest
+
+import anyfork
+from anyfork import Future, fork
+
+from .conftest import run_in_thread
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.mark.anyio
+async def test_await_a_future_completed_from_another_thread() -> None:
+    fut: Future[str] = Future()
+    threading.Timer(0.02, fut.set_result, args=("from a thread",)).start()
+    with anyio.fail_after(10):
+        assert await fut == "from a thread"
+        assert await anyfork.wait_async(fut) == "from a thread"
+
+
+@pytest.mark.anyio
+async def test_many_tasks_await_one_future_and_see_the_same_outcome() -> None:
+    fut: Future[object] = Future()
+    payload = object()
+    seen: list[object] = []
+
+    async def waiter() -> None:
+        seen.append(await fut)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(waiter)
+        await anyio.sleep(0.01)
+        fut.set_result(payload)
+    assert seen == [payload] * 20
+
+
+@pytest.mark.anyio
+async def test_await_a_fork_made_on_another_loop() -> None:
+    release = threading.Event()
+
+    def loop_in_thread(box: list[Future[int]], ready: threading.Event) -> None:
+        async def main() -> None:
+            async def work() -> int:
+                await anyio.to_thread.run_sync(release.wait, 10)
+                return 7
+
+            box.append(fork(work))
+            ready.set()
+            await box[0]
+
+        anyio.run(main, backend="trio")
+
+    box: list[Future[int]] = []
+    ready = threading.Event()
+    thread = threading.Thread(target=loop_in_thread, args=(box, ready))
+    thread.start()
+    await anyio.to_thread.run_sync(ready.wait, 10)
+    release.set()
+    with anyio.fail_after(10):
+        assert await box[0] == 7
+    await anyio.to_thread.run_sync(thread.join, 10)
+
+
+def test_await_after_the_loop_that_ran_the_work_has_closed() -> None:
+    async def make() -> Future[int]:
+        async with anyfork.scope():
+            fut = fork(lambda: 5)
+        return fut
+
+    fut = asyncio.run(make())
+    assert asyncio.run(anyfork.wait_async(fut)) == 5
+    assert anyio.run(anyfork.wait_async, fut, backend="trio") == 5
+
+
+def test_a_future_made_in_a_script_can_be_awaited_in_asyncio_and_trio() -> None:
+    async def work() -> str:
+        await anyio.sleep(0.01)
+        return "ok"
+
+    fut_async = fork(work)
+    fut_sync = fork(lambda: "sync ok")
+
+    async def main() -> tuple[str, str]:
+        return await fut_async, await fut_sync
+
+    assert asyncio.run(main()) == ("ok", "sync ok")
+    assert anyio.run(main, backend="trio") == ("ok", "sync ok")
+
+
+def test_wait_rejects_what_is_not_a_future() -> None:
+    with pytest.raises(TypeError, match="got NoneType None"):
+        anyfork.wait(None)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="takes an anyfork.Future"):
+        anyfork.wait(42)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="wait_async"):
+        asyncio.run(anyfork.wait_async("nope"))  # type: ignore[call-overload]
+
+
+def test_wait_accepts_concurrent_futures() -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert anyfork.wait(pool.submit(lambda: 3)) == 3
+        failing = pool.submit(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            anyfork.wait(failing)
+        assert asyncio.run(anyfork.wait_async(pool.submit(lambda: 4))) == 4
+
+
+def test_a_cancelled_concurrent_future_raises_anyforks_cancelled_error() -> None:
+    source: concurrent.futures.Future[int] = concurrent.futures.Future()
+    source.cancel()
+    with pytest.raises(anyfork.CancelledError):
+        anyfork.wait(source)
+
+
+def test_wait_timeout_raises_timeout_error() -> None:
+    fut: Future[int] = Future()
+    with pytest.raises(TimeoutError):
+        anyfork.wait(fut, timeout=0.05)
+
+
+def test_wait_from_many_threads_at_once() -> None:
+    fut: Future[int] = Future()
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(anyfork.wait(fut, timeout=10)))
+        for _ in range(16)
+    ]
+    for thread in threads:
+        thread.start()
+    fut.set_result(9)
+    for thread in threads:
+        thread.join(10)
+    assert results == [9] * 16
+
+
+def test_collect_all_gives_the_futures_in_input_order() -> None:
+    futs = [fork(lambda i=i: i * i) for i in range(5)]
+    combined = anyfork.collect_all(futs)
+    done = combined.wait(timeout=10)
+    assert done == futs
+    assert [f.value() for f in done] == [0, 1, 4, 9, 16]
+
+
+def test_collect_all_of_nothing_is_done_with_an_empty_list() -> None:
+    combined = anyfork.collect_all([])
+    assert combined.done()
+    assert combined.value() == []
+
+
+def test_collect_all_never_fails_itself() -> None:
+    failing: Future[int] = Future()
+    failing.set_exception(ValueError())
+    combined = anyfork.collect_all([failing])
+    (only,) = combined.wait()
+    with pytest.raises(ValueError):
+        only.value()
+
+
+@pytest.mark.anyio
+async def test_collect_all_is_awaitable() -> None:
+    async def value(i: int) -> int:
+        await anyio.sleep(0.001 * i)
+        return i
+
+    done = await anyfork.collect_all([fork(value, i) for i in range(3)])
+    assert [f.value() for f in done] == [0, 1, 2]
+
+
+def test_collect_all_rejects_a_single_future() -> None:
+    with pytest.raises(TypeError, match="list of futures"):
+        anyfork.collect_all(Future())  # type: ignore[arg-type]
+
+
+def test_wait_all_returns_values_in_input_order() -> None:
+    futs = [fork(lambda i=i: i + 1) for i in range(10)]
+    assert anyfork.wait_all(futs) == list(range(1, 11))
+
+
+def test_wait_all_waits_for_everything_then_raises_the_first_failure_in_input_order() -> None:
+    release = threading.Event()
+    finished: list[str] = []
+
+    def slow_ok() -> None:
+        release.wait(10)
+        finished.append("slow")
+
+    def first_failure() -> None:
+        raise KeyError("first")
+
+    def second_failure() -> None:
+        raise ValueError("second")
+
+    futs = [fork(second_failure), fork(first_failure), fork(slow_ok)]
+    futs[1], futs[0] = futs[0], futs[1]
+    threading.Timer(0.05, release.set).start()
+    with pytest.raises(KeyError, match="first"):
+        anyfork.wait_all(futs)
+    assert finished == ["slow"]
+    with pytest.raises(ValueError):
+        futs[1].value()
+
+
+def test_wait_all_accepts_a_mix_of_future_kinds() -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert anyfork.wait_all([fork(lambda: 1), pool.submit(lambda: 2)]) == [1, 2]
+
+
+def test_wait_in_a_plain_thread_on_a_loop_fork() -> None:
+    async def three() -> int:
+        await anyio.sleep(0.01)
+        return 3
+
+    async def main() -> int:
+        fut = fork(three)
+
+        return await anyio.to_thread.run_sync(lambda: run_in_thread(fut.wait))
+
+    assert anyio.run(main) == 3
