@@ -58,8 +58,9 @@ def run_in_thread(func: Callable[[], Any], timeout: float = 30) -> Any:
     return outcome["value"]
 
 
-def run_script(source: str, timeout: float = 60, env: dict[str, str] | None = None
-               ) -> subprocess.CompletedProcess[str]:
+def run_script(
+    source: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a Python program in a fresh interpreter and return what it printed."""
     import os
 

@@ -96,9 +96,7 @@ def test_callbacks_run_once_in_registration_order_in_the_completing_thread() -> 
     fut: Future[int] = Future()
     calls: list[tuple[str, int]] = []
     for name in "abc":
-        fut.add_done_callback(
-            lambda f, name=name: calls.append((name, threading.get_ident()))
-        )
+        fut.add_done_callback(lambda f, name=name: calls.append((name, threading.get_ident())))
     completer = run_in_thread(lambda: (fut.set_result(1), threading.get_ident())[1])
     assert calls == [("a", completer), ("b", completer), ("c", completer)]
 

@@ -99,7 +99,7 @@ def test_a_future_made_in_a_script_can_be_awaited_in_asyncio_and_trio() -> None:
 def test_wait_rejects_what_is_not_a_future() -> None:
     with pytest.raises(TypeError, match="got NoneType None"):
         anyfork.wait(None)  # type: ignore[call-overload]
-    with pytest.raises(TypeError, match="takes an anyfork.Future"):
+    with pytest.raises(TypeError, match=r"takes an anyfork\.Future"):
         anyfork.wait(42)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="wait_async"):
         asyncio.run(anyfork.wait_async("nope"))  # type: ignore[call-overload]

@@ -198,7 +198,7 @@ def _is_coroutine_function(func: Callable[..., Any]) -> bool:
         func = func.func
     if inspect.iscoroutinefunction(func):
         return True
-    call = getattr(type(func), "__call__", None)
+    call = getattr(type(func), "__call__", None)  # noqa: B004 - the method, not callable()
     return call is not None and inspect.iscoroutinefunction(call)
 
 
@@ -209,4 +209,3 @@ def _name_of(func: Callable[..., Any]) -> str:
     if not isinstance(name, str):
         name = type(func).__qualname__
     return name
-

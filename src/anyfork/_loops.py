@@ -35,7 +35,8 @@ def running_native_loop() -> object | None:
         return loop
     trio = sys.modules.get("trio")
     if trio is not None and trio.lowlevel.in_trio_run():
-        return trio.lowlevel.current_trio_token()
+        token: object = trio.lowlevel.current_trio_token()
+        return token
     return None
 
 

@@ -26,7 +26,7 @@ from ._config import current_config
 from ._future import _CANCELLED, _FAILED, _FINISHED, Future
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
-    from exceptiongroup import BaseExceptionGroup
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["Scope", "ambient_group", "current_scope_group", "scope"]
 
@@ -330,8 +330,9 @@ class Scope:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         traceback: TracebackType | None,
-    ) -> bool:
-        assert self._group is not None and self._task_group is not None
+    ) -> None:
+        assert self._group is not None
+        assert self._task_group is not None
         _current_scope.reset(self._context_token)
         group = self._group
         if self.cancel_pending:
@@ -356,7 +357,6 @@ class Scope:
             errors: list[BaseException] = [] if exc is None else [exc]
             errors.extend(failures)
             raise BaseExceptionGroup("failures of forks in an anyfork scope", errors)
-        return False
 
 
 class _ScopeGroup(_ForkGroup):
@@ -368,7 +368,7 @@ class _ScopeGroup(_ForkGroup):
         self._failed.append(future)
 
     def take_unretrieved_failures(self) -> list[BaseException]:
-        failures = []
+        failures: list[BaseException] = []
         for future in self._failed:
             if not future._retrieved and future._exception is not None:
                 future._mark_retrieved()

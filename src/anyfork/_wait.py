@@ -11,7 +11,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, TypeVar, Union, overload
+from typing import Any, TypeVar, Union, cast, overload
 
 from ._future import _CANCELLED, _FAILED, _FINISHED, Future, _check_timeout
 
@@ -24,10 +24,11 @@ Waitable = Union[Future[T], "concurrent.futures.Future[T]"]
 
 def as_future(obj: object, caller: str) -> Future[Any]:
     """Return ``obj`` as an anyfork future, or raise a TypeError naming ``caller``."""
+    # mypy sees Future[Any] after isinstance, pyright Future[Unknown]: the casts serve pyright.
     if isinstance(obj, Future):
-        return obj
+        return cast("Future[Any]", obj)  # type: ignore[redundant-cast]
     if isinstance(obj, concurrent.futures.Future):
-        return _follow_concurrent(obj)
+        return _follow_concurrent(cast("concurrent.futures.Future[Any]", obj))  # type: ignore[redundant-cast]
     raise TypeError(
         f"{caller}() takes an anyfork.Future or a concurrent.futures.Future, got "
         f"{type(obj).__name__} {obj!r}"
@@ -151,4 +152,3 @@ def _as_futures(futures: Iterable[Any], caller: str) -> list[Future[Any]]:
     ):
         raise TypeError(f"{caller}() takes a list of futures, got {futures!r}")
     return [as_future(item, caller) for item in futures]
-

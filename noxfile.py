@@ -1,0 +1,84 @@
+"""Development sessions: ``nox`` runs tests, lint, typecheck and docs; see README."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.reuse_venv = "yes"
+
+# Interpreters installed with pyenv but not on PATH still count as installed.
+_pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+for _version in PYTHONS:
+    for _bin in sorted(glob.glob(str(_pyenv_root / "versions" / f"{_version}.*" / "bin"))):
+        if _bin not in os.environ.get("PATH", ""):
+            os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), _bin])
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+def install(session: nox.Session, *groups: str, extras: str = "") -> None:
+    requirements: list[str] = []
+    for group in groups:
+        requirements.extend(nox.project.dependency_groups(PYPROJECT, group))
+    session.install("-e", f".{extras}", *requirements)
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Run the test suite (every backend: asyncio, uvloop, trio)."""
+    install(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def stress(session: nox.Session) -> None:
+    """Run the long stress tests."""
+    install(session, "test")
+    session.run("pytest", "-m", "stress", "--timeout=900", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """Check formatting and lint with ruff."""
+    install(session, "lint")
+    session.run("ruff", "format", "--check", ".")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict and pyright on src and examples."""
+    install(session, "typecheck")
+    session.run("mypy")
+    session.run("pyright")
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build the documentation site strictly."""
+    install(session, "docs")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
+
+
+@nox.session(python="3.11")
+def demo(session: nox.Session) -> None:
+    """Run the examples: a plain script and an async app on asyncio and trio."""
+    install(session, "test")
+    for example in sorted((ROOT / "examples").glob("*.py")):
+        session.run("python", str(example))
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Print µs per fork+wait and ratios against asyncio, anyio and ThreadPoolExecutor."""
+    install(session, "test")
+    session.run("python", str(ROOT / "benchmarks" / "bench_fork.py"), *session.posargs)

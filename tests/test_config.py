@@ -1,0 +1,77 @@
+"""configure(): eager mode and the worker-thread limit."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+import anyfork
+
+
+def test_configure_without_arguments_reads_the_settings() -> None:
+    config = anyfork.configure()
+    assert isinstance(config, anyfork.Config)
+    assert config.worker_threads >= 1
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "8", True])
+def test_worker_threads_must_be_a_positive_whole_number(bad: object) -> None:
+    with pytest.raises(ValueError, match="worker_threads must be a whole number"):
+        anyfork.configure(worker_threads=bad)  # type: ignore[arg-type]
+
+
+def test_eager_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="eager must be True or False"):
+        anyfork.configure(eager="yes")  # type: ignore[arg-type]
+
+
+def test_eager_mode_runs_sync_forks_at_the_call_in_the_caller() -> None:
+    anyfork.configure(eager=True)
+    fut = anyfork.fork(threading.get_ident)
+    assert fut.done()
+    assert fut.value() == threading.get_ident()
+
+
+def test_eager_mode_stores_errors_in_the_future() -> None:
+    anyfork.configure(eager=True)
+    fut = anyfork.fork(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fut.value()
+
+
+@pytest.mark.anyio
+async def test_eager_mode_still_schedules_coroutine_forks_on_a_running_loop() -> None:
+    anyfork.configure(eager=True)
+
+    async def work() -> int:
+        await anyio.sleep(0)
+        return 1
+
+    fut = anyfork.fork(work)
+    assert not fut.done()
+    assert await fut == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_the_worker_thread_limit_bounds_concurrent_sync_forks() -> None:
+    anyfork.configure(worker_threads=2)
+    lock = threading.Lock()
+    running = peak = 0
+
+    def work() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        threading.Event().wait(0.02)
+        with lock:
+            running -= 1
+
+    # a fresh loop picks up the new limit
+    async with anyfork.scope():
+        for _ in range(8):
+            anyfork.fork(work)
+    assert peak <= 2
