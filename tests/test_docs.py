@@ -1,0 +1,61 @@
+"""Every Python example in the README and the docs, and every program in examples/, runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def _blocks() -> list[object]:
+    params = []
+    for page in PAGES:
+        for index, match in enumerate(FENCE.finditer(page.read_text())):
+            params.append(pytest.param(match.group(1), id=f"{page.relative_to(ROOT)}[{index}]"))
+    return params
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("source", _blocks())
+def test_docs_example_runs(source: str) -> None:
+    result = _run(["-c", source])
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_example_program_runs(example: Path) -> None:
+    result = _run([str(example)])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_docs_have_examples_to_run() -> None:
+    assert len(_blocks()) >= 10
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^```bash\n(.*?)\n```", readme, re.DOTALL | re.MULTILINE)
+    assert len(commands) == 2, "the Quickstart has exactly two commands"
+    demo, test = commands
+    assert demo.endswith("nox -s demo")
+    assert test in (ROOT / ".ci" / "run").read_text().splitlines()
