@@ -66,7 +66,12 @@ class _Fallback:
                 )
             self._pending.add(future)
         future.add_done_callback(self._discard)
-        executor.submit(job)
+        try:
+            executor.submit(job)
+        except RuntimeError:
+            # Python 3.12+ refuses new threads once the interpreter is exiting. The job is
+            # queued all the same: an idle worker, or the exit join stealing it, runs it.
+            pass
 
     def _discard(self, future: Future[Any]) -> None:
         with self._lock:

@@ -14,9 +14,6 @@ from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any, Generic, NoReturn, TypeVar
 
-import anyio
-import anyio.lowlevel
-
 from . import _loops
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 
@@ -247,24 +244,16 @@ class Future(Generic[T]):
     async def _wait_done_async(self) -> None:
         """Wait, without blocking the loop, until the future is done.
 
-        Wake-ups from other threads reach this loop through anyio's event loop token, and
+        Wake-ups from other threads reach the loop with its own thread-safe call, and
         cancelling the waiting task only stops the waiting, never the work.
         """
-        event = anyio.Event()
-        token = anyio.lowlevel.current_token()
-        loop_thread = threading.get_ident()
-
-        def wake(_: Future[Any]) -> None:
-            if threading.get_ident() == loop_thread:
-                event.set()
-            else:
-                _loops.call_soon(token, event.set)
-
+        wake, wait = _loops.loop_waiter()
         self.add_done_callback(wake)
         try:
-            await event.wait()
+            await wait()
         finally:
-            self._discard_callback(wake)
+            if self._state == _PENDING:
+                self._discard_callback(wake)
 
     # --- callbacks --------------------------------------------------------------------
 

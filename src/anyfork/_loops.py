@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Coroutine
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from anyio import RunFinishedError
@@ -21,6 +22,7 @@ from anyio.lowlevel import EventLoopToken
 __all__ = [
     "call_soon",
     "in_task",
+    "loop_waiter",
     "running_native_loop",
     "spawn_detached",
     "token_for",
@@ -81,6 +83,51 @@ def call_soon(token: EventLoopToken, func: Callable[[], object]) -> bool:
         # uvloop raises a plain RuntimeError for a closed loop
         return False
     return True
+
+
+def loop_waiter() -> tuple[Callable[[object], None], Callable[[], Awaitable[object]]]:
+    """Return ``(wake, wait)`` for the loop running in this thread: ``await wait()`` returns
+    once ``wake(anything)`` has been called, from any thread, even after the loop closed.
+
+    This sits on the hot path of every ``await fut``, so it uses each backend's cheapest
+    primitive (an asyncio future, a trio event) instead of ``anyio.Event`` plus a token.
+    """
+    loop = asyncio._get_running_loop()
+    loop_thread = threading.get_ident()
+    if loop is not None:
+        waiter = loop.create_future()
+
+        def wake_asyncio(_: object) -> None:
+            if threading.get_ident() == loop_thread:
+                _resolve(waiter)
+            else:
+                try:
+                    loop.call_soon_threadsafe(_resolve, waiter)
+                except RuntimeError:  # the loop has closed; nobody is waiting any more
+                    pass
+
+        return wake_asyncio, lambda: waiter
+
+    import trio
+
+    event = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def wake_trio(_: object) -> None:
+        if threading.get_ident() == loop_thread:
+            event.set()
+        else:
+            try:
+                token.run_sync_soon(event.set)
+            except trio.RunFinishedError:
+                pass
+
+    return wake_trio, event.wait
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def spawn_detached(native: object, func: Callable[[], Coroutine[Any, Any, None]]) -> object:

@@ -186,6 +186,8 @@ class _ForkGroup:
             except anyio.get_cancelled_exc_class():
                 self._note_cancelled(future)
                 raise
+            except Exception as exc:  # no thread could be started, e.g. at interpreter exit
+                future._complete(_FAILED, None, exc, unless_running=True)
             if future._state == _FAILED:
                 self._note_failed(future)
         finally:
