@@ -11,11 +11,13 @@ rounds, in µs per fork. Ratios compare anyfork with the alternative on the same
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 
 import anyio
 import anyio.to_thread
@@ -204,9 +206,8 @@ def main() -> None:
             )
         )
 
-    print(
-        f"Python {sys.version.split()[0]}, anyio {anyio.__version__ if hasattr(anyio, '__version__') else ''}"
-    )
+    versions = f"Python {sys.version.split()[0]}, anyio {metadata.version('anyio')}"
+    print(versions, f"({os.cpu_count()} cores)")
     print(f"{'case':34} {'alternative':22} {'µs':>8} {'anyfork µs':>11} {'ratio':>6}")
     for case, alt, theirs, _, ours in rows:
         print(f"{case:34} {alt:22} {theirs:8.1f} {ours:11.1f} {ours / theirs:6.2f}")
