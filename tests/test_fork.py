@@ -306,3 +306,43 @@ async def test_blocking_wait_on_the_loop_thread_raises_would_block() -> None:
         anyfork.wait(fut)
     await fut
     assert anyfork.wait(fut) is None  # a done future just returns its value
+
+
+async def test_a_function_marked_as_coroutine_function_runs_as_a_task() -> None:
+    import inspect
+    import sys
+
+    if sys.version_info < (3, 12):
+        pytest.skip("inspect.markcoroutinefunction is new in Python 3.12")
+
+    def returns_awaitable() -> Any:
+        return add(2, 3)
+
+    marked = inspect.markcoroutinefunction(returns_awaitable)
+    assert await fork(marked) == 5
+
+
+async def test_a_sync_function_returning_a_coroutine_fails_with_a_clear_error() -> None:
+    def sneaky() -> Any:
+        return add(1, 1)
+
+    with pytest.raises(TypeError, match="async def"):
+        await fork(sneaky)
+
+
+@pytest.mark.parametrize("repeat", range(3))
+async def test_forks_from_many_threads_at_once_all_resolve(repeat: int) -> None:
+    async def square(x: int) -> int:
+        await anyio.sleep(0)
+        return x * x
+
+    def forker(base: int) -> list[int]:
+        futures = [fork(square, base + i) for i in range(20)]
+        futures += [fork(blocking_add, base, i) for i in range(20)]
+        return anyfork.wait_all(futures)
+
+    async with anyfork.scope():
+        outer = [fork(forker, 100 * t) for t in range(8)]
+    for t, fut in enumerate(outer):
+        base = 100 * t
+        assert fut.value() == [(base + i) ** 2 for i in range(20)] + [base + i for i in range(20)]
