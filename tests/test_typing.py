@@ -1,0 +1,41 @@
+"""Static typing of the public API. `nox -s typecheck` checks this file with mypy --strict
+and pyright; pytest runs it too, so every assertion is also true at run time."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import anyio
+from typing_extensions import assert_type
+
+import anyfork
+from anyfork import Future
+
+
+async def scale(x: int, *, factor: float = 1.0) -> float:
+    await anyio.sleep(0)
+    return x * factor
+
+
+def label(x: int) -> str:
+    return str(x)
+
+
+def test_fork_results_are_typed_from_the_forked_callable() -> None:
+    assert_type(anyfork.fork(scale, 2, factor=1.5), Future[float])
+    fut = assert_type(anyfork.fork(label, 3), Future[str])
+    assert assert_type(anyfork.wait(fut), str) == "3"
+    assert assert_type(fut.then(lambda f: len(f.value())), Future[int]).wait() == 1
+    assert anyfork.wait_all([fut]) == ["3"]
+
+
+def test_wait_accepts_concurrent_futures_typed() -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert assert_type(anyfork.wait(pool.submit(label, 5)), str) == "5"
+
+
+def test_awaiting_gives_the_result_type() -> None:
+    async def main() -> float:
+        return assert_type(await anyfork.fork(scale, 2), float)
+
+    assert anyio.run(main) == 2.0
