@@ -48,7 +48,10 @@ def test_loop_shutdown_cancels_pending_ambient_forks_with_a_warning(runner: str)
         assert noise not in result.stderr
 
 
-def test_a_script_joins_unfinished_forks_at_exit() -> None:
+@pytest.mark.parametrize("repeat", range(3))
+def test_a_script_joins_unfinished_forks_at_exit(repeat: int) -> None:
+    # On Python 3.12+ no thread can start during the exit join: the sync fork made by the
+    # task must still run (stolen by the join), not fail.
     result = run_script(
         """
         import time, anyio, anyfork
@@ -67,10 +70,10 @@ def test_a_script_joins_unfinished_forks_at_exit() -> None:
         """
     )
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
     lines = result.stdout.splitlines()
     assert lines[0] == "main done"
     assert sorted(lines[1:]) == ["nested from task", "nested from thread"]
-    assert result.stderr == ""
 
 
 def test_an_unretrieved_failure_in_a_script_is_logged_not_lost() -> None:

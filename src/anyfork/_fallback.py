@@ -25,7 +25,7 @@ import anyio.lowlevel
 from ._config import current_config
 from ._errors import ShutdownError
 from ._future import Future
-from ._scope import _AmbientGroup, ambient_group
+from ._scope import _AmbientGroup, ambient_group, exit_join_started
 
 __all__ = ["fallback"]
 
@@ -100,6 +100,7 @@ class _Fallback:
 
     def join_at_exit(self) -> None:
         """Wait for every unfinished fork, then shut the background loop and pool down."""
+        exit_join_started.set()
         try:
             while unfinished := self._unfinished():
                 for future in unfinished:

@@ -34,6 +34,9 @@ logger = logging.getLogger("anyfork")
 
 TaskFactory = Callable[[], Coroutine[Any, Any, None]]
 
+# Set by the script fallback when it starts joining forks at interpreter exit.
+exit_join_started = threading.Event()
+
 
 class _ForkGroup:
     """A task group on one event loop, and the forks that belong to it."""
@@ -186,8 +189,13 @@ class _ForkGroup:
             except anyio.get_cancelled_exc_class():
                 self._note_cancelled(future)
                 raise
-            except Exception as exc:  # no thread could be started, e.g. at interpreter exit
-                future._complete(_FAILED, None, exc, unless_running=True)
+            except Exception as exc:  # no thread could be started
+                if exit_join_started.is_set() and not future._running:
+                    # Python 3.12+ starts no new threads at exit; the exit join, which
+                    # waits for this future, steals the job and runs it in its own thread.
+                    await future._wait_done_async()
+                else:
+                    future._complete(_FAILED, None, exc, unless_running=True)
             if future._state == _FAILED:
                 self._note_failed(future)
         finally:
