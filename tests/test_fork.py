@@ -195,7 +195,8 @@ async def _loop_thread_ident() -> int:
     return threading.get_ident()
 
 
-async def test_cancel_stops_a_coroutine_fork() -> None:
+@pytest.mark.parametrize("from_thread", [False, True], ids=["from the loop", "from a thread"])
+async def test_cancel_stops_a_coroutine_fork(from_thread: bool) -> None:
     started, stopped = anyio.Event(), anyio.Event()
 
     async def forever() -> None:
@@ -207,29 +208,15 @@ async def test_cancel_stops_a_coroutine_fork() -> None:
 
     fut = fork(forever)
     await started.wait()
-    assert fut.cancel() is True
+    if from_thread:
+        assert await anyio.to_thread.run_sync(fut.cancel) is True
+    else:
+        assert fut.cancel() is True
     with anyio.fail_after(10):
         await stopped.wait()
     assert fut.cancelled()
     with pytest.raises(anyfork.CancelledError):
         await fut
-
-
-async def test_cancel_from_another_thread_stops_a_coroutine_fork() -> None:
-    started, stopped = anyio.Event(), anyio.Event()
-
-    async def forever() -> None:
-        started.set()
-        try:
-            await anyio.sleep_forever()
-        finally:
-            stopped.set()
-
-    fut = fork(forever)
-    await started.wait()
-    assert await anyio.to_thread.run_sync(fut.cancel) is True
-    with anyio.fail_after(10):
-        await stopped.wait()
 
 
 async def test_a_sync_fork_cancelled_before_it_starts_never_starts() -> None:
