@@ -201,17 +201,21 @@ def _is_coroutine_function(func: Callable[..., Any]) -> bool:
     plain = getattr(func, "__func__", func)
     if type(plain) is types.FunctionType and not hasattr(plain, "_is_coroutine_marker"):
         return bool(plain.__code__.co_flags & inspect.CO_COROUTINE)
-    while isinstance(func, functools.partial):
-        func = func.func
+    func = _unwrap_partial(func)
     if inspect.iscoroutinefunction(func):
         return True
     call = getattr(type(func), "__call__", None)  # noqa: B004 - the method, not callable()
     return call is not None and inspect.iscoroutinefunction(call)
 
 
-def _name_of(func: Callable[..., Any]) -> str:
+def _unwrap_partial(func: Callable[..., Any]) -> Callable[..., Any]:
     while isinstance(func, functools.partial):
         func = func.func
+    return func
+
+
+def _name_of(func: Callable[..., Any]) -> str:
+    func = _unwrap_partial(func)
     name = getattr(func, "__qualname__", None)
     if not isinstance(name, str):
         name = type(func).__qualname__

@@ -11,15 +11,13 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, TypeVar, Union, cast, overload
+from typing import Any, TypeVar, cast, overload
 
 from ._future import _CANCELLED, _FAILED, _FINISHED, Future, _check_timeout
 
 __all__ = ["collect_all", "wait", "wait_all", "wait_async"]
 
 T = TypeVar("T")
-
-Waitable = Union[Future[T], "concurrent.futures.Future[T]"]
 
 
 def as_future(obj: object, caller: str) -> Future[Any]:
