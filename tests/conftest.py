@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from blockbuster import BlockBuster, blockbuster_ctx
 
 try:
     import uvloop
@@ -28,6 +29,17 @@ BACKENDS: list[Any] = [
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail any blocking call made on a running asyncio event loop, by anyfork or a test.
+
+    blockbuster sees only asyncio loops (uvloop included); trio tests rely on the same
+    code paths being exercised on asyncio.
+    """
+    with blockbuster_ctx(["anyfork", "tests"]) as detector:
+        yield detector
 
 
 @pytest.fixture(autouse=True)
