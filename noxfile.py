@@ -12,7 +12,7 @@ ROOT = Path(__file__).parent
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "stress", "lint", "typecheck", "docs"]
 nox.options.reuse_venv = "yes"
 
 # Interpreters installed with pyenv but not on PATH still count as installed.
@@ -43,7 +43,7 @@ def tests(session: nox.Session) -> None:
 def stress(session: nox.Session) -> None:
     """Run the long stress tests."""
     install(session, "test")
-    session.run("pytest", "-m", "stress", "--timeout=900", *session.posargs)
+    session.run("pytest", "-m", "stress", "-rP", *session.posargs)
 
 
 @nox.session(python="3.11")
