@@ -48,7 +48,11 @@ def _restore_config() -> Iterator[None]:
 
     before = anyfork.configure()
     yield
-    anyfork.configure(eager=before.eager, worker_threads=before.worker_threads)
+    anyfork.configure(
+        eager=before.eager,
+        worker_threads=before.worker_threads,
+        exit_timeout=before.exit_timeout,
+    )
 
 
 def run_in_thread(func: Callable[[], Any], timeout: float = 30) -> Any:

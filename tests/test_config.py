@@ -1,4 +1,4 @@
-"""configure(): eager mode and the worker-thread limit."""
+"""configure(): eager mode, the worker-thread limit and the exit bound."""
 
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ def test_configure_without_arguments_reads_the_settings() -> None:
 def test_worker_threads_must_be_a_positive_whole_number(bad: object) -> None:
     with pytest.raises(ValueError, match="worker_threads must be a whole number"):
         anyfork.configure(worker_threads=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [-1, "5", True, float("nan")])
+def test_exit_timeout_must_be_none_or_seconds(bad: object) -> None:
+    with pytest.raises(ValueError, match="exit_timeout must be None or a number of seconds"):
+        anyfork.configure(exit_timeout=bad)  # type: ignore[arg-type]
+
+
+def test_exit_timeout_can_be_unbounded_and_is_kept_when_left_out() -> None:
+    assert anyfork.configure(exit_timeout=None).exit_timeout is None
+    assert anyfork.configure(worker_threads=3).exit_timeout is None
+    assert anyfork.configure(exit_timeout=2.5).exit_timeout == 2.5
 
 
 def test_eager_must_be_a_bool() -> None:

@@ -77,7 +77,10 @@ class Places:
     """Run a function in a named place and return its result."""
 
     def __init__(self, stack: ExitStack) -> None:
-        self.pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(8))
+        # Steps run in ``pool``; blocking waiters get threads of their own, so that however
+        # many wait at once, a step never queues behind them.
+        self.pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2))
+        self.waiter_pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(64))
         self.portals: dict[str, anyio.from_thread.BlockingPortal] = {}
         for loop in LOOPS:
             if loop == "uvloop":
@@ -101,9 +104,9 @@ class Places:
         self, kind: str, future: anyfork.Future[Any]
     ) -> concurrent.futures.Future[Any]:
         if kind == "wait in a thread":
-            return self.pool.submit(observe, future.wait)
+            return self.waiter_pool.submit(observe, future.wait)
         if kind == "wait_all in a thread":
-            return self.pool.submit(observe, lambda: anyfork.wait_all([future])[0])
+            return self.waiter_pool.submit(observe, lambda: anyfork.wait_all([future])[0])
         how, _, loop = kind.partition(" on ")
 
         async def waiter() -> Outcome:
@@ -256,7 +259,7 @@ def test_one_future_driven_from_threads_and_loops(places: Places) -> None:
         FutureMachine,
         settings=settings(
             max_examples=150,
-            stateful_step_count=25,
+            stateful_step_count=25,  # fewer steps than waiter threads: none ever queues
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
 import pytest
 
 from .conftest import run_script
@@ -139,7 +146,112 @@ def test_eager_mode_from_the_environment_runs_forks_in_the_caller() -> None:
     assert result.stdout.strip() == "True True True"
 
 
-def test_a_bad_environment_setting_fails_at_import_with_a_clear_message() -> None:
-    result = run_script("import anyfork", env={"ANYFORK_WORKER_THREADS": "many"})
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        ("ANYFORK_WORKER_THREADS", "ANYFORK_WORKER_THREADS must be a whole number"),
+        ("ANYFORK_EXIT_TIMEOUT", "ANYFORK_EXIT_TIMEOUT must be a number of seconds >= 0"),
+        ("ANYFORK_EAGER", "ANYFORK_EAGER must be 0 or 1"),
+    ],
+)
+def test_a_bad_environment_setting_fails_at_import_with_a_clear_message(
+    variable: str, message: str
+) -> None:
+    result = run_script("import anyfork", env={variable: "many"})
     assert result.returncode != 0
-    assert "ANYFORK_WORKER_THREADS must be a whole number" in result.stderr
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop", "trio"])
+def test_a_sync_fork_still_running_when_the_loop_returns_is_joined_at_exit(runner: str) -> None:
+    # A thread cannot be stopped: the fork finishes after its loop and is not lost.
+    result = run_script(
+        f"""
+        import time, anyio, anyfork
+
+        def slow():
+            time.sleep(0.5)
+            print("sync fork finished", flush=True)
+
+        async def main():
+            anyfork.fork(slow)
+            await anyio.sleep(0.05)
+
+        anyio.run(main, backend={"trio" if runner == "trio" else "asyncio"!r},
+                  backend_options={{"use_uvloop": True}} if {runner!r} == "uvloop" else {{}})
+        print("loop returned", flush=True)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert sorted(result.stdout.splitlines()) == ["loop returned", "sync fork finished"]
+
+
+def test_a_fork_that_never_finishes_is_abandoned_after_the_exit_bound() -> None:
+    started = time.monotonic()
+    result = run_script(
+        """
+        import threading, anyio, anyfork
+
+        async def forever():
+            await anyio.sleep_forever()
+
+        anyfork.fork(threading.Event().wait)
+        anyfork.fork(forever)
+        anyfork.fork(print, "finished work is still joined")
+        """,
+        env={"ANYFORK_EXIT_TIMEOUT": "1"},
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "finished work is still joined\n"
+    assert "2 fork(s) did not finish within the exit bound of 1.0 seconds" in result.stderr
+    assert "<anyfork.Future 'Event.wait' running>" in result.stderr
+    assert "<anyfork.Future 'forever' pending>" in result.stderr
+    assert elapsed < 30, f"exit took {elapsed:.1f} s with a bound of 1 s"
+
+
+@pytest.mark.parametrize("repeat", range(2))
+def test_ctrl_c_during_the_exit_join_exits_promptly(repeat: int) -> None:
+    source = """
+        import threading, anyio, anyfork
+        from anyfork._scope import exit_join_started
+
+        def stuck():
+            # Say when the exit join has begun, then never finish.
+            exit_join_started.wait()
+            print("exiting", flush=True)
+            threading.Event().wait()
+
+        async def forever():
+            await anyio.sleep_forever()
+
+        anyfork.fork(stuck)
+        anyfork.fork(forever)
+        print("main done", flush=True)
+    """
+    with subprocess.Popen(
+        [sys.executable, "-X", "dev", "-c", textwrap.dedent(source)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ANYFORK_EXIT_TIMEOUT": "none"},
+    ) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "main done\n"
+        assert process.stdout.readline() == "exiting\n"
+        interrupts = 0
+        while interrupts < 2:
+            process.send_signal(signal.SIGINT)
+            interrupts += 1
+            try:
+                process.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            process.kill()
+            pytest.fail("the process did not exit after two Ctrl-C")
+        stderr = process.stderr.read() if process.stderr else ""
+    assert interrupts == 1, "one Ctrl-C should be enough"
+    assert "2 fork(s) were interrupted at exit (Ctrl-C)" in stderr, stderr

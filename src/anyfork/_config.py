@@ -1,14 +1,16 @@
-"""The small configuration surface: eager mode and the worker-thread limit."""
+"""The small configuration surface: eager mode, the worker-thread limit, the exit bound."""
 
 from __future__ import annotations
 
 import os
 import threading
 from dataclasses import dataclass, replace
+from typing import Any
 
 __all__ = ["Config", "configure", "current_config"]
 
 DEFAULT_WORKER_THREADS = 40
+DEFAULT_EXIT_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,16 @@ class Config:
         loop and in the script fallback's thread pool. anyfork never uses anyio's shared
         default limiter, so sync forks and FastAPI ``def`` endpoints cannot starve each
         other. Environment variable: ``ANYFORK_WORKER_THREADS``.
+    :ivar exit_timeout: at interpreter exit, how many seconds anyfork waits in total for
+        unfinished forks before it gives up on them: it then logs an ERROR naming each one,
+        cancels those that can be cancelled and lets the process exit. ``None`` waits for
+        as long as it takes. Environment variable: ``ANYFORK_EXIT_TIMEOUT`` (``none`` for
+        no bound).
     """
 
     eager: bool = False
     worker_threads: int = DEFAULT_WORKER_THREADS
+    exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT
 
 
 def _from_environment() -> Config:
@@ -40,7 +48,25 @@ def _from_environment() -> Config:
         raise ValueError(
             f"ANYFORK_WORKER_THREADS must be a whole number >= 1, got {threads_text!r}"
         ) from None
-    return _validated(Config(eager=eager_text in ("1", "true", "yes"), worker_threads=threads))
+    exit_text = os.environ.get("ANYFORK_EXIT_TIMEOUT", "").strip().lower()
+    exit_timeout: float | None
+    if exit_text in ("", "none"):
+        exit_timeout = None if exit_text == "none" else DEFAULT_EXIT_TIMEOUT
+    else:
+        try:
+            exit_timeout = float(exit_text)
+        except ValueError:
+            raise ValueError(
+                f"ANYFORK_EXIT_TIMEOUT must be a number of seconds >= 0 or 'none', got "
+                f"{exit_text!r}"
+            ) from None
+    return _validated(
+        Config(
+            eager=eager_text in ("1", "true", "yes"),
+            worker_threads=threads,
+            exit_timeout=exit_timeout,
+        )
+    )
 
 
 def _validated(config: Config) -> Config:
@@ -49,6 +75,11 @@ def _validated(config: Config) -> Config:
     threads = config.worker_threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"worker_threads must be a whole number >= 1, got {threads!r}")
+    bound = config.exit_timeout
+    if bound is not None and (
+        isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound >= 0
+    ):
+        raise ValueError(f"exit_timeout must be None or a number of seconds >= 0, got {bound!r}")
     return config
 
 
@@ -60,16 +91,27 @@ def current_config() -> Config:
     return _config
 
 
-def configure(*, eager: bool | None = None, worker_threads: int | None = None) -> Config:
+_UNSET: Any = object()
+
+
+def configure(
+    *,
+    eager: bool | None = None,
+    worker_threads: int | None = None,
+    exit_timeout: float | None = _UNSET,
+) -> Config:
     """Change anyfork's settings for the whole process and return the settings now in force.
 
-    Arguments left as ``None`` keep their value, so ``anyfork.configure()`` just reads them.
+    Arguments left out keep their value, so ``anyfork.configure()`` just reads them.
     A new worker-thread limit applies to event loops and thread pools that anyfork sets up
     afterwards; configure it at start-up, before the first fork.
 
     :param eager: run forks to completion at the call (see :class:`Config`)
     :param worker_threads: the most sync forks running in worker threads at once
-    :raises ValueError: if ``worker_threads`` is not a whole number >= 1
+    :param exit_timeout: seconds to wait for unfinished forks at interpreter exit, or
+        ``None`` for no bound
+    :raises ValueError: if ``worker_threads`` is not a whole number >= 1, or
+        ``exit_timeout`` is neither ``None`` nor a number >= 0
     :raises TypeError: if ``eager`` is not a bool
 
     Example::
@@ -83,5 +125,7 @@ def configure(*, eager: bool | None = None, worker_threads: int | None = None) -
             changes["eager"] = eager
         if worker_threads is not None:
             changes["worker_threads"] = worker_threads
+        if exit_timeout is not _UNSET:
+            changes["exit_timeout"] = exit_timeout
         _config = _validated(replace(_config, **changes))  # type: ignore[arg-type]
         return _config

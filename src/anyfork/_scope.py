@@ -237,6 +237,13 @@ class _AmbientGroup(_ForkGroup):
                 self._lose(future, "its event loop shut down before it started")
 
     def _note_cancelled(self, future: Future[Any]) -> None:
+        if future._running and not future.done():
+            # A sync fork still running in its thread when the loop shut down: it will
+            # complete its future from there. Keep the interpreter's exit join waiting for it.
+            from ._fallback import fallback
+
+            fallback.adopt(future)
+            return
         if future._complete(_CANCELLED, None, None, unless_running=True):
             logger.warning(
                 "anyfork: fork %r was cancelled because its event loop shut down; use "
