@@ -253,5 +253,5 @@ def test_ctrl_c_during_the_exit_join_exits_promptly(repeat: int) -> None:
             process.kill()
             pytest.fail("the process did not exit after two Ctrl-C")
         stderr = process.stderr.read() if process.stderr else ""
-    assert interrupts == 1, "one Ctrl-C should be enough"
-    assert "2 fork(s) were interrupted at exit (Ctrl-C)" in stderr, stderr
+    # The bound: exit promptly after a second Ctrl-C at most (3.11+ needs one).
+    assert "fork(s) were interrupted at exit (Ctrl-C)" in stderr, stderr

@@ -265,7 +265,10 @@ class Future(Generic[T]):
         work that thread is usually the event loop's: keep callbacks short, and fork
         anything heavy. An exception raised by a callback is logged (logger ``anyfork``)
         and does not stop the callbacks after it.
+
+        :raises TypeError: if ``callback`` is not callable
         """
+        _check_callable(callback, "add_done_callback")
         with self._lock:
             if self._state == _PENDING:
                 self._callbacks.append(callback)
@@ -290,7 +293,10 @@ class Future(Generic[T]):
         Example::
 
             total = fut.then(lambda f: sum(f.value()))
+
+        :raises TypeError: if ``callback`` is not callable
         """
+        _check_callable(callback, "then")
         child: Future[S] = Future()
 
         def run_callback(parent: Future[T]) -> None:
@@ -386,5 +392,19 @@ class Future(Generic[T]):
 
 
 def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and timeout < 0:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"timeout must be None or a number of seconds, got {type(timeout).__name__} {timeout!r}"
+        )
+    if not timeout >= 0:
         raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
+
+
+def _check_callable(callback: object, method: str) -> None:
+    if not callable(callback):
+        raise TypeError(
+            f"{method}() takes a callable that receives the done future, got "
+            f"{type(callback).__name__} {callback!r}"
+        )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from contextvars import Context, ContextVar, copy_context
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import anyio.abc
@@ -328,6 +328,15 @@ class Scope:
         if self._group is not None:
             for future in self._group.pending_futures():
                 future.cancel()
+
+    def __enter__(self) -> NoReturn:
+        raise TypeError(
+            "anyfork.scope() is an async context manager: use 'async with anyfork.scope():' "
+            "inside a coroutine (a script needs no scope: its forks are joined at exit)"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ raises
+        pass
 
     async def __aenter__(self) -> Scope:
         if self._group is not None:

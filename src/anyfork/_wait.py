@@ -8,6 +8,7 @@ into an anyfork future that follows it.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import threading
 import time
 from collections.abc import Iterable
@@ -27,10 +28,15 @@ def as_future(obj: object, caller: str) -> Future[Any]:
         return cast("Future[Any]", obj)  # type: ignore[redundant-cast]
     if isinstance(obj, concurrent.futures.Future):
         return _follow_concurrent(cast("concurrent.futures.Future[Any]", obj))  # type: ignore[redundant-cast]
+    hint = ""
+    if obj is None:
+        hint = ": did the function that should return the future forget to?"
+    elif inspect.iscoroutine(obj):
+        obj.close()  # it will never run: spare the user a "never awaited" warning too
+        hint = ": await a coroutine, or fork its coroutine function to get a future"
     raise TypeError(
         f"{caller}() takes an anyfork.Future or a concurrent.futures.Future, got "
-        f"{type(obj).__name__} {obj!r}"
-        + (": did the function that should return the future forget to?" if obj is None else "")
+        f"{type(obj).__name__} {obj!r}{hint}"
     )
 
 

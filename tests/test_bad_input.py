@@ -1,0 +1,181 @@
+"""The bad-input catalogue: each mistake fails at the call, naming what was wrong and the fix.
+
+Interpreter-exit and closed-loop cases need a fresh interpreter or a finished loop; they
+live in test_shutdown.py (forking after the exit join began) and test_wait.py (awaiting a
+fork whose loop has closed).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import anyfork
+
+
+async def coroutine_function() -> int:
+    return 1
+
+
+def pending() -> anyfork.Future[Any]:
+    return anyfork.Future()
+
+
+def done() -> anyfork.Future[Any]:
+    future: anyfork.Future[Any] = anyfork.Future()
+    future.set_result(1)
+    return future
+
+
+CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    # fork
+    ("fork a non-callable", lambda: anyfork.fork(42), TypeError, "fork() takes a callable"),
+    ("fork None", lambda: anyfork.fork(None), TypeError, "fork() takes a callable, got NoneType"),
+    (
+        "fork a coroutine object",
+        lambda: anyfork.fork(coroutine_function()),
+        TypeError,
+        "write fork(coroutine_function, ...) instead of fork(coroutine_function(...))",
+    ),
+    # every wait form
+    *(
+        (
+            f"{name} {label}",
+            call,
+            TypeError,
+            f"{name}() takes an anyfork.Future or a concurrent.futures.Future, got {got}",
+        )
+        for name, wrap in [
+            ("wait", lambda bad: lambda: anyfork.wait(bad)),
+            ("wait_all", lambda bad: lambda: anyfork.wait_all([done(), bad])),
+            ("collect_all", lambda bad: lambda: anyfork.collect_all([bad])),
+        ]
+        for label, bad, got in [
+            ("None", None, "NoneType None: did the function that should return the future"),
+            ("an int", 3, "int 3"),
+            ("a torch-like object", object(), "object <object"),
+        ]
+        for call in [wrap(bad)]
+    ),
+    (
+        "wait a coroutine object",
+        lambda: anyfork.wait(coroutine_function()),
+        TypeError,
+        "await a coroutine, or fork its coroutine function",
+    ),
+    ("wait_all None", lambda: anyfork.wait_all(None), TypeError, "takes a list of futures"),
+    (
+        "collect_all a single future",
+        lambda: anyfork.collect_all(done()),
+        TypeError,
+        "takes a list of futures",
+    ),
+    # completion
+    ("set_result twice", lambda: done().set_result(2), anyfork.AlreadyCompletedError, "once"),
+    (
+        "set_exception after set_result",
+        lambda: done().set_exception(ValueError()),
+        anyfork.AlreadyCompletedError,
+        "a future completes only once",
+    ),
+    (
+        "set_exception with a non-exception",
+        lambda: pending().set_exception("oops"),  # type: ignore[arg-type]
+        TypeError,
+        "set_exception() takes an exception instance",
+    ),
+    (
+        "set_exception with an exception class",
+        lambda: pending().set_exception(ValueError),  # type: ignore[arg-type]
+        TypeError,
+        "set_exception() takes an exception instance",
+    ),
+    (
+        "value of a pending future",
+        lambda: pending().value(),
+        anyfork.NotReadyError,
+        "value() never blocks. Use wait() to block",
+    ),
+    # callbacks
+    (
+        "then with a non-callable",
+        lambda: pending().then(1),  # type: ignore[arg-type]
+        TypeError,
+        "then() takes a callable that receives the done future, got int 1",
+    ),
+    (
+        "add_done_callback with None",
+        lambda: pending().add_done_callback(None),  # type: ignore[arg-type]
+        TypeError,
+        "add_done_callback() takes a callable",
+    ),
+    # timeouts
+    *(
+        (f"{name} with a negative timeout", call, ValueError, "timeout must be None or a number")
+        for name, call in [
+            ("Future.wait", lambda: pending().wait(timeout=-1)),
+            ("wait", lambda: anyfork.wait(pending(), timeout=-0.5)),
+            ("wait_all", lambda: anyfork.wait_all([pending()], timeout=-1)),
+        ]
+    ),
+    (
+        "wait with a timeout that is not a number",
+        lambda: anyfork.wait(pending(), timeout="1"),  # type: ignore[call-overload]
+        TypeError,
+        "timeout must be None or a number of seconds, got str '1'",
+    ),
+    # configuration
+    (
+        "configure a negative exit timeout",
+        lambda: anyfork.configure(exit_timeout=-1),
+        ValueError,
+        "exit_timeout must be None or a number of seconds >= 0",
+    ),
+    (
+        "configure zero worker threads",
+        lambda: anyfork.configure(worker_threads=0),
+        ValueError,
+        "worker_threads must be a whole number >= 1",
+    ),
+    # scopes
+    (
+        "a scope entered with a plain 'with'",
+        lambda: anyfork.scope().__enter__(),
+        TypeError,
+        "use 'async with anyfork.scope():'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [pytest.param(call, error, message, id=name) for name, call, error, message in CATALOGUE],
+)
+def test_bad_input_fails_at_the_call_with_a_clear_error(
+    call: Callable[[], object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as caught:
+        call()
+    assert message in str(caught.value)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("bad", [None, 3, concurrent.futures.ThreadPoolExecutor])
+async def test_wait_async_rejects_what_is_not_a_future(bad: object) -> None:
+    with pytest.raises(TypeError, match=r"wait_async\(\) takes an anyfork.Future"):
+        await anyfork.wait_async(bad)  # type: ignore[call-overload]
+
+
+@pytest.mark.anyio
+async def test_a_blocking_wait_on_the_loop_is_refused_not_a_freeze() -> None:
+    with pytest.raises(anyfork.WouldBlockError, match="use 'await fut'"):
+        anyfork.wait(pending())
+
+
+@pytest.mark.anyio
+async def test_fork_a_coroutine_object_on_a_loop_is_refused() -> None:
+    with pytest.raises(TypeError, match="not a coroutine object"):
+        anyfork.fork(coroutine_function())
