@@ -174,3 +174,41 @@ async def test_a_scope_can_be_entered_only_once() -> None:
 def test_cancel_pending_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="cancel_pending"):
         anyfork.scope(cancel_pending="yes")  # type: ignore[arg-type]
+
+
+async def test_nested_scopes_cancelled_from_another_thread_cancel_every_level() -> None:
+    """A cancel from outside reaches forks in every nested scope; a running sync fork is joined."""
+    token = anyio.lowlevel.current_token()
+    all_started = threading.Barrier(4)
+    release_sync = threading.Event()
+    forks: list[anyfork.Future[None]] = []
+
+    async def forever() -> None:
+        await anyio.to_thread.run_sync(all_started.wait, 5)
+        await anyio.sleep_forever()
+
+    def blocking() -> None:
+        all_started.wait(5)
+        release_sync.wait(10)
+
+    def canceller(scope: anyio.CancelScope) -> None:
+        all_started.wait(5)
+        anyio.from_thread.run_sync(scope.cancel, token=token)
+        release_sync.set()
+
+    with anyio.fail_after(20):
+        with anyio.CancelScope() as outer:
+            async with anyfork.scope():
+                forks.append(fork(forever))
+                async with anyfork.scope():
+                    forks.append(fork(forever))
+                    forks.append(fork(blocking))
+                    helper = threading.Thread(target=canceller, args=(outer,))
+                    helper.start()
+                    await anyio.sleep_forever()
+        helper.join(5)
+    assert outer.cancelled_caught
+    assert forks[0].cancelled() and forks[1].cancelled()
+    # A sync fork already running cannot be interrupted: the scope waits for it to finish.
+    assert forks[2].done() and not forks[2].cancelled()
+    assert release_sync.is_set()

@@ -253,5 +253,6 @@ def test_ctrl_c_during_the_exit_join_exits_promptly(repeat: int) -> None:
             process.kill()
             pytest.fail("the process did not exit after two Ctrl-C")
         stderr = process.stderr.read() if process.stderr else ""
-    # The bound: exit promptly after a second Ctrl-C at most (3.11+ needs one).
+    # The bound: exit promptly after a second Ctrl-C at most. One was enough in 120
+    # runs on 3.10 and 3.11; one run on a loaded machine needed a second (cause not found).
     assert "fork(s) were interrupted at exit (Ctrl-C)" in stderr, stderr

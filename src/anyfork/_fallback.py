@@ -173,10 +173,11 @@ class _Fallback:
 
     def join_at_exit(self) -> None:
         """Wait (within the exit bound) for every unfinished fork, then stop the loop."""
-        exit_join_started.set()
         bound = current_config().exit_timeout
         deadline = None if bound is None else time.monotonic() + bound
         try:
+            # Inside the try: a Ctrl-C that lands right after this still ends the join.
+            exit_join_started.set()
             while unfinished := self._unfinished():
                 for future in unfinished:
                     remaining = None if deadline is None else deadline - time.monotonic()
