@@ -137,6 +137,15 @@ class _ForkGroup:
         for item in backlog:
             self._start(*item)
 
+    async def _wait_idle(self) -> None:
+        """Wait until no fork is pending, still taking new ones."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
     async def _join_and_close(self) -> None:
         """Wait until no fork is pending, then refuse new ones (atomically)."""
         while True:
@@ -294,7 +303,7 @@ _current_scope: ContextVar[Scope | None] = ContextVar("anyfork_current_scope", d
 
 def current_scope_group() -> _ForkGroup | None:
     active = _current_scope.get()
-    return None if active is None else active._group
+    return None if active is None else active._fork_group()
 
 
 class Scope:
@@ -328,6 +337,16 @@ class Scope:
         if self._group is not None:
             for future in self._group.pending_futures():
                 future.cancel()
+
+    def _fork_group(self) -> _ForkGroup | None:
+        """The group that forks made in this scope join (integrations may redirect it)."""
+        return self._group
+
+    def _report_failures(self, failures: list[BaseException], exc: BaseException | None) -> None:
+        """Report the failures nobody retrieved, at exit: a scope raises them together."""
+        errors: list[BaseException] = [] if exc is None else [exc]
+        errors.extend(failures)
+        raise BaseExceptionGroup("failures of forks in an anyfork scope", errors)
 
     def __enter__(self) -> NoReturn:
         raise TypeError(
@@ -380,9 +399,7 @@ class Scope:
 
         failures = group.take_unretrieved_failures()
         if failures:
-            errors: list[BaseException] = [] if exc is None else [exc]
-            errors.extend(failures)
-            raise BaseExceptionGroup("failures of forks in an anyfork scope", errors)
+            self._report_failures(failures, exc)
 
 
 class _ScopeGroup(_ForkGroup):
