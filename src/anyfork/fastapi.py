@@ -30,6 +30,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import _scope
+from ._errors import CancelledError
 from ._scope import _ForkGroup, ambient_group
 
 __all__ = [
@@ -278,6 +279,7 @@ async def _call_watching_disconnect(
     keeps listening, and the only message left to come is ``http.disconnect``.
     """
     response_complete = False
+    disconnected = False
     to_app, from_pump = anyio.create_memory_object_stream[Message](1)
 
     async def pump() -> None:
@@ -285,7 +287,9 @@ async def _call_watching_disconnect(
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
+                    nonlocal disconnected
                     if not response_complete:
+                        disconnected = True
                         request.cancel()
                     await to_app.send(message)
                     return
@@ -313,6 +317,10 @@ async def _call_watching_disconnect(
         finally:
             task_group.cancel_scope.cancel()
     if error is not None:
+        if disconnected and isinstance(error, CancelledError):
+            # The endpoint awaited a fork cancelled because its client left: there is
+            # nobody to answer, and it is not a server error.
+            return
         raise error
 
 
