@@ -89,3 +89,10 @@ def bench(session: nox.Session) -> None:
     """Print µs per fork+wait and ratios against asyncio, anyio and ThreadPoolExecutor."""
     install(session, "test")
     session.run("python", str(ROOT / "benchmarks" / "bench_fork.py"), *session.posargs)
+
+
+@nox.session(name="bench_fastapi", python="3.11")
+def bench_fastapi(session: nox.Session) -> None:
+    """Load a FastAPI fan-out endpoint under uvicorn: anyfork against anyio and asyncio."""
+    install(session, "test")
+    session.run("python", str(ROOT / "benchmarks" / "bench_fastapi.py"), *session.posargs)

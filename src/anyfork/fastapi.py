@@ -38,6 +38,7 @@ __all__ = [
     "ForkScopeMiddleware",
     "Policy",
     "RequestScope",
+    "current_request_scope",
     "fork_policy",
     "lifespan",
     "request_scope",
