@@ -32,10 +32,26 @@ def install(session: nox.Session, *groups: str, extras: str = "") -> None:
     session.install("-e", f".{extras}", *requirements)
 
 
+# PyTorch's CPU wheel for Python 3.11, on this project's machines. Installed by file, never
+# by name: asked for by name, an installer may pull a CUDA build of several GB.
+TORCH_WHEELS = "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-*.whl"
+
+
+def install_torch(session: nox.Session) -> bool:
+    """Install the local CPU build of torch, where there is one for this Python."""
+    wheels = sorted(glob.glob(TORCH_WHEELS))
+    if session.python != "3.11" or not wheels:
+        session.log("no local CPU torch wheel for this Python: the torch tests will skip")
+        return False
+    session.install(wheels[-1], "numpy")
+    return True
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """Run the test suite (every backend: asyncio, uvloop, trio)."""
+    """Run the test suite (every backend: asyncio, uvloop, trio; torch on 3.11)."""
     install(session, "test")
+    install_torch(session)
     session.run("pytest", *session.posargs)
 
 

@@ -46,7 +46,8 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
             f"{name} {label}",
             call,
             TypeError,
-            f"{name}() takes an anyfork.Future or a concurrent.futures.Future, got {got}",
+            f"{name}() takes an anyfork.Future, a concurrent.futures.Future or a "
+            f"torch.futures.Future, got {got}",
         )
         for name, wrap in [
             ("wait", lambda bad: lambda: anyfork.wait(bad)),

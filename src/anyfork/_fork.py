@@ -29,6 +29,7 @@ from ._config import current_config
 from ._fallback import fallback
 from ._future import _FAILED, _FINISHED, Future
 from ._scope import TaskFactory, _ForkGroup, ambient_group, current_scope_group
+from ._torch import capture_grad_mode
 
 __all__ = ["fork"]
 
@@ -97,7 +98,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         if is_async:
             group = fallback.loop_group()
         else:
-            job = _sync_job(future, func, args, kwargs, context)
+            job = _sync_job(future, func, args, kwargs, context, capture_grad_mode())
             future._steal = job
             fallback.submit_sync(future, job)
             return future
@@ -111,7 +112,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     else:
         # The worker thread enters ``context`` itself, so the task needs none of its own.
         spawn_context = None
-        job = _sync_job(future, func, args, kwargs, context)
+        job = _sync_job(future, func, args, kwargs, context, capture_grad_mode())
         future._steal = job
 
         def task_for(group: _ForkGroup) -> TaskFactory:
@@ -147,14 +148,22 @@ def _sync_job(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     context: contextvars.Context,
+    grad_mode: Callable[..., Any] | None,
 ) -> Callable[[], None]:
-    """Wrap a sync fork's work so that exactly one thread runs it: a worker or a waiter."""
+    """Wrap a sync fork's work so that exactly one thread runs it: a worker or a waiter.
+
+    ``grad_mode``, when torch is imported, runs the work in the grad and inference mode of
+    the thread that forked it.
+    """
 
     def job() -> None:
         if not future._start_running():  # cancelled, or another thread took it
             return
         try:
-            result = context.run(func, *args, **kwargs)
+            if grad_mode is None:
+                result = context.run(func, *args, **kwargs)
+            else:
+                result = context.run(grad_mode, func, *args, **kwargs)
         except BaseException as exc:
             future._complete(_FAILED, None, exc)
         else:

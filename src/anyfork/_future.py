@@ -8,6 +8,7 @@ future is cancelled.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from collections import deque
@@ -113,6 +114,7 @@ class Future(Generic[T]):
         "_blocking_event",
         "_callbacks",
         "_exception",
+        "_keep_alive",
         "_lock",
         "_on_cancel",
         "_result",
@@ -138,6 +140,8 @@ class Future(Generic[T]):
         self._blocking_event: threading.Event | None = None
         self._steal: Callable[[], object] | None = None
         self._on_cancel: Callable[[], object] | None = None
+        # An object that must live as long as this future (a foreign future it follows).
+        self._keep_alive: object = None
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
@@ -274,6 +278,37 @@ class Future(Generic[T]):
                 self._callbacks.append(callback)
                 return
         _invoke(callback, self)
+
+    def to_torch(self) -> Any:
+        """Return a ``torch.futures.Future`` that completes with this future.
+
+        For code that expects torch's type: ``torch.futures.collect_all``, a TorchScript
+        function taking a ``Future``, ``torch.distributed.rpc``. A value is passed on as is,
+        an exception as itself, and cancellation as :class:`CancelledError`. Handing the
+        outcome on counts as retrieving it: an error is not reported again when this future
+        is dropped. Requires torch (imported here, on first use).
+
+        Example::
+
+            torch_future = anyfork.fork(model, batch).to_torch()
+            torch.futures.wait_all([torch_future, other_torch_future])
+        """
+        # Imported here only: the core never imports torch on its own (and type checks
+        # without it).
+        torch: Any = importlib.import_module("torch")
+        target = torch.futures.Future()
+
+        def hand_on(done: Future[T]) -> None:
+            if done._state == _CANCELLED:
+                target.set_exception(CancelledError(f"{done!r} was cancelled"))
+            elif done._exception is not None:
+                done._mark_retrieved()
+                target.set_exception(done._exception)
+            else:
+                target.set_result(done._result)
+
+        self.add_done_callback(hand_on)
+        return target
 
     def _discard_callback(self, callback: Callback) -> None:
         with self._lock:

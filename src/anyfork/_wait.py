@@ -1,8 +1,9 @@
 """Waiting on futures: ``wait``, ``wait_async``, ``collect_all`` and ``wait_all``.
 
 Besides anyfork's own futures these accept ``concurrent.futures.Future`` (what
-``ThreadPoolExecutor.submit`` and ``asyncio.run_coroutine_threadsafe`` return), adapted
-into an anyfork future that follows it.
+``ThreadPoolExecutor.submit`` and ``asyncio.run_coroutine_threadsafe`` return) and, when
+torch is imported, torch futures (``torch.futures.Future`` and the ``torch._C.Future`` that
+``torch.jit.fork`` returns), each adapted into an anyfork future that follows it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any, TypeVar, cast, overload
 
 from ._future import _CANCELLED, _FAILED, _FINISHED, Future, _check_timeout
+from ._torch import TorchFuture, follow_torch, is_torch_future
 
 __all__ = ["collect_all", "wait", "wait_all", "wait_async"]
 
@@ -28,6 +30,8 @@ def as_future(obj: object, caller: str) -> Future[Any]:
         return cast("Future[Any]", obj)  # type: ignore[redundant-cast]
     if isinstance(obj, concurrent.futures.Future):
         return _follow_concurrent(cast("concurrent.futures.Future[Any]", obj))  # type: ignore[redundant-cast]
+    if is_torch_future(obj):
+        return follow_torch(obj)
     hint = ""
     if obj is None:
         hint = ": did the function that should return the future forget to?"
@@ -35,7 +39,8 @@ def as_future(obj: object, caller: str) -> Future[Any]:
         obj.close()  # it will never run: spare the user a "never awaited" warning too
         hint = ": await a coroutine, or fork its coroutine function to get a future"
     raise TypeError(
-        f"{caller}() takes an anyfork.Future or a concurrent.futures.Future, got "
+        f"{caller}() takes an anyfork.Future, a concurrent.futures.Future or a "
+        f"torch.futures.Future, got "
         f"{type(obj).__name__} {obj!r}{hint}"
     )
 
@@ -63,6 +68,8 @@ def _follow_concurrent(source: concurrent.futures.Future[Any]) -> Future[Any]:
 def wait(future: Future[T], timeout: float | None = None) -> T: ...
 @overload
 def wait(future: concurrent.futures.Future[T], timeout: float | None = None) -> T: ...
+@overload
+def wait(future: TorchFuture[T], timeout: float | None = None) -> T: ...
 def wait(future: Any, timeout: float | None = None) -> Any:
     """Block until ``future`` is done and return its value (the blocking form of ``await``).
 
@@ -70,7 +77,8 @@ def wait(future: Any, timeout: float | None = None) -> Any:
     Called on an event-loop thread, it returns the value of a done future and raises
     :class:`WouldBlockError` for a pending one rather than freezing the loop.
 
-    :param future: an :class:`anyfork.Future` or a :class:`concurrent.futures.Future`
+    :param future: an :class:`anyfork.Future`, a :class:`concurrent.futures.Future` or a
+        ``torch.futures.Future`` (no thread waits for it: its done callback wakes ours)
     :param timeout: seconds to wait at most; ``None`` waits for as long as it takes
     :raises TypeError: if ``future`` is neither kind of future
     :raises TimeoutError: if the timeout elapses first
@@ -84,12 +92,16 @@ def wait(future: Any, timeout: float | None = None) -> Any:
 async def wait_async(future: Future[T]) -> T: ...
 @overload
 async def wait_async(future: concurrent.futures.Future[T]) -> T: ...
+@overload
+async def wait_async(future: TorchFuture[T]) -> T: ...
 async def wait_async(future: Any) -> Any:
     """Wait for ``future`` without blocking the event loop and return its value.
 
     The same as ``await future`` for an anyfork future, and accepts a
-    :class:`concurrent.futures.Future` too. Cancelling the waiting task stops the waiting,
-    never the work: other callers may be waiting for the same future.
+    :class:`concurrent.futures.Future` or a ``torch.futures.Future`` too (awaiting one holds
+    no thread: the torch future's done callback wakes the waiting loop). Cancelling the
+    waiting task stops the waiting, never the work: other callers may be waiting for the
+    same future.
 
     :raises TypeError: if ``future`` is neither kind of future
     :raises CancelledError: if the future was cancelled
@@ -102,8 +114,8 @@ def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
 
     Its value is the list of those futures, in input order, each done (read each with
     :meth:`Future.value`); like ``torch.futures.collect_all`` it never fails itself. An empty
-    input gives a future already done with ``[]``. ``concurrent.futures.Future`` inputs
-    appear in the list as the anyfork futures that follow them.
+    input gives a future already done with ``[]``. ``concurrent.futures.Future`` and torch future
+    inputs appear in the list as the anyfork futures that follow them.
 
     Example::
 

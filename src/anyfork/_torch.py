@@ -1,0 +1,127 @@
+"""PyTorch interop that never imports torch: torch futures in, grad mode into forks.
+
+Everything here looks torch up in ``sys.modules``: if the program never imported torch,
+none of it costs more than one dictionary lookup, and torch stays unimported.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from ._future import _FAILED, _FINISHED, Future
+
+__all__ = ["TorchFuture", "capture_grad_mode", "follow_torch", "is_torch_future"]
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class TorchFuture(Protocol[T_co]):
+    """What anyfork's wait functions need of a ``torch.futures.Future``, for type checkers."""
+
+    def wait(self) -> T_co: ...
+
+    def value(self) -> T_co: ...
+
+    def done(self) -> bool: ...
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch")
+
+
+def is_torch_future(obj: object) -> bool:
+    """Whether ``obj`` is a torch future: ``torch.futures.Future`` or its base ``torch._C.Future``.
+
+    The base type is what ``torch.jit.fork``, ``Future.then``, ``torch.futures.collect_all``
+    and ``torch.distributed.rpc`` return.
+    """
+    base = _base_future_type()
+    return isinstance(base, type) and isinstance(obj, base)
+
+
+def follow_torch(source: Any) -> Future[Any]:
+    """An anyfork future that completes with the torch future ``source``.
+
+    No thread waits: ``source``'s done callback (run by whichever torch thread completes it,
+    or at once if it is done already) completes the anyfork future, and that wakes every
+    waiter, blocking or awaiting, on any loop; a waiter whose loop has closed is skipped.
+    Cancelling the anyfork future stops the waiting only: torch futures cannot be cancelled.
+    A base ``torch._C.Future`` stands for work in torch's pools; a script's exit join waits
+    for it as for a fork.
+    """
+    future: Future[Any] = Future(name=f"torch.Future at {id(source):#x}")
+    # The torch future owns its error; the follower must not report it again when dropped.
+    future._mark_retrieved()
+
+    def copy_outcome(done: Any) -> None:
+        try:
+            value = done.value()
+        except BaseException as exc:  # torch re-raises the stored error here
+            future._complete(_FAILED, None, exc)
+        else:
+            future._complete(_FINISHED, value, None)
+
+    if type(source) is _base_future_type() and not source.done():
+        # Work running in torch's own pools (torch.jit.fork, then, collect_all). torch's
+        # thread runs copy_outcome, then releases it, taking the GIL to do so; if the
+        # interpreter is finalizing by then, that thread is killed and torch aborts the
+        # process ("terminate called without an active exception"). So the exit join
+        # waits, within its bound, until torch has released the callback.
+        # For the same reason torch's Python wrapper of the future must not be freed in
+        # torch's thread: the follower keeps it, so a Python thread frees it.
+        future._keep_alive = source
+        released: Future[None] = Future(name=f"{future.name} (its callback)")
+        released._mark_retrieved()
+        weakref.finalize(copy_outcome, released._complete, _FINISHED, None, None)
+        source.add_done_callback(copy_outcome)
+        del copy_outcome  # torch holds the only reference now
+        _join_at_exit(released)
+    else:
+        source.add_done_callback(copy_outcome)
+    return future
+
+
+def _join_at_exit(future: Future[Any]) -> None:
+    from ._errors import ShutdownError
+    from ._fallback import fallback
+
+    try:
+        fallback.adopt(future)
+    except (ShutdownError, RuntimeError):  # already exiting: nothing is left to join it
+        pass
+
+
+def _base_future_type() -> Any:
+    torch = _torch()
+    return getattr(getattr(torch, "_C", None), "Future", None)
+
+
+GradModeRunner = Callable[..., Any]
+
+
+def capture_grad_mode() -> GradModeRunner | None:
+    """Capture the calling thread's grad and inference mode, if torch is imported.
+
+    Returns a function ``run(func, *args, **kwargs)`` that calls ``func`` with that mode
+    set in whatever thread it runs in, then restores the thread's own; ``None`` when torch
+    has not been imported. This is what TorchScript's inter-op pool does for
+    ``torch.jit.fork`` (pytorch issue 15802): grad mode is thread-local, so without it a
+    fork made under ``torch.no_grad()`` would build autograd graphs in its worker thread.
+    """
+    torch = _torch()
+    if torch is None:
+        return None
+    try:
+        grad = bool(torch.is_grad_enabled())
+        inference = bool(torch.is_inference_mode_enabled())
+    except AttributeError:  # a module named torch that is not PyTorch, or one half imported
+        return None
+
+    def run_in_mode(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return func(*args, **kwargs)
+
+    return run_in_mode
