@@ -107,6 +107,15 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "bench_fork.py"), *session.posargs)
 
 
+@nox.session(name="bench_torch", python="3.11")
+def bench_torch(session: nox.Session) -> None:
+    """A forward forking K sub-modules: sequential, anyfork, torch.jit.fork (CPU torch)."""
+    install(session, "test")
+    if not install_torch(session):
+        session.skip("the local CPU build of torch for Python 3.11 is not on this machine")
+    session.run("python", str(ROOT / "benchmarks" / "bench_torch.py"), *session.posargs)
+
+
 @nox.session(name="bench_fastapi", python="3.11")
 def bench_fastapi(session: nox.Session) -> None:
     """Load a FastAPI fan-out endpoint under uvicorn: anyfork against anyio and asyncio."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, TypeVar, cast, overload
 
+from . import _loops
 from ._future import _CANCELLED, _FAILED, _FINISHED, Future, _check_timeout
 from ._torch import TorchFuture, follow_torch, is_torch_future
 
@@ -147,7 +148,8 @@ def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     """Block until every future is done, then return their values in input order.
 
     Waiting continues past a failure; once all are done, the first failure in input order
-    is raised. Sync forks not started yet run in the waiting thread (work stealing).
+    is raised. Sync forks that no worker has started yet run in the waiting thread (work
+    stealing, from the last one back), so the waiting thread helps rather than idles.
 
     :param timeout: seconds to wait for all of them at most
     :raises TimeoutError: if the timeout elapses first
@@ -155,6 +157,14 @@ def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     members = _as_futures(futures, "wait_all")
     _check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
+    if _loops.running_native_loop() is None:
+        # Help first: run sync forks that no worker has started yet, from the last one
+        # back, while the workers take them from the front. With fewer worker threads
+        # than forks the waiting thread works instead of idling on a running one.
+        for member in reversed(members):
+            steal = member._steal
+            if steal is not None:
+                steal()
     for member in members:
         if not member.done():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
