@@ -12,7 +12,7 @@ import pytest
 import anyfork
 from anyfork import Future, fork
 
-from .conftest import run_in_thread
+from .conftest import run_in_thread, run_script
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -225,3 +225,25 @@ def test_wait_in_a_plain_thread_on_a_loop_fork() -> None:
         return await anyio.to_thread.run_sync(lambda: run_in_thread(fut.wait))
 
     assert anyio.run(main) == 3
+
+
+def test_wait_all_runs_unstarted_sync_forks_in_the_waiting_thread() -> None:
+    # A fresh interpreter: the script's worker pool is sized when first used.
+    result = run_script(
+        """
+        import threading, anyfork
+
+        anyfork.configure(worker_threads=1)
+        ran_in = {}
+
+        def job(index):
+            ran_in[index] = threading.get_ident()
+            threading.Event().wait(0.1)
+            return index
+
+        assert anyfork.wait_all([anyfork.fork(job, i) for i in range(3)]) == [0, 1, 2]
+        # The lone worker is busy with the first job for 0.1 s; the last is the waiter's.
+        print(ran_in[2] == threading.get_ident())
+        """
+    )
+    assert result.stdout == "True\n", result.stderr
