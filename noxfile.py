@@ -74,6 +74,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict and pyright on src and examples."""
     install(session, "typecheck")
+    install_torch(session)  # examples/torch_inference.py is checked against real torch
     session.run("mypy")
     session.run("pyright")
 
@@ -94,8 +95,9 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def demo(session: nox.Session) -> None:
-    """Run the examples: a plain script and an async app on asyncio and trio."""
+    """Run the examples: a script, async apps on asyncio and trio, FastAPI, torch."""
     install(session, "test")
+    install_torch(session)
     for example in sorted((ROOT / "examples").glob("*.py")):
         session.run("python", str(example))
 
@@ -114,6 +116,7 @@ def bench_torch(session: nox.Session) -> None:
     if not install_torch(session):
         session.skip("the local CPU build of torch for Python 3.11 is not on this machine")
     session.run("python", str(ROOT / "benchmarks" / "bench_torch.py"), *session.posargs)
+    session.run("python", str(ROOT / "benchmarks" / "torch_exit.py"))
 
 
 @nox.session(name="bench_fastapi", python="3.11")

@@ -333,7 +333,7 @@ def test_to_torch_passes_errors_and_cancellation_on() -> None:
 # --- exit safety ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("repeat", range(3))
+@pytest.mark.parametrize("repeat", range(4))  # without the fix, about 1 run in 3 crashed
 def test_a_script_exiting_with_torch_work_pending_exits_cleanly(tmp_path: Any, repeat: int) -> None:
     # TorchScript needs the source of what it compiles, so this script is a real file.
     script = tmp_path / "pending_torch_work.py"
