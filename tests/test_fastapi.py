@@ -23,6 +23,8 @@ import anyfork
 import anyfork.fastapi
 from anyfork.fastapi import ForkScopeMiddleware, RequestScope
 
+from .conftest import run_script
+
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 
@@ -473,3 +475,17 @@ def test_bad_settings_fail_at_the_call() -> None:
         anyfork.fastapi.AppScope(grace_period=-1)
     with pytest.raises(TypeError, match="grace_period must be a number of seconds"):
         anyfork.fastapi.AppScope(grace_period="10")  # type: ignore[arg-type]
+
+
+def test_importing_the_integration_without_fastapi_names_the_extra() -> None:
+    result = run_script(
+        """
+        import sys
+        sys.modules["starlette"] = None  # as if FastAPI (and Starlette) were not installed
+        try:
+            import anyfork.fastapi
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    assert "pip install 'anyfork[fastapi]'" in result.stdout, result.stderr

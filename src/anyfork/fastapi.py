@@ -27,7 +27,14 @@ from types import TracebackType
 from typing import Literal, get_args
 
 import anyio
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+try:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ImportError as exc:  # tests/test_fastapi.py hides Starlette to check this message
+    raise ImportError(
+        "anyfork.fastapi needs FastAPI (and the Starlette it brings): "
+        "pip install 'anyfork[fastapi]'"
+    ) from exc
 
 from . import _scope
 from ._errors import CancelledError
