@@ -5,6 +5,7 @@ Runs where torch is installed (the CPU wheel on Python 3.11, by nox); skipped el
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -371,3 +372,36 @@ def test_a_script_exiting_with_torch_work_pending_exits_cleanly(tmp_path: Any, r
     assert result.returncode == 0, result.stderr
     assert "terminate called" not in result.stderr
     assert result.stdout == "main done False\n"  # the work was pending at exit
+
+
+def test_wait_and_await_futures_from_torch_distributed_rpc() -> None:
+    # RPC is set up once per process, so in a fresh one: a world of one, on loopback.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_script(
+        f"""
+        import os, warnings
+        warnings.simplefilter("ignore")
+        import anyio, torch
+        import torch.distributed.rpc as rpc
+        import anyfork
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
+        rpc.init_rpc("worker0", rank=0, world_size=1)
+        try:
+            remote = rpc.rpc_async("worker0", torch.add, args=(torch.ones(2), 1))
+            print(anyfork.wait(remote, timeout=30).tolist())
+
+            async def main():
+                return await anyfork.wait_async(
+                    rpc.rpc_async("worker0", torch.mul, args=(torch.ones(2), 3))
+                )
+
+            print(anyio.run(main).tolist())
+        finally:
+            rpc.shutdown()
+        """,
+        timeout=120,
+    )
+    assert result.stdout == "[2.0, 2.0]\n[3.0, 3.0]\n", result.stderr
