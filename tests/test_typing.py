@@ -39,3 +39,15 @@ def test_awaiting_gives_the_result_type() -> None:
         return assert_type(await anyfork.fork(scale, 2), float)
 
     assert anyio.run(main) == 2.0
+
+
+def test_the_fastapi_integration_is_typed() -> None:
+    import anyfork.fastapi
+    from anyfork.fastapi import Policy, RequestScope
+
+    policy: Policy = "detach"
+    request = RequestScope(policy=policy)
+    assert assert_type(request.policy, Policy) == "detach"
+    assert_type(anyfork.fastapi.current_request_scope(), "RequestScope | None")
+    dependency = anyfork.fastapi.fork_policy("cancel")
+    assert callable(dependency)
