@@ -11,6 +11,7 @@ of the caller: under ``torch.inference_mode()`` the forks build no autograd grap
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import anyio
@@ -59,22 +60,41 @@ def from_a_script(model: TwoTower) -> None:
 async def from_an_async_app(model: TwoTower) -> None:
     """Serve three requests at once: each forward is a sync fork, off the event loop."""
 
+    def score(request_id: int) -> torch.Tensor:
+        # All torch work stays in worker threads: a torch call on the loop's thread would
+        # make the loop wait for the GIL behind the forks' threads.
+        generator = torch.Generator().manual_seed(request_id)
+        users = torch.randn(64, 512, generator=generator)
+        items = torch.randn(64, 512, generator=generator)
+        scores: torch.Tensor = model(users, items)
+        return scores
+
     async def handle(request_id: int) -> str:
-        users, items = torch.randn(32, 512), torch.randn(32, 512)
-        with torch.no_grad():  # grad mode follows the fork into its worker thread
-            scores = await anyfork.fork(model, users, items)
+        with torch.no_grad():  # grad mode is captured at the fork, for its worker thread
+            forward = anyfork.fork(score, request_id)
+        scores = await forward  # awaited outside: the loop's own grad mode is untouched
         return f"request {request_id}: best item {int(scores.argmax())}"
 
-    async with anyfork.scope():
-        replies = [anyfork.fork(handle, request_id) for request_id in range(3)]
-        for reply in replies:
-            print("app:", await reply)
+    async def serve(requests: range) -> list[str]:
+        async with anyfork.scope():
+            replies = [anyfork.fork(handle, request_id) for request_id in requests]
+        return [reply.value() for reply in replies]
+
+    # Warm up before taking traffic, as servers do: the first requests start the app's
+    # worker threads, and starting a thread while the cores are busy can stall the loop.
+    await serve(range(3))
+    for reply in await serve(range(3)):
+        print("app:", reply)
 
 
 def main() -> None:
     # CPU-bound forks: about one worker thread per core (the waiting thread works too).
     anyfork.configure(worker_threads=os.cpu_count() or 2)
     torch.set_num_threads(1)  # parallelism comes from the forks, not from within each op
+    # The forks' threads run Python between torch kernels; a thread that wants the GIL
+    # waits up to the switch interval (5 ms by default) for each of them. A shorter one
+    # keeps the event loop responsive while they run.
+    sys.setswitchinterval(0.001)
     model = TwoTower().eval()
     from_a_script(model)
     anyio.run(from_an_async_app, model)

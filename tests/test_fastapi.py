@@ -489,3 +489,16 @@ def test_importing_the_integration_without_fastapi_names_the_extra() -> None:
         """
     )
     assert "pip install 'anyfork[fastapi]'" in result.stdout, result.stderr
+
+
+def test_importing_the_integration_loads_anyios_backend_off_the_loop() -> None:
+    # Otherwise anyio imports it at the first lifespan or request, blocking the loop for
+    # tens of milliseconds (asyncio's debug mode reports it).
+    result = run_script(
+        """
+        import sys
+        import anyfork.fastapi
+        print("anyio._backends._asyncio" in sys.modules)
+        """
+    )
+    assert result.stdout == "True\n", result.stderr

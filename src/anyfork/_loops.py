@@ -22,12 +22,29 @@ from anyio.lowlevel import EventLoopToken
 __all__ = [
     "call_soon",
     "in_task",
+    "load_backends",
     "loop_waiter",
     "running_native_loop",
     "spawn_detached",
     "token_for",
     "worker_thread_token",
 ]
+
+
+def load_backends() -> None:
+    """Import anyio's backend modules now, off any event loop.
+
+    anyio imports a backend on its first use in a running loop: up to a hundred
+    milliseconds in which that loop is blocked (asyncio's debug mode reports it). This
+    loads the asyncio backend, and trio's if trio is already imported. anyfork calls it
+    when it is imported; call it again after importing trio to do the same for trio.
+    """
+    get_async_backend("asyncio")
+    if "trio" in sys.modules:
+        get_async_backend("trio")
+
+
+load_backends()
 
 
 def running_native_loop() -> object | None:

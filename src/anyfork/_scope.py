@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import anyio
 import anyio.abc
+import anyio.to_thread  # imported here, not lazily on a loop at the first sync fork
 from anyio.lowlevel import EventLoopToken
 
 from . import _loops

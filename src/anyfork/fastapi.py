@@ -36,7 +36,7 @@ except ImportError as exc:  # tests/test_fastapi.py hides Starlette to check thi
         "pip install 'anyfork[fastapi]'"
     ) from exc
 
-from . import _scope
+from . import _loops, _scope
 from ._errors import CancelledError
 from ._scope import _ForkGroup, ambient_group
 
@@ -65,6 +65,10 @@ Policy = Literal["join", "cancel", "detach"]
 """
 
 _POLICIES: tuple[str, ...] = get_args(Policy)
+
+# Servers import the app before they start their loop: load anyio's backends then (trio's
+# too, if the server imported it first), not on the loop at the first lifespan or request.
+_loops.load_backends()
 
 DEFAULT_GRACE_PERIOD = 10.0
 
