@@ -206,7 +206,7 @@ async def test_nested_scopes_cancelled_from_another_thread_cancel_every_level() 
                     helper = threading.Thread(target=canceller, args=(outer,))
                     helper.start()
                     await anyio.sleep_forever()
-        helper.join(5)
+        await anyio.to_thread.run_sync(helper.join, 5)  # a blocking join: not on the loop
     assert outer.cancelled_caught
     assert forks[0].cancelled() and forks[1].cancelled()
     # A sync fork already running cannot be interrupted: the scope waits for it to finish.

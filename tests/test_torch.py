@@ -205,7 +205,7 @@ async def test_await_torch_futures_without_holding_a_thread() -> None:
                 target=lambda: [f.set_result(i) for i, f in enumerate(futures)]
             )
             completer.start()
-    completer.join()
+    await anyio.to_thread.run_sync(completer.join)  # a blocking join: not on the loop
     assert results == list(range(50))
 
 
@@ -215,7 +215,7 @@ async def test_await_a_failed_torch_future_raises_its_error() -> None:
     thread = set_later(future, KeyError("missing"))
     with pytest.raises(KeyError, match="missing"):
         await anyfork.wait_async(future)
-    thread.join()
+    await anyio.to_thread.run_sync(thread.join)
 
 
 def test_a_torch_future_completed_after_its_loop_closed_is_harmless() -> None:
@@ -303,7 +303,7 @@ async def test_collect_all_and_wait_all_take_a_mix_of_anyfork_and_torch_futures(
     assert torch.equal(everything[2].value(), torch.full((2,), 4.0))
     values = await anyio.to_thread.run_sync(anyfork.wait_all, [mine, theirs, jit_future])
     assert values[1] == "torch"
-    thread.join()
+    await anyio.to_thread.run_sync(thread.join)
 
 
 # --- to_torch ------------------------------------------------------------------------------
