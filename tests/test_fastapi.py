@@ -502,3 +502,23 @@ def test_importing_the_integration_loads_anyios_backend_off_the_loop() -> None:
         """
     )
     assert result.stdout == "True\n", result.stderr
+
+
+async def test_an_unretrieved_failure_in_the_app_scope_is_logged_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = app_with_scopes(policy="detach")
+
+    async def fails() -> None:
+        raise ValueError("late write failed")
+
+    @app.get("/")
+    async def handler() -> str:
+        anyfork.fork(fails)
+        return "ok"
+
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        async with client_for(app) as client:
+            assert (await client.get("/")).status_code == 200
+    assert "a fork of the app scope failed and nobody retrieved the error" in caplog.text
+    assert "late write failed" in caplog.text

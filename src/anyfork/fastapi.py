@@ -99,7 +99,22 @@ def _check_grace(grace_period: object) -> float:
     return float(grace_period)
 
 
-class AppScope(_scope.Scope):
+class _LoggingScope(_scope.Scope):
+    """A scope that logs failures nobody retrieved instead of raising them at exit."""
+
+    def _owner(self) -> str:
+        raise NotImplementedError
+
+    def _report_failures(self, failures: list[BaseException], exc: BaseException | None) -> None:
+        for failure in failures:
+            logger.error(
+                "anyfork: a fork of %s failed and nobody retrieved the error",
+                self._owner(),
+                exc_info=failure,
+            )
+
+
+class AppScope(_LoggingScope):
     """The app-wide scope opened by :func:`lifespan`.
 
     Forks detached from requests (``policy="detach"``) and forks made while the lifespan
@@ -138,15 +153,11 @@ class AppScope(_scope.Scope):
             self.cancel_pending = True
         await super().__aexit__(exc_type, exc, traceback)
 
-    def _report_failures(self, failures: list[BaseException], exc: BaseException | None) -> None:
-        for failure in failures:
-            logger.error(
-                "anyfork: a fork of the app scope failed and nobody retrieved the error",
-                exc_info=failure,
-            )
+    def _owner(self) -> str:
+        return "the app scope"
 
 
-class RequestScope(_scope.Scope):
+class RequestScope(_LoggingScope):
     """The scope of one HTTP request, opened by :class:`ForkScopeMiddleware`.
 
     Forks made while handling the request — in ``async def`` and ``def`` endpoints, in
@@ -202,13 +213,8 @@ class RequestScope(_scope.Scope):
             self.cancel_pending = True
         await super().__aexit__(exc_type, exc, traceback)
 
-    def _report_failures(self, failures: list[BaseException], exc: BaseException | None) -> None:
-        for failure in failures:
-            logger.error(
-                "anyfork: a fork of request %s failed and nobody retrieved the error",
-                self.label,
-                exc_info=failure,
-            )
+    def _owner(self) -> str:
+        return f"request {self.label}"
 
 
 @asynccontextmanager
