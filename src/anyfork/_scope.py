@@ -138,21 +138,12 @@ class _ForkGroup:
         for item in backlog:
             self._start(*item)
 
-    async def _wait_idle(self) -> None:
-        """Wait until no fork is pending, still taking new ones."""
+    async def _wait_idle(self, *, close: bool = False) -> None:
+        """Wait until no fork is pending; with ``close``, then refuse new ones (atomically)."""
         while True:
             with self._lock:
                 if not self._pending:
-                    return
-                self._idle = anyio.Event()
-            await self._idle.wait()
-
-    async def _join_and_close(self) -> None:
-        """Wait until no fork is pending, then refuse new ones (atomically)."""
-        while True:
-            with self._lock:
-                if not self._pending:
-                    self._closed = True
+                    self._closed = self._closed or close
                     return
                 self._idle = anyio.Event()
             await self._idle.wait()
@@ -384,7 +375,7 @@ class Scope:
         if self.cancel_pending:
             self.cancel()
         try:
-            await group._join_and_close()
+            await group._wait_idle(close=True)
         except BaseException as join_exc:
             # The task running the scope was cancelled while joining: cancel the forks too.
             for future in group._close_now():
