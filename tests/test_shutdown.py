@@ -61,15 +61,20 @@ def test_a_script_joins_unfinished_forks_at_exit(repeat: int) -> None:
     # task must still run (stolen by the join), not fail.
     result = run_script(
         """
-        import time, anyio, anyfork
+        import sys, time, anyio, anyfork
+
+        def say(line):
+            # One write per line: print() writes the text and the newline separately, so two
+            # threads printing at once can interleave (seen on CI as "...threadnested from task").
+            sys.stdout.write(line + "\\n")
 
         async def slow_async(label):
             await anyio.sleep(0.2)
-            anyfork.fork(print, "nested from", label)
+            anyfork.fork(say, "nested from " + label)
 
         def slow_sync(label):
             time.sleep(0.2)
-            anyfork.fork(print, "nested from", label)
+            anyfork.fork(say, "nested from " + label)
 
         anyfork.fork(slow_async, "task")
         anyfork.fork(slow_sync, "thread")
@@ -111,14 +116,14 @@ def test_sync_forks_in_a_script_run_concurrently() -> None:
 def test_forking_after_shutdown_raises_a_clear_error() -> None:
     result = run_script(
         """
-        import anyfork, atexit
-        anyfork.fork(print, "before exit")
+        import anyfork, atexit, sys
+        anyfork.fork(sys.stdout.write, "before exit\\n")
 
         def too_late():
             try:
                 anyfork.fork(print, "never")
             except anyfork.ShutdownError as exc:
-                print("refused:", exc)
+                sys.stdout.write(f"refused: {exc}\\n")
 
         atexit.register(too_late)
         """
@@ -167,11 +172,12 @@ def test_a_sync_fork_still_running_when_the_loop_returns_is_joined_at_exit(runne
     # A thread cannot be stopped: the fork finishes after its loop and is not lost.
     result = run_script(
         f"""
-        import time, anyio, anyfork
+        import sys, time, anyio, anyfork
 
         def slow():
             time.sleep(0.5)
-            print("sync fork finished", flush=True)
+            sys.stdout.write("sync fork finished\\n")  # one write: no interleaving across threads
+            sys.stdout.flush()
 
         async def main():
             anyfork.fork(slow)
@@ -179,7 +185,8 @@ def test_a_sync_fork_still_running_when_the_loop_returns_is_joined_at_exit(runne
 
         anyio.run(main, backend={"trio" if runner == "trio" else "asyncio"!r},
                   backend_options={{"use_uvloop": True}} if {runner!r} == "uvloop" else {{}})
-        print("loop returned", flush=True)
+        sys.stdout.write("loop returned\\n")
+        sys.stdout.flush()
         """
     )
     assert result.returncode == 0, result.stderr
