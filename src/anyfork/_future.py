@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any, Generic, NoReturn, TypeVar
@@ -24,6 +25,12 @@ T = TypeVar("T")
 S = TypeVar("S")
 
 logger = logging.getLogger("anyfork")
+
+# How often a blocking wait in the main thread wakes up to let a Ctrl-C through. The C-level
+# SIGINT handler may run in any thread of the process; when it runs in a worker thread, the main
+# thread's lock wait is not interrupted, and Python raises KeyboardInterrupt only once the main
+# thread runs bytecode again.
+_SIGNAL_POLL_INTERVAL = 0.2
 
 _PENDING = 0
 _FINISHED = 1
@@ -237,8 +244,19 @@ class Future(Generic[T]):
             event = self._blocking_event
             if event is None:
                 event = self._blocking_event = threading.Event()
-        if not event.wait(timeout):
-            raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
+        if threading.current_thread() is not threading.main_thread():
+            if not event.wait(timeout):
+                raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = _SIGNAL_POLL_INTERVAL
+            if deadline is not None:
+                remaining = min(remaining, deadline - time.monotonic())
+            if event.wait(max(remaining, 0)):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
 
     def __await__(self) -> Generator[Any, Any, T]:
         if self._state == _PENDING:
