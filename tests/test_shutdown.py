@@ -218,11 +218,17 @@ def test_a_fork_that_never_finishes_is_abandoned_after_the_exit_bound() -> None:
     assert elapsed < 30, f"exit took {elapsed:.1f} s with a bound of 1 s"
 
 
+# CTRL_C_RAISES: a process started in the background by a non-interactive shell inherits
+# SIGINT ignored, and Python then installs no KeyboardInterrupt handler. These scripts install
+# it themselves, so the tests do not depend on how the test run was started.
+
+
 @pytest.mark.parametrize("repeat", range(2))
 def test_ctrl_c_during_the_exit_join_exits_promptly(repeat: int) -> None:
     source = """
-        import threading, anyio, anyfork
+        import signal, threading, anyio, anyfork
         from anyfork._scope import exit_join_started
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # see CTRL_C_RAISES
 
         def stuck():
             # Say when the exit join has begun, then never finish.
@@ -271,6 +277,7 @@ def test_ctrl_c_during_the_exit_join_exits_promptly(repeat: int) -> None:
 # on a loaded machine was lost this way. pthread_kill makes a worker take it every time.
 SIGINT_IN_A_WORKER = """
 import signal, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # see CTRL_C_RAISES
 
 def ctrl_c_taken_by_this_thread():
     signal.pthread_kill(threading.get_ident(), signal.SIGINT)
