@@ -45,12 +45,25 @@ async def health() -> str:
     return "ok"
 
 
+def timed_blocking(seconds: float) -> tuple[float, float]:
+    started = time.monotonic()
+    time.sleep(seconds)
+    return started, time.monotonic()
+
+
+async def timed_sleeping(seconds: float) -> tuple[float, float]:
+    started = time.monotonic()
+    await anyio.sleep(seconds)
+    return started, time.monotonic()
+
+
 @app.get("/fanout")
 async def fanout() -> dict[str, Any]:
-    model = anyfork.fork(blocking, 0.6)  # the slowest branch
-    features = anyfork.fork(sleeping, 0.4)
-    profile = anyfork.fork(sleeping, 0.2)
-    return {"branches": [await model, await features, await profile]}
+    # Each branch reports when it ran (the monotonic clock is shared by every process).
+    model = anyfork.fork(timed_blocking, 0.6)  # the slowest branch
+    features = anyfork.fork(timed_sleeping, 0.4)
+    profile = anyfork.fork(timed_sleeping, 0.2)
+    return {"spans": [await model, await features, await profile]}
 
 
 @app.get("/sync-fanout")

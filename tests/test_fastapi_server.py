@@ -80,11 +80,13 @@ def test_fan_out_latency_is_close_to_the_slowest_branch_not_the_sum(server: Serv
     timings = []
     for _ in range(3):
         started = time.monotonic()
-        response = server.get("/fanout")
+        spans = server.get("/fanout").json()["spans"]
         timings.append(time.monotonic() - started)
-        assert response.json() == {"branches": [0.6, 0.4, 0.2]}
+        # The branches ran side by side: each one started before any one ended. This holds
+        # however loaded the machine is, unlike a tight bound on the wall time.
+        assert max(start for start, _ in spans) < min(end for _, end in spans), spans
     # Branches of 0.6, 0.4 and 0.2 s: in sequence 1.2 s; in parallel about 0.6 s.
-    assert sorted(timings)[1] < 1.1, timings
+    assert min(timings) < 1.2, timings
 
 
 def test_sixty_concurrent_def_requests_that_fork_and_wait_all_succeed(server: Server) -> None:
