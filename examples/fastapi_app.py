@@ -100,6 +100,8 @@ def demo() -> None:
     thread.start()
     try:
         while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server stopped before it started: see its error above")
             time.sleep(0.01)
         with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}") as client:
             print(client.get("/recommend/7").json())
