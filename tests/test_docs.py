@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import without_slow_steps_under_the_bound
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -29,24 +31,6 @@ def _blocks() -> list[object]:
         for index, match in enumerate(FENCE.finditer(page.read_text())):
             params.append(pytest.param(match.group(1), id=f"{page.relative_to(ROOT)}[{index}]"))
     return params
-
-
-# asyncio's debug mode (part of -X dev) logs every loop step that takes over 100 ms. That is a
-# wall-time bound, and an oversubscribed machine breaks it with no blocking call made (seen:
-# uvicorn's lifespan step, 10 ms when idle, took 142 ms with three test suites running at
-# once on 2 cores). Steps under a generous second are let through; longer ones still fail.
-# Blocking calls on the loop are caught by blockbuster across the test suite, not by timing.
-SLOW_STEP = re.compile(r"^Executing .* took (\d+\.\d+) seconds$")
-SLOW_STEP_BOUND = 1.0
-
-
-def _without_slow_steps_under_the_bound(stderr: str) -> str:
-    kept = []
-    for line in stderr.splitlines(keepends=True):
-        slow = SLOW_STEP.match(line.rstrip("\n"))
-        if slow is None or float(slow.group(1)) >= SLOW_STEP_BOUND:
-            kept.append(line)
-    return "".join(kept)
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -77,16 +61,16 @@ def test_example_program_runs(example: Path) -> None:
     # at every task it creates, which under torch's busy threads made steps slow, not blocking.
     result = _run([str(example)])
     assert result.returncode == 0, result.stderr
-    assert _without_slow_steps_under_the_bound(result.stderr) == ""
+    assert without_slow_steps_under_the_bound(result.stderr) == ""
 
 
 def test_only_slow_steps_under_the_bound_are_let_through() -> None:
     step = (
         "Executing <Task pending name='Task-2' coro=<main() running at x.py:3>> took {} seconds\n"
     )
-    assert _without_slow_steps_under_the_bound(step.format("0.142")) == ""
-    assert _without_slow_steps_under_the_bound(step.format("1.500")) == step.format("1.500")
-    assert _without_slow_steps_under_the_bound("Traceback (most recent call last):\n") != ""
+    assert without_slow_steps_under_the_bound(step.format("0.142")) == ""
+    assert without_slow_steps_under_the_bound(step.format("1.500")) == step.format("1.500")
+    assert without_slow_steps_under_the_bound("Traceback (most recent call last):\n") != ""
 
 
 def test_docs_have_examples_to_run() -> None:

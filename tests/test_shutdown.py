@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .conftest import run_script
+from .conftest import run_script, without_slow_steps_under_the_bound
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -82,7 +82,7 @@ def test_a_script_joins_unfinished_forks_at_exit(repeat: int) -> None:
         """
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    assert without_slow_steps_under_the_bound(result.stderr) == ""
     lines = result.stdout.splitlines()
     assert lines[0] == "main done"
     assert sorted(lines[1:]) == ["nested from task", "nested from thread"]
@@ -190,7 +190,7 @@ def test_a_sync_fork_still_running_when_the_loop_returns_is_joined_at_exit(runne
         """
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    assert without_slow_steps_under_the_bound(result.stderr) == ""
     assert sorted(result.stdout.splitlines()) == ["loop returned", "sync fork finished"]
 
 
