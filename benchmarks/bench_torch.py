@@ -5,6 +5,9 @@ Variants, each timed over the same inputs in one run:
 - sequential: the branches called one after another;
 - anyfork in a script: ``anyfork.fork`` each branch (worker threads), ``anyfork.wait_all``;
 - anyfork in an async app: the same forks awaited inside ``anyio.run``;
+- the same async app written by hand, for comparison: an anyio task group running each
+  branch with ``anyio.to_thread.run_sync``, and ``asyncio.gather`` over
+  ``loop.run_in_executor`` (a ``ThreadPoolExecutor``), each with as many threads as anyfork;
 - torch.jit.fork: the module scripted, its forward forking each branch in TorchScript
   (run in parallel on torch's inter-op pool);
 - torch.jit.fork, eager: the same forward not scripted (torch runs each fork at the call).
@@ -20,6 +23,8 @@ core. Matrix sizes are large enough that torch releases the GIL for most of each
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
 import os
 import platform
 import statistics
@@ -125,21 +130,48 @@ def main() -> None:
         futures = [anyfork.fork(branch, x) for branch in branches]
         return torch.stack([await future for future in futures]).sum(0)
 
-    async def time_async_forward() -> float:
+    async def task_group_forward(limiter: anyio.CapacityLimiter) -> torch.Tensor:
+        outputs: list[torch.Tensor] = []
+
+        async def run(branch: torch.nn.Module) -> None:
+            outputs.append(await anyio.to_thread.run_sync(branch, x, limiter=limiter))
+
+        async with anyio.create_task_group() as tg:
+            for branch in branches:
+                tg.start_soon(run, branch)
+        return torch.stack(outputs).sum(0)
+
+    executor = concurrent.futures.ThreadPoolExecutor(app_threads)
+
+    async def executor_forward() -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        calls = [loop.run_in_executor(executor, branch, x) for branch in branches]
+        return torch.stack(await asyncio.gather(*calls)).sum(0)
+
+    async def time_in_app(forward: Callable[[], Any]) -> float:
         # One running app: time forwards inside it, as a server would run them.
         for _ in range(3):
-            await async_forward()
+            await forward()
         timings = []
         for _ in range(args.repeat):
             started = time.perf_counter()
-            await async_forward()
+            await forward()
             timings.append(time.perf_counter() - started)
         return statistics.median(timings)
+
+    async def time_task_group_forward() -> float:
+        limiter = anyio.CapacityLimiter(app_threads)
+        return await time_in_app(lambda: task_group_forward(limiter))
+
+    async def time_executor_forward() -> float:
+        return await time_in_app(executor_forward)
 
     variants: dict[str, Callable[[], float]] = {
         "sequential": lambda: median_time(lambda: sequential(x), args.repeat),
         "anyfork, script": lambda: median_time(lambda: forked(x), args.repeat),
-        "anyfork, async app": lambda: anyio.run(time_async_forward),
+        "anyfork, async app": lambda: anyio.run(time_in_app, async_forward),
+        "anyio task group, async app": lambda: anyio.run(time_task_group_forward),
+        "run_in_executor, async app": lambda: asyncio.run(time_executor_forward()),
         "torch.jit.fork, scripted": lambda: median_time(lambda: scripted(x), args.repeat),
         "torch.jit.fork, eager": lambda: median_time(lambda: eager_jit(x), args.repeat),
     }
@@ -152,7 +184,10 @@ def main() -> None:
         anyfork.configure(worker_threads=script_threads)
         forked(x)
         anyfork.configure(worker_threads=app_threads)
-        for output in (forked(x), scripted(x), eager_jit(x), anyio.run(async_forward)):
+        outputs = [forked(x), scripted(x), eager_jit(x), anyio.run(async_forward)]
+        outputs.append(anyio.run(task_group_forward, anyio.CapacityLimiter(app_threads)))
+        outputs.append(asyncio.run(executor_forward()))
+        for output in outputs:
             torch.testing.assert_close(output, expected)
         # Alternate the variants round by round; each keeps its best round's median.
         for _ in range(args.rounds):
@@ -170,11 +205,15 @@ def main() -> None:
         f"{args.repeat} forwards"
     )
     base = timings["sequential"]
-    print(f"{'variant':<26} {'ms':>8} {'speedup':>8}")
+    print(f"{'variant':<30} {'ms':>8} {'speedup':>8}")
     for name, seconds in timings.items():
-        print(f"{name:<26} {seconds * 1000:>8.1f} {base / seconds:>7.2f}x")
+        print(f"{name:<30} {seconds * 1000:>8.1f} {base / seconds:>7.2f}x")
     ratio = timings["torch.jit.fork, scripted"] / timings["anyfork, script"]
     print(f"anyfork script vs TorchScript: {ratio:.2f}x (above 1: anyfork faster)")
+    for by_hand in ("anyio task group, async app", "run_in_executor, async app"):
+        ratio = timings[by_hand] / timings["anyfork, async app"]
+        print(f"anyfork async app vs {by_hand}: {ratio:.2f}x (above 1: anyfork faster)")
+    executor.shutdown()
 
 
 if __name__ == "__main__":
