@@ -244,16 +244,15 @@ class Future(Generic[T]):
             event = self._blocking_event
             if event is None:
                 event = self._blocking_event = threading.Event()
-        if threading.current_thread() is not threading.main_thread():
-            if not event.wait(timeout):
-                raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
-            return
+        main_thread = threading.current_thread() is threading.main_thread()
+        poll = _SIGNAL_POLL_INTERVAL if main_thread else None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            remaining = _SIGNAL_POLL_INTERVAL
+            wait_for = poll
             if deadline is not None:
-                remaining = min(remaining, deadline - time.monotonic())
-            if event.wait(max(remaining, 0)):
+                left = max(deadline - time.monotonic(), 0)
+                wait_for = left if poll is None else min(poll, left)
+            if event.wait(wait_for):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
