@@ -1,8 +1,9 @@
 """Forks made where no event loop runs: plain scripts and threads anyio did not start.
 
 Sync callables go to a pool of worker threads; coroutine functions go to one background
-event loop per process, served through anyio's ``BlockingPortal``. Both are set up lazily,
-so a program that never forks outside a loop pays nothing.
+event loop per process (the background loop). Both are set up lazily, so a program that
+never forks outside a loop pays nothing. A process made by ``os.fork`` starts with neither:
+the child gets fresh ones on first use and never runs its parent's forks.
 
 At interpreter exit every unfinished fork is joined, so no work is lost, within a bound
 (``Config.exit_timeout``). The join runs as a ``threading`` at-exit hook, which Python
@@ -16,97 +17,80 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import queue
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import anyio.lowlevel
+from anyio.lowlevel import EventLoopToken
 
+from . import _loops
 from ._config import current_config
 from ._errors import ShutdownError
 from ._future import Future
+from ._pool import WorkerPool
 from ._scope import _AmbientGroup, ambient_group, exit_join_started
 
 __all__ = ["fallback"]
 
 logger = logging.getLogger("anyfork")
 
-# After giving up on the forks at exit, how long to let cancelled tasks unwind.
-_LOOP_STOP_GRACE = 5.0
+# How long the background loop gets to stop at exit, once its forks have finished or been
+# given up on and cancelled. A loop stuck in a blocking call is abandoned after this (its
+# thread is a daemon), so the process exits within the exit bound plus this grace.
+_LOOP_STOP_GRACE = 0.5
 
 
-class _WorkerPool:
-    """Daemon worker threads fed by one queue, started on demand up to ``max_workers``."""
+class _BackgroundLoop:
+    """An asyncio loop in a daemon thread, running until :meth:`stop` is called."""
 
-    def __init__(self, max_workers: int) -> None:
-        self._max_workers = max_workers
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
-        self._lock = threading.Lock()
-        self._threads = 0
+    def __init__(self) -> None:
+        ready: concurrent.futures.Future[tuple[EventLoopToken, anyio.Event]]
+        ready = concurrent.futures.Future()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Queue ``job``; raises RuntimeError if a needed thread cannot start (it stays queued)."""
-        self._jobs.put(job)
-        if self._idle.acquire(blocking=False):
-            return
-        with self._lock:
-            if self._threads >= self._max_workers:
-                return
-            self._threads += 1
-            number = self._threads
-        thread = threading.Thread(target=self._work, name=f"anyfork-worker-{number}", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:
-            with self._lock:
-                self._threads -= 1
-            raise
+        async def serve() -> None:
+            stop = anyio.Event()
+            ready.set_result((anyio.lowlevel.current_token(), stop))
+            await stop.wait()
 
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
+        def run() -> None:
             try:
-                job()  # a job completes its future itself and never raises
-            except BaseException:  # pragma: no cover - defensive
-                logger.exception("anyfork: a worker thread's job raised")
-            del job
-            self._idle.release()
+                anyio.run(serve, backend="asyncio")
+            except BaseException as exc:  # pragma: no cover - the loop failed to start
+                if not ready.done():
+                    ready.set_exception(exc)
+                else:
+                    logger.exception("anyfork: the background event loop failed")
 
+        # Raises RuntimeError where no thread can start (Python 3.12 at interpreter exit).
+        self.thread = threading.Thread(target=run, name="anyfork background loop", daemon=True)
+        self.thread.start()
+        self.token, self._stop_event = ready.result()
 
-def _start_background_loop() -> tuple[anyio.from_thread.BlockingPortal, threading.Thread]:
-    """Run an asyncio loop in a daemon thread; return a portal into it, and the thread."""
-    ready: concurrent.futures.Future[anyio.from_thread.BlockingPortal] = concurrent.futures.Future()
+    def stop(self, grace: float) -> None:
+        """Ask the loop to stop without waiting on it, then give it ``grace`` seconds.
 
-    async def serve() -> None:
-        async with anyio.from_thread.BlockingPortal() as portal:
-            ready.set_result(portal)
-            await portal.sleep_until_stopped()
-
-    def run() -> None:
-        try:
-            anyio.run(serve, backend="asyncio")
-        except BaseException as exc:  # pragma: no cover - the loop failed to start
-            if not ready.done():
-                ready.set_exception(exc)
-            else:
-                logger.exception("anyfork: the background event loop failed")
-
-    thread = threading.Thread(target=run, name="anyfork background loop", daemon=True)
-    thread.start()
-    return ready.result(), thread
+        Nothing here waits for the loop to answer: a coroutine fork stuck in a blocking call
+        freezes the loop, and the exit bound must hold all the same.
+        """
+        if _loops.call_soon(self.token, self._stop_event.set):
+            self.thread.join(grace)
+        if self.thread.is_alive():
+            logger.error(
+                "anyfork: the background event loop did not stop within %s seconds (a "
+                "coroutine fork is blocking it); abandoning it",
+                grace,
+            )
 
 
 class _Fallback:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: _WorkerPool | None = None
-        self._portal: anyio.from_thread.BlockingPortal | None = None
-        self._loop_thread: threading.Thread | None = None
+        self._lock = threading.RLock()
+        self._pool: WorkerPool | None = None
+        self._loop: _BackgroundLoop | None = None
         self._loop_group: _AmbientGroup | None = None
         self._pending: set[Future[Any]] = set()
         self._exit_hook_registered = False
@@ -115,13 +99,21 @@ class _Fallback:
     def _check_open(self) -> None:
         if self._shut_down:
             raise ShutdownError(
-                "anyfork cannot start new work: the interpreter is shutting down. Fork "
-                "before the end of the script, or wait for the fork inside the work that "
-                "makes it."
+                "anyfork cannot start new work: the interpreter is shutting down and "
+                "anyfork's exit join has ended. Fork before the end of the script, or wait "
+                "for the fork inside the work that makes it."
             )
         if not self._exit_hook_registered:
             # Runs before threads are joined at exit, unlike atexit.register.
-            threading._register_atexit(self.join_at_exit)  # type: ignore[attr-defined]
+            try:
+                threading._register_atexit(self.join_at_exit)  # type: ignore[attr-defined]
+            except RuntimeError:
+                raise ShutdownError(
+                    "anyfork cannot start new work: the interpreter is already shutting "
+                    "down (forking from an atexit handler or a finalizer), so nothing would "
+                    "wait for it to finish. Fork before the end of the script, or call the "
+                    "function directly."
+                ) from None
             self._exit_hook_registered = True
 
     def submit_sync(self, future: Future[Any], job: Callable[[], None]) -> None:
@@ -130,29 +122,37 @@ class _Fallback:
             self._check_open()
             pool = self._pool
             if pool is None:
-                pool = self._pool = _WorkerPool(current_config().worker_threads)
+                pool = self._pool = WorkerPool(current_config().worker_threads)
             self._pending.add(future)
         future.add_done_callback(self._discard)
         try:
             pool.submit(job)
         except RuntimeError:
-            # Python 3.12+ refuses new threads once the interpreter is exiting. The job is
-            # queued all the same: an idle worker, or the exit join stealing it, runs it.
-            pass
+            # Python 3.12 starts no new thread once the interpreter is exiting, and no worker
+            # is idle: run the job here and now, as eager mode would, rather than leave it
+            # queued behind a bound nobody may wait out. (If a worker frees up first and
+            # takes the queued copy, this call does nothing.)
+            job()
 
     def _discard(self, future: Future[Any]) -> None:
         with self._lock:
             self._pending.discard(future)
 
-    def loop_group(self) -> _AmbientGroup:
-        """Return the ambient group of the background loop, starting the loop if needed."""
+    def loop_group(self) -> _AmbientGroup | None:
+        """Return the ambient group of the background loop, starting the loop if needed.
+
+        ``None`` means no thread can start for it (Python 3.12 at interpreter exit): the
+        caller then runs the coroutine itself.
+        """
         with self._lock:
             self._check_open()
             if self._loop_group is None:
-                portal, self._loop_thread = _start_background_loop()
-                self._portal = portal
-                token = portal.call(anyio.lowlevel.current_token)
-                self._loop_group = ambient_group(token.native_token, token)
+                try:
+                    loop = _BackgroundLoop()
+                except RuntimeError:
+                    return None
+                self._loop = loop
+                self._loop_group = ambient_group(loop.token.native_token, loop.token)
             return self._loop_group
 
     def adopt(self, future: Future[Any]) -> None:
@@ -172,7 +172,11 @@ class _Fallback:
         return [future for future in unfinished if not future.done()]
 
     def join_at_exit(self) -> None:
-        """Wait (within the exit bound) for every unfinished fork, then stop the loop."""
+        """Wait (within the exit bound) for every unfinished fork, then stop the loop.
+
+        With a bound, the join only waits: it runs no fork inline, since a fork run inline
+        cannot be stopped at the bound. Without one, it runs queued sync forks itself.
+        """
         bound = current_config().exit_timeout
         deadline = None if bound is None else time.monotonic() + bound
         try:
@@ -193,10 +197,12 @@ class _Fallback:
         finally:
             with self._lock:
                 self._shut_down = True
-                portal, self._portal = self._portal, None
-                thread, self._loop_thread = self._loop_thread, None
-            if portal is not None and thread is not None:
-                self._stop_loop(portal, thread)
+                loop, self._loop = self._loop, None
+            if loop is not None:
+                try:
+                    loop.stop(_LOOP_STOP_GRACE)
+                except KeyboardInterrupt:
+                    pass
 
     def _give_up(self, why: str) -> None:
         unfinished = self._unfinished()
@@ -209,20 +215,27 @@ class _Fallback:
         for future in unfinished:
             future.cancel()
 
-    def _stop_loop(
-        self, portal: anyio.from_thread.BlockingPortal, thread: threading.Thread
-    ) -> None:
-        # Cancel what is left and let it unwind, briefly: the loop's thread is a daemon, so
-        # a task that refuses to end cannot hold the process.
-        try:
-            portal.start_task_soon(portal.stop, True)
-            thread.join(_LOOP_STOP_GRACE)
-        except RuntimeError:  # the portal is already closed
-            return
-        except KeyboardInterrupt:
-            return
-        if thread.is_alive():
-            logger.error("anyfork: the background event loop did not stop; abandoning it")
+    def reset_in_child(self) -> None:
+        """Start a child made by ``os.fork`` with nothing of its parent's.
+
+        The child has only the thread that forked: the parent's worker threads and
+        background loop are not there, and the parent still runs its own forks. So the
+        child forgets them (their futures, if the child holds any, read as cancelled) and
+        starts a fresh pool and loop on first use.
+        """
+        inherited = list(self._pending)
+        if self._loop_group is not None:
+            inherited.extend(self._loop_group.pending_futures())
+        self._lock = threading.RLock()
+        self._pool = None
+        self._loop = None
+        self._loop_group = None
+        self._pending = set()
+        for future in inherited:
+            future._abandon_in_child()
 
 
 fallback = _Fallback()
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=fallback.reset_in_child)

@@ -97,6 +97,9 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     if group is None:
         if is_async:
             group = fallback.loop_group()
+            if group is None:  # no thread can start at interpreter exit (Python 3.12)
+                _run_now(future, func, args, kwargs, is_async, context)
+                return future
         else:
             job = _sync_job(future, func, args, kwargs, context, capture_grad_mode())
             future._steal = job

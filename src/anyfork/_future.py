@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any, Generic, NoReturn, TypeVar
 
-from . import _loops
+from . import _loops, _pool
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 
 __all__ = ["Future"]
@@ -213,8 +213,10 @@ class Future(Generic[T]):
     def wait(self, timeout: float | None = None) -> T:
         """Block the calling thread until the future is done, then return its value.
 
-        If the future belongs to a sync fork that has not started yet, the waiting thread
-        runs it itself (work stealing), so nested fork-and-wait never starves.
+        Without a timeout, if the future belongs to a sync fork that has not started yet,
+        the waiting thread runs it itself (work stealing). With a timeout nothing runs
+        inline, so the timeout holds. A worker thread that blocks here gives its place in
+        the pool back while it waits, so nested fork-and-wait never starves.
 
         :param timeout: seconds to wait at most; ``None`` waits for as long as it takes
         :raises WouldBlockError: if called on an event-loop thread while still pending;
@@ -234,8 +236,10 @@ class Future(Generic[T]):
                 f"blocking wait on {self!r} from an event-loop thread would freeze the "
                 "loop: use 'await fut' (or 'await anyfork.wait_async(fut)') instead"
             )
+        # Only an untimed wait runs the work itself: work run inline cannot be interrupted at
+        # a timeout, so a timed wait that stole could outlast its bound by the whole job.
         steal = self._steal
-        if steal is not None:
+        if steal is not None and timeout is None:
             steal()
         _help_pending_dispatch()
         with self._lock:
@@ -247,15 +251,18 @@ class Future(Generic[T]):
         main_thread = threading.current_thread() is threading.main_thread()
         poll = _SIGNAL_POLL_INTERVAL if main_thread else None
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait_for = poll
-            if deadline is not None:
-                left = max(deadline - time.monotonic(), 0)
-                wait_for = left if poll is None else min(poll, left)
-            if event.wait(wait_for):
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
+        # A worker thread gives its slot back while it waits (managed blocking), so the work
+        # it waits for finds a thread at any worker_threads.
+        with _pool.blocking():
+            while True:
+                wait_for = poll
+                if deadline is not None:
+                    left = max(deadline - time.monotonic(), 0)
+                    wait_for = left if poll is None else min(poll, left)
+                if event.wait(wait_for):
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
 
     def __await__(self) -> Generator[Any, Any, T]:
         if self._state == _PENDING:
@@ -441,6 +448,16 @@ class Future(Generic[T]):
 
     def _mark_retrieved(self) -> None:
         self._retrieved = True
+
+    def _abandon_in_child(self) -> None:
+        """In a child made by ``os.fork``: this pending fork belongs to the parent, whose
+        threads the child does not have. Read it as cancelled; run none of its callbacks."""
+        self._lock = threading.Lock()  # another thread of the parent may have held it
+        if self._state == _PENDING:
+            self._state = _CANCELLED
+            self._callbacks = []
+            self._blocking_event = None
+            self._steal = self._on_cancel = None
 
 
 def _check_timeout(timeout: float | None) -> None:

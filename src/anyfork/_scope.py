@@ -9,6 +9,7 @@ the bookkeeping that ends a fork (``_forget``) always happens on that loop's thr
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 from collections.abc import Callable, Coroutine
@@ -22,7 +23,7 @@ import anyio.abc
 import anyio.to_thread  # imported here, not lazily on a loop at the first sync fork
 from anyio.lowlevel import EventLoopToken
 
-from . import _loops
+from . import _loops, _pool
 from ._config import current_config
 from ._future import _CANCELLED, _FAILED, _FINISHED, Future
 
@@ -42,10 +43,17 @@ exit_join_started = threading.Event()
 class _ForkGroup:
     """A task group on one event loop, and the forks that belong to it."""
 
-    def __init__(self, token: EventLoopToken, loop_thread: int, limiter: anyio.CapacityLimiter):
+    def __init__(
+        self,
+        token: EventLoopToken,
+        loop_thread: int,
+        limiter: anyio.CapacityLimiter,
+        thread_limiter: anyio.CapacityLimiter,
+    ):
         self.token = token
         self.loop_thread = loop_thread
         self.limiter = limiter
+        self.thread_limiter = thread_limiter
         self._lock = threading.Lock()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._backlog: list[tuple[Future[Any], TaskFactory, Context | None]] = []
@@ -183,7 +191,7 @@ class _ForkGroup:
             if future.done():
                 return
             try:
-                await anyio.to_thread.run_sync(job, limiter=self.limiter)
+                await self._run_in_worker_thread(future, job)
                 if not future.done():
                     # A blocking waiter stole the job and is running it in its own thread.
                     await future._wait_done_async()
@@ -202,6 +210,20 @@ class _ForkGroup:
         finally:
             self._forget(future)
 
+    async def _run_in_worker_thread(self, future: Future[Any], job: Callable[[], None]) -> None:
+        # The fork holds one of the loop's worker_threads slots while it runs, and gives it
+        # back while it blocks in a wait (managed blocking), so nested fork-and-wait never
+        # starves. anyio's own limit on the threads is lifted: the slots are the bound.
+        await self.limiter.acquire_on_behalf_of(future)
+        slot = _pool.LimiterSlot(self.token, self.limiter, future)
+        try:
+            await anyio.to_thread.run_sync(
+                _pool.run_in_slot, slot, job, limiter=self.thread_limiter
+            )
+        finally:
+            if slot.held:
+                self.limiter.release_on_behalf_of(future)
+
     def _note_cancelled(self, future: Future[Any]) -> None:
         future._complete(_CANCELLED, None, None, unless_running=True)
 
@@ -217,7 +239,12 @@ class _AmbientGroup(_ForkGroup):
     """
 
     def __init__(self, native: object, token: EventLoopToken, loop_thread: int) -> None:
-        super().__init__(token, loop_thread, anyio.CapacityLimiter(current_config().worker_threads))
+        super().__init__(
+            token,
+            loop_thread,
+            anyio.CapacityLimiter(current_config().worker_threads),
+            anyio.CapacityLimiter(math.inf),
+        )
         self.native = native
         self._host_task: object = None
 
@@ -356,7 +383,9 @@ class Scope:
         if native is None:  # pragma: no cover - only reachable by driving __aenter__ by hand
             raise RuntimeError("anyfork.scope() must be entered in async code")
         ambient = ambient_group(native)
-        self._group = _ScopeGroup(ambient.token, threading.get_ident(), ambient.limiter)
+        self._group = _ScopeGroup(
+            ambient.token, threading.get_ident(), ambient.limiter, ambient.thread_limiter
+        )
         self._task_group = anyio.create_task_group()
         self._group._open(await self._task_group.__aenter__())
         self._context_token = _current_scope.set(self)
@@ -395,8 +424,14 @@ class Scope:
 
 
 class _ScopeGroup(_ForkGroup):
-    def __init__(self, token: EventLoopToken, loop_thread: int, limiter: anyio.CapacityLimiter):
-        super().__init__(token, loop_thread, limiter)
+    def __init__(
+        self,
+        token: EventLoopToken,
+        loop_thread: int,
+        limiter: anyio.CapacityLimiter,
+        thread_limiter: anyio.CapacityLimiter,
+    ):
+        super().__init__(token, loop_thread, limiter, thread_limiter)
         self._failed: list[Future[Any]] = []
 
     def _note_failed(self, future: Future[Any]) -> None:

@@ -148,8 +148,9 @@ def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     """Block until every future is done, then return their values in input order.
 
     Waiting continues past a failure; once all are done, the first failure in input order
-    is raised. Sync forks that no worker has started yet run in the waiting thread (work
-    stealing, from the last one back), so the waiting thread helps rather than idles.
+    is raised. Without a timeout, sync forks that no worker has started yet run in the
+    waiting thread (work stealing, from the last one back), so the waiting thread helps
+    rather than idles; with a timeout nothing runs inline, so the timeout holds.
 
     :param timeout: seconds to wait for all of them at most
     :raises TimeoutError: if the timeout elapses first
@@ -157,7 +158,7 @@ def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     members = _as_futures(futures, "wait_all")
     _check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
-    if _loops.running_native_loop() is None:
+    if timeout is None and _loops.running_native_loop() is None:
         # Help first: run sync forks that no worker has started yet, from the last one
         # back, while the workers take them from the front. With fewer worker threads
         # than forks the waiting thread works instead of idling on a running one.

@@ -1,0 +1,117 @@
+"""Managed blocking: a worker thread blocked in a wait gives its slot back, so no nesting of
+fork and wait deadlocks at any ``worker_threads``, on a loop or in a script."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+import anyfork
+
+from .conftest import run_in_thread, run_script
+
+pytestmark = pytest.mark.anyio
+
+
+def leaf(x: int) -> int:
+    return x + 1
+
+
+async def middle(x: int) -> int:
+    return await anyfork.fork(leaf, x)
+
+
+def outer(x: int) -> int:
+    # sync fork -> blocks on a coroutine fork -> which awaits a sync fork
+    return anyfork.wait(anyfork.fork(middle, x))
+
+
+@pytest.mark.parametrize("worker_threads", [1, 2, 40])
+async def test_sync_fork_waiting_on_a_coroutine_that_awaits_a_sync_fork_never_deadlocks(
+    worker_threads: int,
+) -> None:
+    anyfork.configure(worker_threads=worker_threads)
+    count = worker_threads + 5  # more blocked outer forks than there are slots
+    with anyio.fail_after(30):
+        futures = [anyfork.fork(outer, i) for i in range(count)]
+        results = [await future for future in futures]
+    assert results == [i + 1 for i in range(count)]
+
+
+@pytest.mark.parametrize("worker_threads", [1, 3])
+async def test_forks_blocked_in_a_timed_wait_still_let_the_inner_work_run(
+    worker_threads: int,
+) -> None:
+    # A timed wait never runs the work inline, so only a freed slot lets it run.
+    anyfork.configure(worker_threads=worker_threads)
+
+    def outer_timed(x: int) -> int:
+        return anyfork.wait(anyfork.fork(leaf, x), timeout=20)
+
+    with anyio.fail_after(30):
+        futures = [anyfork.fork(outer_timed, i) for i in range(worker_threads + 3)]
+        results = [await future for future in futures]
+    assert results == [i + 1 for i in range(worker_threads + 3)]
+
+
+async def test_the_slots_bound_running_forks_again_once_the_waits_are_over() -> None:
+    anyfork.configure(worker_threads=2)
+    lock = threading.Lock()
+    running = 0
+    most = 0
+    release = threading.Event()
+
+    def busy() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        release.wait(10)
+        with lock:
+            running -= 1
+
+    def waits_then_works() -> None:
+        anyfork.wait(anyfork.fork(leaf, 1))
+        busy()
+
+    with anyio.fail_after(30):
+        futures = [anyfork.fork(waits_then_works) for _ in range(6)]
+        await anyio.sleep(0.3)
+        release.set()
+        for future in futures:
+            await future
+    assert most <= 2
+
+
+def test_in_a_script_nested_waits_never_deadlock_with_one_worker_thread() -> None:
+    result = run_script(
+        """
+        import anyfork
+        anyfork.configure(worker_threads=1)
+
+        def leaf(x):
+            return x + 1
+
+        async def middle(x):
+            return await anyfork.fork(leaf, x)
+
+        def outer(x):
+            a = anyfork.wait(anyfork.fork(middle, x))
+            b = anyfork.wait(anyfork.fork(leaf, x), timeout=20)
+            return a + b
+
+        futures = [anyfork.fork(outer, i) for i in range(6)]
+        print(anyfork.wait_all(futures, timeout=30))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str([2 * (i + 1) for i in range(6)])
+    assert result.stderr == ""
+
+
+def test_a_worker_blocked_in_a_wait_from_a_plain_thread_is_not_affected() -> None:
+    # A thread that is not a worker holds no slot: waiting there changes nothing.
+    future = anyfork.fork(leaf, 1)
+    assert run_in_thread(lambda: anyfork.wait(future, timeout=10)) == 2
