@@ -5,7 +5,6 @@ work, exits promptly, and forks made in it work."""
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -161,4 +160,3 @@ print("ok")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ok\n"
     assert result.stderr == ""
-

@@ -83,7 +83,7 @@ def _validated(config: Config) -> Config:
     return config
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _config = _from_environment()
 
 

@@ -15,7 +15,7 @@ Python joins at exit however long they take.
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import logging
 import os
 import threading
@@ -24,8 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.lowlevel
-from anyio.lowlevel import EventLoopToken
 
 from . import _loops
 from ._config import current_config
@@ -45,30 +43,41 @@ _LOOP_STOP_GRACE = 0.5
 
 
 class _BackgroundLoop:
-    """An asyncio loop in a daemon thread, running until :meth:`stop` is called."""
+    """An asyncio loop for a daemon thread, running from :meth:`start` until :meth:`stop`.
+
+    The loop, its token and its ambient group exist before the thread starts, and nothing
+    here waits for the thread: forks posted meanwhile queue on the loop. So a signal
+    handler that forks while the interrupted code is starting the loop never waits for
+    that code (which cannot run until the handler returns).
+    """
 
     def __init__(self) -> None:
-        ready: concurrent.futures.Future[tuple[EventLoopToken, anyio.Event]]
-        ready = concurrent.futures.Future()
+        self._loop = asyncio.new_event_loop()
+        self.token = _loops.token_for(self._loop)
+        self._stopped: asyncio.Future[None] = self._loop.create_future()
+        self.thread = threading.Thread(
+            target=self._run, name="anyfork background loop", daemon=True
+        )
 
+    def _run(self) -> None:
         async def serve() -> None:
-            stop = anyio.Event()
-            ready.set_result((anyio.lowlevel.current_token(), stop))
-            await stop.wait()
+            await self._stopped
 
-        def run() -> None:
-            try:
-                anyio.run(serve, backend="asyncio")
-            except BaseException as exc:  # pragma: no cover - the loop failed to start
-                if not ready.done():
-                    ready.set_exception(exc)
-                else:
-                    logger.exception("anyfork: the background event loop failed")
+        try:
+            anyio.run(serve, backend="asyncio", backend_options={"loop_factory": self._take_loop})
+        except BaseException:  # pragma: no cover - the loop itself failed
+            logger.exception("anyfork: the background event loop failed")
 
-        # Raises RuntimeError where no thread can start (Python 3.12 at interpreter exit).
-        self.thread = threading.Thread(target=run, name="anyfork background loop", daemon=True)
-        self.thread.start()
-        self.token, self._stop_event = ready.result()
+    def _take_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def _set_stopped(self) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def discard(self) -> None:
+        """Close a loop whose thread was never started."""
+        self._loop.close()
 
     def stop(self, grace: float) -> None:
         """Ask the loop to stop without waiting on it, then give it ``grace`` seconds.
@@ -76,7 +85,7 @@ class _BackgroundLoop:
         Nothing here waits for the loop to answer: a coroutine fork stuck in a blocking call
         freezes the loop, and the exit bound must hold all the same.
         """
-        if _loops.call_soon(self.token, self._stop_event.set):
+        if _loops.call_soon(self.token, self._set_stopped):
             self.thread.join(grace)
         if self.thread.is_alive():
             logger.error(
@@ -122,7 +131,9 @@ class _Fallback:
             self._check_open()
             pool = self._pool
             if pool is None:
-                pool = self._pool = WorkerPool(current_config().worker_threads)
+                pool = WorkerPool(current_config().worker_threads)
+                # A signal handler that forked while this thread was here made one already.
+                pool = self._pool = self._pool or pool
             self._pending.add(future)
         future.add_done_callback(self._discard)
         try:
@@ -146,14 +157,24 @@ class _Fallback:
         """
         with self._lock:
             self._check_open()
-            if self._loop_group is None:
-                try:
-                    loop = _BackgroundLoop()
-                except RuntimeError:
-                    return None
-                self._loop = loop
-                self._loop_group = ambient_group(loop.token.native_token, loop.token)
-            return self._loop_group
+            group = self._loop_group
+            if group is not None:
+                return group
+            loop = _BackgroundLoop()
+            if self._loop_group is not None:  # a signal handler set one up meanwhile
+                loop.discard()
+                return self._loop_group
+            group = ambient_group(loop.token.native_token, loop.token)
+            self._loop, self._loop_group = loop, group
+            try:
+                loop.thread.start()
+            except RuntimeError:
+                self._loop = self._loop_group = None
+                for future in group.pending_futures():  # forked by a signal handler just now
+                    future.cancel()
+                loop.discard()
+                return None
+            return group
 
     def adopt(self, future: Future[Any]) -> None:
         """Have the exit join wait for ``future`` too (sync work that outlived its loop)."""

@@ -137,7 +137,7 @@ class Future(Generic[T]):
         :param name: a label shown in ``repr`` and in log messages about this future
         """
         self.name = name
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._state = _PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
@@ -253,7 +253,8 @@ class Future(Generic[T]):
         deadline = None if timeout is None else time.monotonic() + timeout
         # A worker thread gives its slot back while it waits (managed blocking), so the work
         # it waits for finds a thread at any worker_threads.
-        with _pool.blocking():
+        slot = _pool.secede()
+        try:
             while True:
                 wait_for = poll
                 if deadline is not None:
@@ -263,6 +264,8 @@ class Future(Generic[T]):
                     return
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
+        finally:
+            _pool.rejoin(slot)
 
     def __await__(self) -> Generator[Any, Any, T]:
         if self._state == _PENDING:
@@ -452,7 +455,7 @@ class Future(Generic[T]):
     def _abandon_in_child(self) -> None:
         """In a child made by ``os.fork``: this pending fork belongs to the parent, whose
         threads the child does not have. Read it as cancelled; run none of its callbacks."""
-        self._lock = threading.Lock()  # another thread of the parent may have held it
+        self._lock = threading.RLock()  # another thread of the parent may have held it
         if self._state == _PENDING:
             self._state = _CANCELLED
             self._callbacks = []

@@ -4,7 +4,8 @@ Managed blocking is what keeps nested fork-and-wait from deadlocking at any
 ``worker_threads``: a worker thread that blocks in a wait gives its slot back for as long
 as it waits (as fork-join pools and Dask's ``secede``/``rejoin`` do), so the work it waits
 for, or the work that work waits for, always finds a slot. A worker thread registers its
-slot with :func:`run_in_slot`; :func:`blocking` is what every blocking wait goes through.
+slot with :func:`run_in_slot`; every blocking wait goes through :func:`secede` and
+:func:`rejoin`.
 
 The locks here are reentrant and the job queue is a ``SimpleQueue``, whose ``put`` is
 reentrant: a signal handler that forks while the interrupted code is inside the pool does
@@ -16,8 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Protocol
 
 import anyio
@@ -26,7 +26,7 @@ from anyio.lowlevel import EventLoopToken
 
 from . import _loops
 
-__all__ = ["LimiterSlot", "Slot", "WorkerPool", "blocking", "run_in_slot"]
+__all__ = ["LimiterSlot", "Slot", "WorkerPool", "rejoin", "run_in_slot", "secede"]
 
 logger = logging.getLogger("anyfork")
 
@@ -58,18 +58,21 @@ def run_in_slot(slot: Slot, job: Callable[[], object]) -> None:
         _current.slot = outer
 
 
-@contextmanager
-def blocking() -> Iterator[None]:
-    """Wrap a blocking wait: a worker thread gives its slot back until the wait is over."""
+def secede() -> Slot | None:
+    """Before a blocking wait: a worker thread gives its slot back; returns it, else None.
+
+    Pair every call with :func:`rejoin` in a ``finally``.
+    """
     slot = _current.slot
-    if slot is None:
-        yield
-        return
-    _current.slot = None  # a nested wait inside this one (a signal handler's) holds nothing
-    slot.release()
-    try:
-        yield
-    finally:
+    if slot is not None:
+        _current.slot = None  # a nested wait inside this one (a signal handler's) holds none
+        slot.release()
+    return slot
+
+
+def rejoin(slot: Slot | None) -> None:
+    """After the wait: take the slot given back by :func:`secede` again."""
+    if slot is not None:
         _current.slot = slot
         slot.reacquire()
 

@@ -54,7 +54,7 @@ class _ForkGroup:
         self.loop_thread = loop_thread
         self.limiter = limiter
         self.thread_limiter = thread_limiter
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._backlog: list[tuple[Future[Any], TaskFactory, Context | None]] = []
         self._pending: dict[Future[Any], anyio.TaskHandle[None] | None] = {}
@@ -281,7 +281,7 @@ class _AmbientGroup(_ForkGroup):
             )
 
 
-_ambient_lock = threading.Lock()
+_ambient_lock = threading.RLock()
 _ambient_groups: dict[int, _AmbientGroup] = {}
 
 

@@ -129,7 +129,7 @@ def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
     if not remaining:
         combined._complete(_FINISHED, [], None)
         return combined
-    lock = threading.Lock()
+    lock = threading.RLock()
 
     def one_done(_: Future[Any]) -> None:
         nonlocal remaining

@@ -1,0 +1,63 @@
+"""Forking from a signal handler: Python runs the handler in the main thread between any two
+bytecodes, possibly while that thread is inside anyfork holding a lock. anyfork's locks are
+reentrant and its lazy set-up never waits for the code the handler interrupted, so the
+handler's fork goes through instead of deadlocking.
+
+On an event loop's thread, handlers belong to the loop (``loop.add_signal_handler``,
+``trio.open_signal_receiver``), where they run as loop callbacks: see docs/scripts.md."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from .conftest import run_script
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(sys.platform == "win32", reason="setitimer is POSIX only"),
+]
+
+# A timer signal every millisecond lands all over the main thread's fork/wait code; the handler
+# forks (and sometimes waits). Before locks were reentrant this hung within a few hundred
+# rounds; the subprocess timeout turns a hang into a failure.
+FORK_IN_SIGNAL_HANDLER = """
+import signal, sys, anyfork
+
+async def double(x):
+    return 2 * x
+
+handled = []
+
+def on_alarm(signum, frame):
+    handled.append(anyfork.fork(abs, -len(handled)))
+    if len(handled) % 2:
+        handled.append(anyfork.fork(double, 1))
+    if len(handled) % 7 == 0:
+        anyfork.wait(anyfork.fork(abs, -1))
+
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+"""
+
+
+@pytest.mark.parametrize("repeat", range(3))
+def test_forking_from_a_signal_handler_in_a_script_never_deadlocks(repeat: int) -> None:
+    result = run_script(
+        FORK_IN_SIGNAL_HANDLER
+        + """
+total = 0
+for i in range(3000):
+    total += anyfork.wait(anyfork.fork(abs, -i))
+    if i % 10 == 0:
+        total += anyfork.wait(anyfork.fork(double, 0))
+signal.setitimer(signal.ITIMER_REAL, 0)
+anyfork.wait_all(handled, timeout=30)
+print("main", total, "handled", len(handled) > 0)
+""",
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"main {sum(range(3000))} handled True\n"
+    assert result.stderr == ""
