@@ -206,7 +206,7 @@ class Future(Generic[T]):
             self._retrieved = True
             assert self._exception is not None
             raise self._exception
-        raise CancelledError(f"{self!r} was cancelled")
+        raise _cancelled_error(self)
 
     # --- waiting ----------------------------------------------------------------------
 
@@ -317,7 +317,7 @@ class Future(Generic[T]):
 
         def hand_on(done: Future[T]) -> None:
             if done._state == _CANCELLED:
-                target.set_exception(CancelledError(f"{done!r} was cancelled"))
+                target.set_exception(_cancelled_error(done))
             elif done._exception is not None:
                 done._mark_retrieved()
                 target.set_exception(done._exception)
@@ -441,6 +441,18 @@ class Future(Generic[T]):
 
     def _mark_retrieved(self) -> None:
         self._retrieved = True
+
+
+# --- the cause of a cancellation --------------------------------------------------------
+# A cancelled future's ``_exception`` may hold the cancellation that ended its work when
+# that did not come from cancel() (a coroutine fork that awaited something somebody else
+# cancelled). Waiters then get it as the ``__cause__`` of their anyfork.CancelledError.
+
+
+def _cancelled_error(future: Future[Any]) -> CancelledError:
+    error = CancelledError(f"{future!r} was cancelled")
+    error.__cause__ = future._exception
+    return error
 
 
 def _check_timeout(timeout: float | None) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "loop_waiter",
     "running_native_loop",
     "spawn_detached",
+    "task_cancelled_natively",
     "token_for",
     "worker_thread_token",
 ]
@@ -160,3 +161,20 @@ def spawn_detached(native: object, func: Callable[[], Coroutine[Any, Any, None]]
     import trio
 
     return trio.lowlevel.spawn_system_task(func, name="anyfork ambient task group")
+
+
+def task_cancelled_natively() -> bool:
+    """Whether the current asyncio task was cancelled with ``Task.cancel()`` and has not
+    been uncancelled, e.g. by ``asyncio.run`` shutting the loop down.
+
+    anyio's cancel scopes cancel tasks this way too; check them first
+    (``anyio.lowlevel.checkpoint_if_cancelled``). Python 3.10 keeps no count of requested
+    cancellations (``Task.cancelling()`` is new in 3.11): there, and on trio, where every
+    cancellation goes through a cancel scope, this is always ``False``.
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread: trio
+        return False
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread  # imported here, not lazily on a loop at the first sync fork
 from anyio.lowlevel import EventLoopToken
 
@@ -167,11 +168,29 @@ class _ForkGroup:
                 return
             try:
                 result = await func(*args, **kwargs)
-            except anyio.get_cancelled_exc_class():
-                self._note_cancelled(future)
-                raise
+            except anyio.get_cancelled_exc_class() as exc:
+                _drop_own_frame(exc)
+                try:
+                    # Raises if an enclosing anyio cancel scope was cancelled: the fork's own
+                    # cancel(), its scope or task group, or (on trio) the loop's shutdown.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    natively = _loops.task_cancelled_natively()  # asyncio.run's shutdown
+                    if not natively:
+                        # Python 3.10 counts no native cancellations: give the loop one step,
+                        # in which a shutdown cancels this fork's group (and so this task).
+                        await anyio.lowlevel.checkpoint()
+                except anyio.get_cancelled_exc_class():
+                    self._note_cancelled(future)
+                    raise
+                if natively:
+                    self._note_cancelled(future)
+                    raise
+                # A stray cancellation: the work awaited something that somebody else
+                # cancelled. Re-raising it would make the task group cancel every sibling
+                # (and a scope's body), so it ends this fork alone.
+                self._note_stray_cancellation(future, exc)
             except BaseException as exc:
-                future._complete(_FAILED, None, exc)
+                future._complete(_FAILED, None, _drop_own_frame(exc))
                 self._note_failed(future)
             else:
                 future._complete(_FINISHED, result, None)
@@ -196,7 +215,7 @@ class _ForkGroup:
                     # waits for this future, steals the job and runs it in its own thread.
                     await future._wait_done_async()
                 else:
-                    future._complete(_FAILED, None, exc, unless_running=True)
+                    future._complete(_FAILED, None, _drop_own_frame(exc), unless_running=True)
             if future._state == _FAILED:
                 self._note_failed(future)
         finally:
@@ -207,6 +226,30 @@ class _ForkGroup:
 
     def _note_failed(self, future: Future[Any]) -> None:
         pass
+
+    def _note_stray_cancellation(self, future: Future[Any], cancellation: BaseException) -> None:
+        # The cancellation becomes the cause of the anyfork.CancelledError waiters get.
+        if future._complete(_CANCELLED, None, cancellation):
+            logger.warning(
+                "anyfork: fork %r ended with a cancellation that came from neither its "
+                "future, its scope nor its event loop (it awaited something that was "
+                "cancelled?); only this fork is cancelled, its siblings keep running. The "
+                "cancellation is the __cause__ of the anyfork.CancelledError its waiters get",
+                future,
+            )
+
+
+def _drop_own_frame(exc: BaseException) -> BaseException:
+    """Drop the caller's frame from the top of ``exc``'s traceback, and return ``exc``.
+
+    That frame is anyfork's, not the user's, and it holds the future (and the group) the
+    exception is stored in: keeping it would put every failed future in a reference cycle,
+    freed only by a garbage collection pass instead of when its last reference goes.
+    """
+    traceback = exc.__traceback__
+    if traceback is not None and traceback.tb_frame is sys._getframe(1):
+        exc.with_traceback(traceback.tb_next)
+    return exc
 
 
 class _AmbientGroup(_ForkGroup):
