@@ -10,8 +10,10 @@ function. Both are covered by tests so that an anyio upgrade which moves them fa
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -21,7 +23,10 @@ from anyio.lowlevel import EventLoopToken
 
 __all__ = [
     "call_soon",
+    "call_when_closed",
+    "forget_tasks_of_closed_loop",
     "in_task",
+    "is_stopped",
     "load_backends",
     "loop_waiter",
     "running_native_loop",
@@ -178,3 +183,65 @@ def task_cancelled_natively() -> bool:
         return False
     cancelling = getattr(task, "cancelling", None)
     return cancelling is not None and cancelling() > 0
+
+
+class _ClosedSentinel:
+    """A timer callback the loop alone holds: freed when ``loop.close()`` drops its timers."""
+
+    __slots__ = ("__weakref__",)
+
+    def __call__(self) -> None:  # pragma: no cover - its timer never fires
+        pass
+
+
+def call_when_closed(native: object, callback: Callable[[], object]) -> None:
+    """Call ``callback()`` when the asyncio loop ``native`` is closed, on the closing thread.
+
+    It fires even for a loop closed without cancelling its tasks (``run_until_complete``
+    then ``close()``), which no task can observe. Nothing for trio: a run always cancels
+    its system tasks when it ends. Call it on the loop's thread; ``callback`` must not
+    keep the loop alive (hold it weakly).
+    """
+    if not isinstance(native, asyncio.AbstractEventLoop):
+        return
+    sentinel = _ClosedSentinel()
+    native.call_later(math.inf, sentinel)
+    weakref.finalize(sentinel, callback).atexit = False
+
+
+def forget_tasks_of_closed_loop(native: object, quiet: object) -> None:
+    """Let a closed asyncio loop, and its tasks that never finished, be freed.
+
+    anyio keeps per-task state in a weak-keyed table whose values (cancel scopes) hold
+    their task strongly: a task that never finishes (its loop was closed without cancelling
+    it) is kept forever, and with it its loop. ``quiet`` is a task of anyfork's own, not to
+    be reported as "destroyed but it is pending" when it is freed.
+    """
+    if not isinstance(native, asyncio.AbstractEventLoop):
+        return
+    from anyio._backends._asyncio import _task_states
+
+    for _ in range(10):  # another loop's thread may change the table while we read it
+        try:
+            tasks = list(_task_states.keys())
+            break
+        except RuntimeError:  # pragma: no cover - "changed size during iteration"
+            continue
+    else:  # pragma: no cover
+        return
+    for task in tasks:
+        if task.get_loop() is native and not task.done():
+            _task_states.pop(task, None)
+    if isinstance(quiet, asyncio.Task):
+        quiet._log_destroy_pending = False  # type: ignore[attr-defined]
+        # Close its coroutine now rather than when the garbage collector finds it: the
+        # clean-up it runs then fails (no loop), and the failure would be printed.
+        try:
+            quiet.get_coro().close()  # type: ignore[union-attr]
+        except Exception:
+            pass
+
+
+def is_stopped(native: object) -> bool:
+    """Whether the asyncio loop ``native`` is not running (trio: never, see above)."""
+    return isinstance(native, asyncio.AbstractEventLoop) and not native.is_running()

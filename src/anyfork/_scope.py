@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from contextvars import Context, ContextVar, copy_context
 from functools import partial
@@ -30,7 +31,13 @@ from ._future import _CANCELLED, _FAILED, _FINISHED, Future
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Scope", "ambient_group", "current_scope_group", "scope"]
+__all__ = [
+    "Scope",
+    "ambient_group",
+    "current_scope_group",
+    "report_forks_of_stopped_loops",
+    "scope",
+]
 
 logger = logging.getLogger("anyfork")
 
@@ -267,13 +274,27 @@ class _AmbientGroup(_ForkGroup):
     def start_host(self) -> None:
         self.loop_thread = threading.get_ident()
         self._host_task = _loops.spawn_detached(self.native, self._host)
+        _loops.call_when_closed(self.native, partial(_on_loop_closed, weakref.ref(self)))
+
+    def lose_pending(self, reason: str) -> None:
+        """Close the group and cancel its pending forks, each with a WARNING naming it."""
+        _forget_ambient(self)
+        for future in self._close_now():
+            if future._running and not future.done():
+                # A sync fork running in its thread completes its future from there.
+                from ._fallback import fallback
+
+                fallback.adopt(future)
+            else:
+                self._lose(future, reason)
 
     async def _host(self) -> None:
+        cancelled = anyio.get_cancelled_exc_class()  # not after its loop was closed
         try:
             async with anyio.create_task_group() as task_group:
                 self._open(task_group)
                 await anyio.sleep_forever()
-        except anyio.get_cancelled_exc_class():
+        except cancelled:
             pass  # the loop is shutting down; a trio system task must not raise
         finally:
             _forget_ambient(self)
@@ -298,7 +319,11 @@ class _AmbientGroup(_ForkGroup):
 
 
 _ambient_lock = threading.Lock()
-_ambient_groups: dict[int, _AmbientGroup] = {}
+# Weak: a loop keeps its ambient group alive (asyncio holds the host task's sleep in its
+# timers, trio its system tasks), never the other way round. A loop closed without
+# cancelling its tasks (loop.run_until_complete, then loop.close()) must not be kept
+# forever by this table.
+_ambient_groups: weakref.WeakValueDictionary[int, _AmbientGroup] = weakref.WeakValueDictionary()
 
 
 def ambient_group(native: object, token: EventLoopToken | None = None) -> _AmbientGroup:
@@ -323,6 +348,36 @@ def ambient_group(native: object, token: EventLoopToken | None = None) -> _Ambie
             _loops.call_soon(token, group.start_host)
         _ambient_groups[id(native)] = group
         return group
+
+
+def _on_loop_closed(group_ref: weakref.ref[_AmbientGroup]) -> None:
+    """The loop of an ambient group was closed; its host task ended first, unless the loop
+    was closed without cancelling its tasks (``loop.run_until_complete``, then ``close``)."""
+    group = group_ref()
+    if group is None:
+        return
+    group.lose_pending(
+        "its event loop was closed with the fork still pending (the loop's tasks were "
+        "never cancelled; asyncio.run cancels them)"
+    )
+    _loops.forget_tasks_of_closed_loop(group.native, group._host_task)
+
+
+def report_forks_of_stopped_loops() -> None:
+    """At interpreter exit, report (and cancel) the forks still pending in the ambient
+    group of a loop that is no longer running.
+
+    Their work will never run: the loop stopped without cancelling its tasks (nest_asyncio's
+    ``asyncio.run``, or ``loop.run_until_complete`` with no ``close``), so nothing else
+    would report them.
+    """
+    for group in list(_ambient_groups.values()):
+        if _loops.is_stopped(group.native) and group.pending_futures():
+            group.lose_pending(
+                "its event loop stopped running with the fork still pending and never ran "
+                "again (the loop's tasks were never cancelled; asyncio.run cancels them, "
+                "nest_asyncio's does not)"
+            )
 
 
 def _forget_ambient(group: _AmbientGroup) -> None:
