@@ -8,6 +8,7 @@ the bookkeeping that ends a fork (``_forget``) always happens on that loop's thr
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 import threading
@@ -58,6 +59,9 @@ class _ForkGroup:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._backlog: list[tuple[Future[Any], TaskFactory, Context | None]] = []
         self._pending: dict[Future[Any], anyio.TaskHandle[None] | None] = {}
+        # The coroutines of forks whose task has not started: closed if it never does, so
+        # that Python prints no "coroutine ... was never awaited" next to anyfork's warning.
+        self._unstarted: dict[Future[Any], Coroutine[Any, Any, None]] = {}
         self._closed = False
         self._idle: anyio.Event | None = None
 
@@ -109,11 +113,12 @@ class _ForkGroup:
         if task_group is None:
             self._backlog.append((future, factory, context or copy_context()))
             return
+        coroutine = self._unstarted[future] = factory()
         try:
             if context is None:
-                handle = task_group.create_task(factory(), name=future.name)
+                handle = task_group.create_task(coroutine, name=future.name)
             else:
-                handle = context.run(task_group.create_task, factory(), name=future.name)
+                handle = context.run(task_group.create_task, coroutine, name=future.name)
         except RuntimeError:  # the task group is no longer active
             self._lose(future, "its task group has already shut down")
             return
@@ -122,10 +127,13 @@ class _ForkGroup:
                 self._pending[future] = handle
 
     def _cancel_task_now(self, future: Future[Any]) -> None:
+        if future in self._unstarted:
+            # Its task starts, sees the cancelled future and returns; cancelling the task
+            # could stop it before it starts, and its coroutine would never be awaited.
+            return
         handle = self._pending.get(future)
         if handle is not None:
             handle.cancel()
-        # A fork whose task has not started yet sees its cancelled future and returns.
 
     def _forget(self, future: Future[Any]) -> None:
         with self._lock:
@@ -137,6 +145,9 @@ class _ForkGroup:
     def _lose(self, future: Future[Any], reason: str) -> None:
         """Cancel a fork whose work can no longer run, and say so."""
         self._forget(future)
+        coroutine = self._unstarted.pop(future, None)
+        if coroutine is not None:
+            coroutine.close()
         if future._complete(_CANCELLED, None, None, unless_running=True):
             logger.warning("anyfork: fork %r was cancelled because %s", future, reason)
 
@@ -170,6 +181,7 @@ class _ForkGroup:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
+        self._unstarted.pop(future, None)
         try:
             if future.done():  # cancelled before its task started
                 return
@@ -205,6 +217,7 @@ class _ForkGroup:
             self._forget(future)
 
     async def run_sync_fork(self, future: Future[Any], job: Callable[[], None]) -> None:
+        self._unstarted.pop(future, None)
         try:
             if future.done():
                 return
@@ -319,6 +332,7 @@ class _AmbientGroup(_ForkGroup):
 
 
 _ambient_lock = threading.Lock()
+_exit_report_registered = False
 # Weak: a loop keeps its ambient group alive (asyncio holds the host task's sleep in its
 # timers, trio its system tasks), never the other way round. A loop closed without
 # cancelling its tasks (loop.run_until_complete, then loop.close()) must not be kept
@@ -347,6 +361,12 @@ def ambient_group(native: object, token: EventLoopToken | None = None) -> _Ambie
             group = _AmbientGroup(native, token, 0)
             _loops.call_soon(token, group.start_host)
         _ambient_groups[id(native)] = group
+        global _exit_report_registered
+        if not _exit_report_registered:
+            # Python runs atexit hooks after the exit join (a threading at-exit hook), which
+            # is registered only once a fork has run outside any loop.
+            atexit.register(report_forks_of_stopped_loops)
+            _exit_report_registered = True
         return group
 
 
@@ -374,9 +394,9 @@ def report_forks_of_stopped_loops() -> None:
     for group in list(_ambient_groups.values()):
         if _loops.is_stopped(group.native) and group.pending_futures():
             group.lose_pending(
-                "its event loop stopped running with the fork still pending and never ran "
-                "again (the loop's tasks were never cancelled; asyncio.run cancels them, "
-                "nest_asyncio's does not)"
+                "its event loop stopped with the fork unfinished and never ran again (the "
+                "loop's tasks were never cancelled: asyncio.run cancels them, nest_asyncio's "
+                "asyncio.run and loop.run_until_complete do not)"
             )
 
 
