@@ -400,3 +400,47 @@ def test_forks_lost_by_a_loop_that_stopped_without_cancelling_its_tasks_are_repo
     assert "sync_work ran" in result.stdout or "<anyfork.Future 'sync_work'" in stderr
     for noise in ("was never awaited", "Task was destroyed", "Traceback"):
         assert noise not in stderr
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop", "trio"])
+def test_a_sync_fork_that_outlives_its_loop_can_still_fork_and_wait(runner: str) -> None:
+    # Its forks run as from a thread with no loop (sync: the worker pool, coroutine: the
+    # background loop) instead of being cancelled with its dead loop; its result is kept.
+    result = run_script(
+        f"""
+        import sys, time, anyio, anyfork
+
+        def double(x):
+            return 2 * x
+
+        async def add_one(x):
+            await anyio.sleep(0.01)
+            return x + 1
+
+        def outlives_its_loop():
+            time.sleep(0.3)  # the run has returned by now
+            return anyfork.wait(anyfork.fork(double, 20)) + anyfork.wait(anyfork.fork(add_one, 1))
+
+        futures = []
+
+        async def main():
+            futures.append(anyfork.fork(outlives_its_loop))
+            await anyio.sleep(0.01)
+
+        runner = {runner!r}
+        if runner == "asyncio":
+            import asyncio
+            asyncio.run(main())
+        elif runner == "uvloop":
+            import uvloop
+            uvloop.run(main())
+        else:
+            import trio
+            trio.run(main)
+        sys.stdout.write("run returned\\n")
+        futures[0].add_done_callback(lambda f: sys.stdout.write(f"result: {{f.value()}}\\n"))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert without_slow_steps_under_the_bound(result.stderr) == ""
+    assert result.stdout.splitlines()[-1] == "result: 42"

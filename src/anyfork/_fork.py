@@ -93,19 +93,8 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         _run_now(future, func, args, kwargs, is_async, context)
         return future
 
-    group = _group_for_caller(native)
-    if group is None:
-        if is_async:
-            group = fallback.loop_group()
-        else:
-            job = _sync_job(future, func, args, kwargs, context, capture_grad_mode())
-            future._steal = job
-            fallback.submit_sync(future, job)
-            return future
-
-    spawn_context: contextvars.Context | None
     if is_async:
-        spawn_context = context
+        spawn_context: contextvars.Context | None = context
 
         def task_for(group: _ForkGroup) -> TaskFactory:
             return functools.partial(group.run_coroutine_fork, future, func, args, kwargs)
@@ -118,10 +107,21 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         def task_for(group: _ForkGroup) -> TaskFactory:
             return functools.partial(group.run_sync_fork, future, job)
 
-    if not group.spawn(future, task_for(group), spawn_context):
-        # The scope captured in this context has already closed: use the loop's ambient group.
+    group = _group_for_caller(native)
+    if group is not None:
+        if group.spawn(future, task_for(group), spawn_context):
+            return future
+        # The scope captured in this context has closed: use the loop's ambient group.
         group = _ambient_for(group)
+        if group.spawn(future, task_for(group), spawn_context):
+            return future
+        # The loop is no longer running (a sync fork outlived it): as from a thread with
+        # no loop, so that the work still runs and the fork's result is kept.
+    if is_async:
+        group = fallback.loop_group()
         group.spawn(future, task_for(group), spawn_context)
+    else:
+        fallback.submit_sync(future, job)
     return future
 
 

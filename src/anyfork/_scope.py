@@ -70,7 +70,8 @@ class _ForkGroup:
     def spawn(self, future: Future[Any], factory: TaskFactory, context: Context | None) -> bool:
         """Run ``factory()`` as a task of this group, from any thread.
 
-        :return: ``False`` if the group has closed and takes no more forks
+        :return: ``False`` if the group has closed and takes no more forks, or its loop is
+            no longer running
         """
         with self._lock:
             if self._closed:
@@ -93,7 +94,12 @@ class _ForkGroup:
             else _loops.call_soon(self.token, start)
         )
         if not posted:
-            self._lose(future, "its event loop is no longer running")
+            # The loop is gone (a sync fork that outlived it is forking): the caller runs
+            # the fork as from a thread with no loop.
+            with self._lock:
+                self._pending.pop(future, None)
+            future._on_cancel = None
+            return False
         return True
 
     def pending_futures(self) -> list[Future[Any]]:
@@ -306,7 +312,14 @@ class _AmbientGroup(_ForkGroup):
         try:
             async with anyio.create_task_group() as task_group:
                 self._open(task_group)
-                await anyio.sleep_forever()
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    # The loop is shutting down: take no more forks. Those made from now
+                    # on (by sync forks still running in threads) run as where no loop
+                    # runs, instead of being cancelled as soon as they start.
+                    with self._lock:
+                        self._closed = True
         except cancelled:
             pass  # the loop is shutting down; a trio system task must not raise
         finally:
@@ -359,7 +372,11 @@ def ambient_group(native: object, token: EventLoopToken | None = None) -> _Ambie
             # The loop's thread is learnt when the host starts; until then every fork is
             # handed to the loop with call_soon, in order, and queued until the host is up.
             group = _AmbientGroup(native, token, 0)
-            _loops.call_soon(token, group.start_host)
+            if not _loops.call_soon(token, group.start_host):
+                # The loop is no longer running (a sync fork outlived it): a closed group,
+                # which takes no forks, so that they go where no loop runs.
+                group._closed = True
+                return group
         _ambient_groups[id(native)] = group
         global _exit_report_registered
         if not _exit_report_registered:
