@@ -224,5 +224,35 @@ class _Fallback:
         if thread.is_alive():
             logger.error("anyfork: the background event loop did not stop; abandoning it")
 
+    def run_callbacks_in_worker(
+        self, future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]
+    ) -> None:
+        """Run the done callbacks of ``future``, completed on the background loop, in the
+        worker pool: there they may block, wait and fork like any script code. The exit
+        join waits for them. Callbacks that only wake a task awaiting ``future`` run at once.
+        """
+        from ._future import _FINISHED, _run_callbacks
+        from ._loops import wakes_a_task
+
+        for callback in [callback for callback in callbacks if wakes_a_task(callback)]:
+            callbacks.remove(callback)
+            callback(future)
+        if not callbacks:
+            return
+        ran: Future[None] = Future(name=f"done callbacks of {future!r}")
+
+        def run() -> None:
+            if ran._start_running():
+                try:
+                    _run_callbacks(future, callbacks)
+                finally:
+                    ran._complete(_FINISHED, None, None)
+
+        ran._steal = run  # the exit join runs them itself if no thread can start
+        try:
+            self.submit_sync(ran, run)
+        except ShutdownError:  # the exit join is over: nothing left to hand them to
+            run()
+
 
 fallback = _Fallback()

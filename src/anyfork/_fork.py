@@ -119,6 +119,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         # no loop, so that the work still runs and the fork's result is kept.
     if is_async:
         group = fallback.loop_group()
+        group.callback_runner = fallback.run_callbacks_in_worker
         group.spawn(future, task_for(group), spawn_context)
     else:
         fallback.submit_sync(future, job)

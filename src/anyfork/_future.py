@@ -95,6 +95,20 @@ def _invoke(callback: Callback, future: Future[Any]) -> None:
         logger.exception("anyfork: done callback %r of %r raised", callback, future)
 
 
+class _CallbackHandOff(threading.local):
+    """Where futures completed in this thread run their done callbacks.
+
+    A thread that must not run user callbacks itself (the background loop's: a callback
+    there could neither block nor wait) sets ``runner``. It receives each completed future
+    and its callbacks, before the future's blocking waiters wake.
+    """
+
+    runner: Callable[[Future[Any], list[Callback]], None] | None = None
+
+
+callback_hand_off = _CallbackHandOff()
+
+
 class Future(Generic[T]):
     """The eventual result of a fork, or of any work that completes it by hand.
 
@@ -433,6 +447,9 @@ class Future(Generic[T]):
             self._callbacks = []
             event = self._blocking_event
         self._steal = self._on_cancel = None
+        if callbacks and (hand_off := callback_hand_off.runner) is not None:
+            hand_off(self, callbacks)
+            callbacks = []
         if event is not None:
             event.set()
         if callbacks:

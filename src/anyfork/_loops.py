@@ -13,6 +13,7 @@ import asyncio
 import math
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "spawn_detached",
     "task_cancelled_natively",
     "token_for",
+    "wakes_a_task",
     "worker_thread_token",
 ]
 
@@ -146,6 +148,17 @@ def loop_waiter() -> tuple[Callable[[object], None], Callable[[], Awaitable[obje
                 pass
 
     return wake_trio, event.wait
+
+
+# The functions loop_waiter makes: callbacks that only wake a task awaiting a future.
+_WAKERS = frozenset(
+    const for const in loop_waiter.__code__.co_consts if isinstance(const, types.CodeType)
+)
+
+
+def wakes_a_task(callback: object) -> bool:
+    """Whether ``callback`` is a ``wake`` of :func:`loop_waiter` (cheap, never blocks)."""
+    return getattr(callback, "__code__", None) in _WAKERS
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

@@ -27,7 +27,7 @@ from anyio.lowlevel import EventLoopToken
 
 from . import _loops
 from ._config import current_config
-from ._future import _CANCELLED, _FAILED, _FINISHED, Future
+from ._future import _CANCELLED, _FAILED, _FINISHED, Future, callback_hand_off
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -64,6 +64,11 @@ class _ForkGroup:
         self._unstarted: dict[Future[Any], Coroutine[Any, Any, None]] = {}
         self._closed = False
         self._idle: anyio.Event | None = None
+        # Set for the background loop's group: runs the done callbacks of futures completed
+        # on its loop elsewhere (user callbacks never run on the background loop).
+        self.callback_runner: Callable[[Future[Any], list[Callable[..., object]]], None] | None = (
+            None
+        )
 
     # --- any thread -------------------------------------------------------------------
 
@@ -188,6 +193,8 @@ class _ForkGroup:
         kwargs: dict[str, Any],
     ) -> None:
         self._unstarted.pop(future, None)
+        if self.callback_runner is not None:
+            callback_hand_off.runner = self.callback_runner
         try:
             if future.done():  # cancelled before its task started
                 return
