@@ -374,9 +374,9 @@ def test_a_run_that_forks_and_returns_at_once_reports_only_anyforks_warnings(run
         assert f"{name} ran" in result.stdout or f"fork <anyfork.Future '{name}'" in stderr
     assert "fork <anyfork.Future 'slow_work'" in stderr
     lines = stderr.splitlines()
-    assert lines and all(line.startswith("WARNING anyfork: fork <anyfork.Future") for line in lines), (
-        stderr
-    )
+    assert lines and all(
+        line.startswith("WARNING anyfork: fork <anyfork.Future") for line in lines
+    ), stderr
 
 
 def test_forks_lost_by_a_loop_that_stopped_without_cancelling_its_tasks_are_reported() -> None:

@@ -93,6 +93,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         _run_now(future, func, args, kwargs, is_async, context)
         return future
 
+    job: Callable[[], None] | None = None
     if is_async:
         spawn_context: contextvars.Context | None = context
 
@@ -117,7 +118,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
             return future
         # The loop is no longer running (a sync fork outlived it): as from a thread with
         # no loop, so that the work still runs and the fork's result is kept.
-    if is_async:
+    if job is None:
         group = fallback.loop_group()
         group.callback_runner = fallback.run_callbacks_in_worker
         group.spawn(future, task_for(group), spawn_context)

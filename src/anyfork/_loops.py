@@ -5,6 +5,10 @@ This is the only module that looks beneath anyio's public API: anyio records the
 its worker threads in a thread-local, and knows how to schedule a callback on a loop
 without blocking (``AsyncBackend.run_sync_soon``), but exposes neither as a public
 function. Both are covered by tests so that an anyio upgrade which moves them fails loudly.
+So is anyio's per-task state on asyncio, whose entries for the tasks of a loop closed
+without cancelling them must be dropped for the loop to be freed
+(``forget_tasks_of_closed_loop``). Version- and backend-specific asyncio details live here
+too (``Task.cancelling``, timers a closed loop drops).
 """
 
 from __future__ import annotations
@@ -232,11 +236,14 @@ def forget_tasks_of_closed_loop(native: object, quiet: object) -> None:
     """
     if not isinstance(native, asyncio.AbstractEventLoop):
         return
-    from anyio._backends._asyncio import _task_states
+    from anyio._backends import _asyncio as anyio_asyncio
 
+    # WeakKeyDictionary[asyncio.Task, TaskState]
+    task_states: Any = getattr(anyio_asyncio, "_task_states")  # noqa: B009
+    tasks: list[asyncio.Task[Any]] = []
     for _ in range(10):  # another loop's thread may change the table while we read it
         try:
-            tasks = list(_task_states.keys())
+            tasks = list(task_states.keys())
             break
         except RuntimeError:  # pragma: no cover - "changed size during iteration"
             continue
@@ -244,13 +251,13 @@ def forget_tasks_of_closed_loop(native: object, quiet: object) -> None:
         return
     for task in tasks:
         if task.get_loop() is native and not task.done():
-            _task_states.pop(task, None)
+            task_states.pop(task, None)
     if isinstance(quiet, asyncio.Task):
         quiet._log_destroy_pending = False  # type: ignore[attr-defined]
         # Close its coroutine now rather than when the garbage collector finds it: the
         # clean-up it runs then fails (no loop), and the failure would be printed.
         try:
-            quiet.get_coro().close()  # type: ignore[union-attr]
+            quiet.get_coro().close()
         except Exception:
             pass
 
