@@ -26,6 +26,7 @@ from typing_extensions import ParamSpec
 
 from . import _loops
 from ._config import current_config
+from ._errors import ShutdownError
 from ._fallback import fallback
 from ._future import _FAILED, _FINISHED, Future
 from ._scope import TaskFactory, _ForkGroup, ambient_group, current_scope_group
@@ -119,7 +120,17 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         # The loop is no longer running (a sync fork outlived it): as from a thread with
         # no loop, so that the work still runs and the fork's result is kept.
     if job is None:
-        group = fallback.loop_group()
+        try:
+            group = fallback.loop_group()
+        except ShutdownError:
+            raise
+        except RuntimeError:
+            if native is not None:
+                raise
+            # Python 3.12+ starts no thread once the interpreter is exiting, so the
+            # background loop cannot start during the exit join: run the coroutine here.
+            _run_now(future, func, args, kwargs, True, context)
+            return future
         group.callback_runner = fallback.run_callbacks_in_worker
         group.spawn(future, task_for(group), spawn_context)
     else:

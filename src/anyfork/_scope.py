@@ -228,6 +228,9 @@ class _ForkGroup:
                 future._complete(_FINISHED, result, None)
         finally:
             self._forget(future)
+            # On Python 3.12+ the frames of a failure's traceback link back to this one
+            # (f_back), which must then not hold the future the failure is stored in.
+            del future
 
     async def run_sync_fork(self, future: Future[Any], job: Callable[[], None]) -> None:
         self._unstarted.pop(future, None)
@@ -253,6 +256,7 @@ class _ForkGroup:
                 self._note_failed(future)
         finally:
             self._forget(future)
+            del future  # as in run_coroutine_fork
 
     def _note_cancelled(self, future: Future[Any]) -> None:
         future._complete(_CANCELLED, None, None, unless_running=True)
