@@ -81,3 +81,13 @@ def test_the_exit_join_waits_for_callbacks_that_fork() -> None:
     assert result.returncode == 0, result.stderr
     assert without_slow_steps_under_the_bound(result.stderr) == ""
     assert result.stdout == "callback forked and waited: 42\n"
+
+
+@pytest.mark.anyio
+async def test_callbacks_of_coroutine_forks_on_a_users_loop_still_run_on_that_loop() -> None:
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    fut = anyfork.fork(async_parent)
+    fut.add_done_callback(lambda _: threads.append(threading.get_ident()))
+    await fut
+    assert threads == [loop_thread]
