@@ -339,3 +339,108 @@ def test_a_ctrl_c_taken_by_a_worker_thread_interrupts_a_wait_in_the_main_thread(
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("interrupted after"), result.stdout
     assert float(result.stdout.split()[2]) < 30, result.stdout
+
+
+RUN_THAT_FORKS_AND_RETURNS_AT_ONCE = """
+    import logging, sys, anyio, anyfork
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+
+    async def slow_work():
+        await anyio.sleep(1)
+        sys.stdout.write("slow_work ran\\n")
+
+    def sync_work():
+        sys.stdout.write("sync_work ran\\n")
+
+    async def main():
+        anyfork.fork(slow_work)
+        anyfork.fork(sync_work)
+"""
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop", "trio"])
+def test_a_run_that_forks_and_returns_at_once_reports_only_anyforks_warnings(runner: str) -> None:
+    result = run_script(
+        RUN_THAT_FORKS_AND_RETURNS_AT_ONCE
+        + f"""
+    anyio.run(main, backend={"trio" if runner == "trio" else "asyncio"!r},
+              backend_options={{"use_uvloop": True}} if {runner!r} == "uvloop" else {{}})
+    """
+    )
+    assert result.returncode == 0, result.stderr
+    stderr = without_slow_steps_under_the_bound(result.stderr)
+    # Each fork either ran or is reported by name; nothing else is printed.
+    for name in ("slow_work", "sync_work"):
+        assert f"{name} ran" in result.stdout or f"fork <anyfork.Future '{name}'" in stderr
+    assert "fork <anyfork.Future 'slow_work'" in stderr
+    lines = stderr.splitlines()
+    assert lines and all(
+        line.startswith("WARNING anyfork: fork <anyfork.Future") for line in lines
+    ), stderr
+
+
+def test_forks_lost_by_a_loop_that_stopped_without_cancelling_its_tasks_are_reported() -> None:
+    # nest_asyncio's asyncio.run neither cancels the loop's remaining tasks nor closes it:
+    # the forks would never run, and nothing else would say so.
+    result = run_script(
+        RUN_THAT_FORKS_AND_RETURNS_AT_ONCE
+        + """
+    import asyncio, nest_asyncio
+    nest_asyncio.apply()
+    asyncio.run(main())
+    """
+    )
+    assert result.returncode == 0, result.stderr
+    stderr = without_slow_steps_under_the_bound(result.stderr)
+    assert "slow_work ran" not in result.stdout
+    assert (
+        "WARNING anyfork: fork <anyfork.Future 'slow_work' cancelled> was cancelled because "
+        "its event loop stopped with the fork unfinished" in stderr
+    )
+    assert "sync_work ran" in result.stdout or "<anyfork.Future 'sync_work'" in stderr
+    for noise in ("was never awaited", "Task was destroyed", "Traceback"):
+        assert noise not in stderr
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "uvloop", "trio"])
+def test_a_sync_fork_that_outlives_its_loop_can_still_fork_and_wait(runner: str) -> None:
+    # Its forks run as from a thread with no loop (sync: the worker pool, coroutine: the
+    # background loop) instead of being cancelled with its dead loop; its result is kept.
+    result = run_script(
+        f"""
+        import sys, time, anyio, anyfork
+
+        def double(x):
+            return 2 * x
+
+        async def add_one(x):
+            await anyio.sleep(0.01)
+            return x + 1
+
+        def outlives_its_loop():
+            time.sleep(0.3)  # the run has returned by now
+            return anyfork.wait(anyfork.fork(double, 20)) + anyfork.wait(anyfork.fork(add_one, 1))
+
+        futures = []
+
+        async def main():
+            futures.append(anyfork.fork(outlives_its_loop))
+            await anyio.sleep(0.01)
+
+        runner = {runner!r}
+        if runner == "asyncio":
+            import asyncio
+            asyncio.run(main())
+        elif runner == "uvloop":
+            import uvloop
+            uvloop.run(main())
+        else:
+            import trio
+            trio.run(main)
+        sys.stdout.write("run returned\\n")
+        futures[0].add_done_callback(lambda f: sys.stdout.write(f"result: {{f.value()}}\\n"))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert without_slow_steps_under_the_bound(result.stderr) == ""
+    assert result.stdout.splitlines()[-1] == "result: 42"

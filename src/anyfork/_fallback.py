@@ -30,7 +30,12 @@ from ._config import current_config
 from ._errors import ShutdownError
 from ._future import Future
 from ._pool import WorkerPool
-from ._scope import _AmbientGroup, ambient_group, exit_join_started
+from ._scope import (
+    _AmbientGroup,
+    ambient_group,
+    exit_join_started,
+    forget_ambient_groups_in_child,
+)
 
 __all__ = ["fallback"]
 
@@ -165,6 +170,8 @@ class _Fallback:
                 loop.discard()
                 return self._loop_group
             group = ambient_group(loop.token.native_token, loop.token)
+            # User callbacks never run on the background loop: they go to the worker pool.
+            group.callback_runner = self.run_callbacks_in_worker
             self._loop, self._loop_group = loop, group
             try:
                 loop.thread.start()
@@ -245,8 +252,7 @@ class _Fallback:
         starts a fresh pool and loop on first use.
         """
         inherited = list(self._pending)
-        if self._loop_group is not None:
-            inherited.extend(self._loop_group.pending_futures())
+        inherited.extend(forget_ambient_groups_in_child())  # the background loop's too
         self._lock = threading.RLock()
         self._pool = None
         self._loop = None
@@ -254,6 +260,36 @@ class _Fallback:
         self._pending = set()
         for future in inherited:
             future._abandon_in_child()
+
+    def run_callbacks_in_worker(
+        self, future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]
+    ) -> None:
+        """Run the done callbacks of ``future``, completed on the background loop, in the
+        worker pool: there they may block, wait and fork like any script code. The exit
+        join waits for them. Callbacks that only wake a task awaiting ``future`` run at once.
+        """
+        from ._future import _FINISHED, _run_callbacks
+        from ._loops import wakes_a_task
+
+        for callback in [callback for callback in callbacks if wakes_a_task(callback)]:
+            callbacks.remove(callback)
+            callback(future)
+        if not callbacks:
+            return
+        ran: Future[None] = Future(name=f"done callbacks of {future!r}")
+
+        def run() -> None:
+            if ran._start_running():
+                try:
+                    _run_callbacks(future, callbacks)
+                finally:
+                    ran._complete(_FINISHED, None, None)
+
+        ran._steal = run  # the exit join runs them itself if no thread can start
+        try:
+            self.submit_sync(ran, run)
+        except ShutdownError:  # the exit join is over: nothing left to hand them to
+            run()
 
 
 fallback = _Fallback()

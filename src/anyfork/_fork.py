@@ -93,22 +93,9 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         _run_now(future, func, args, kwargs, is_async, context)
         return future
 
-    group = _group_for_caller(native)
-    if group is None:
-        if is_async:
-            group = fallback.loop_group()
-            if group is None:  # no thread can start at interpreter exit (Python 3.12)
-                _run_now(future, func, args, kwargs, is_async, context)
-                return future
-        else:
-            job = _sync_job(future, func, args, kwargs, context, capture_grad_mode())
-            future._steal = job
-            fallback.submit_sync(future, job)
-            return future
-
-    spawn_context: contextvars.Context | None
+    job: Callable[[], None] | None = None
     if is_async:
-        spawn_context = context
+        spawn_context: contextvars.Context | None = context
 
         def task_for(group: _ForkGroup) -> TaskFactory:
             return functools.partial(group.run_coroutine_fork, future, func, args, kwargs)
@@ -121,10 +108,26 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         def task_for(group: _ForkGroup) -> TaskFactory:
             return functools.partial(group.run_sync_fork, future, job)
 
-    if not group.spawn(future, task_for(group), spawn_context):
-        # The scope captured in this context has already closed: use the loop's ambient group.
+    group = _group_for_caller(native)
+    if group is not None:
+        if group.spawn(future, task_for(group), spawn_context):
+            return future
+        # The scope captured in this context has closed: use the loop's ambient group.
         group = _ambient_for(group)
-        group.spawn(future, task_for(group), spawn_context)
+        if group.spawn(future, task_for(group), spawn_context):
+            return future
+        # The loop is no longer running (a sync fork outlived it): as from a thread with
+        # no loop, so that the work still runs and the fork's result is kept.
+    if job is None:
+        background = fallback.loop_group()
+        if background is None:
+            # Python 3.12 starts no thread once the interpreter is exiting, so the
+            # background loop cannot start during the exit join: run the coroutine here.
+            _run_now(future, func, args, kwargs, True, context)
+            return future
+        background.spawn(future, task_for(background), spawn_context)
+    else:
+        fallback.submit_sync(future, job)
     return future
 
 

@@ -95,6 +95,20 @@ def _invoke(callback: Callback, future: Future[Any]) -> None:
         logger.exception("anyfork: done callback %r of %r raised", callback, future)
 
 
+class _CallbackHandOff(threading.local):
+    """Where futures completed in this thread run their done callbacks.
+
+    A thread that must not run user callbacks itself (the background loop's: a callback
+    there could neither block nor wait) sets ``runner``. It receives each completed future
+    and its callbacks, before the future's blocking waiters wake.
+    """
+
+    runner: Callable[[Future[Any], list[Callback]], None] | None = None
+
+
+callback_hand_off = _CallbackHandOff()
+
+
 class Future(Generic[T]):
     """The eventual result of a fork, or of any work that completes it by hand.
 
@@ -206,7 +220,7 @@ class Future(Generic[T]):
             self._retrieved = True
             assert self._exception is not None
             raise self._exception
-        raise CancelledError(f"{self!r} was cancelled")
+        raise _cancelled_error(self)
 
     # --- waiting ----------------------------------------------------------------------
 
@@ -327,7 +341,7 @@ class Future(Generic[T]):
 
         def hand_on(done: Future[T]) -> None:
             if done._state == _CANCELLED:
-                target.set_exception(CancelledError(f"{done!r} was cancelled"))
+                target.set_exception(_cancelled_error(done))
             elif done._exception is not None:
                 done._mark_retrieved()
                 target.set_exception(done._exception)
@@ -443,6 +457,9 @@ class Future(Generic[T]):
             self._callbacks = []
             event = self._blocking_event
         self._steal = self._on_cancel = None
+        if callbacks and (hand_off := callback_hand_off.runner) is not None:
+            hand_off(self, callbacks)
+            callbacks = []
         if event is not None:
             event.set()
         if callbacks:
@@ -461,6 +478,18 @@ class Future(Generic[T]):
             self._callbacks = []
             self._blocking_event = None
             self._steal = self._on_cancel = None
+
+
+# --- the cause of a cancellation --------------------------------------------------------
+# A cancelled future's ``_exception`` may hold the cancellation that ended its work when
+# that did not come from cancel() (a coroutine fork that awaited something somebody else
+# cancelled). Waiters then get it as the ``__cause__`` of their anyfork.CancelledError.
+
+
+def _cancelled_error(future: Future[Any]) -> CancelledError:
+    error = CancelledError(f"{future!r} was cancelled")
+    error.__cause__ = future._exception
+    return error
 
 
 def _check_timeout(timeout: float | None) -> None:

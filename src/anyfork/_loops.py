@@ -5,13 +5,20 @@ This is the only module that looks beneath anyio's public API: anyio records the
 its worker threads in a thread-local, and knows how to schedule a callback on a loop
 without blocking (``AsyncBackend.run_sync_soon``), but exposes neither as a public
 function. Both are covered by tests so that an anyio upgrade which moves them fails loudly.
+So is anyio's per-task state on asyncio, whose entries for the tasks of a loop closed
+without cancelling them must be dropped for the loop to be freed
+(``forget_tasks_of_closed_loop``). Version- and backend-specific asyncio details live here
+too (``Task.cancelling``, timers a closed loop drops).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import threading
+import types
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -21,12 +28,17 @@ from anyio.lowlevel import EventLoopToken
 
 __all__ = [
     "call_soon",
+    "call_when_closed",
+    "forget_tasks_of_closed_loop",
     "in_task",
+    "is_stopped",
     "load_backends",
     "loop_waiter",
     "running_native_loop",
     "spawn_detached",
+    "task_cancelled_natively",
     "token_for",
+    "wakes_a_task",
     "worker_thread_token",
 ]
 
@@ -142,6 +154,17 @@ def loop_waiter() -> tuple[Callable[[object], None], Callable[[], Awaitable[obje
     return wake_trio, event.wait
 
 
+# The functions loop_waiter makes: callbacks that only wake a task awaiting a future.
+_WAKERS = frozenset(
+    const for const in loop_waiter.__code__.co_consts if isinstance(const, types.CodeType)
+)
+
+
+def wakes_a_task(callback: object) -> bool:
+    """Whether ``callback`` is a ``wake`` of :func:`loop_waiter` (cheap, never blocks)."""
+    return getattr(callback, "__code__", None) in _WAKERS
+
+
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -160,3 +183,85 @@ def spawn_detached(native: object, func: Callable[[], Coroutine[Any, Any, None]]
     import trio
 
     return trio.lowlevel.spawn_system_task(func, name="anyfork ambient task group")
+
+
+def task_cancelled_natively() -> bool:
+    """Whether the current asyncio task was cancelled with ``Task.cancel()`` and has not
+    been uncancelled, e.g. by ``asyncio.run`` shutting the loop down.
+
+    anyio's cancel scopes cancel tasks this way too; check them first
+    (``anyio.lowlevel.checkpoint_if_cancelled``). Python 3.10 keeps no count of requested
+    cancellations (``Task.cancelling()`` is new in 3.11): there, and on trio, where every
+    cancellation goes through a cancel scope, this is always ``False``.
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread: trio
+        return False
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0
+
+
+class _ClosedSentinel:
+    """A timer callback the loop alone holds: freed when ``loop.close()`` drops its timers."""
+
+    __slots__ = ("__weakref__",)
+
+    def __call__(self) -> None:  # pragma: no cover - its timer never fires
+        pass
+
+
+def call_when_closed(native: object, callback: Callable[[], object]) -> None:
+    """Call ``callback()`` when the asyncio loop ``native`` is closed, on the closing thread.
+
+    It fires even for a loop closed without cancelling its tasks (``run_until_complete``
+    then ``close()``), which no task can observe. Nothing for trio: a run always cancels
+    its system tasks when it ends. Call it on the loop's thread; ``callback`` must not
+    keep the loop alive (hold it weakly).
+    """
+    if not isinstance(native, asyncio.AbstractEventLoop):
+        return
+    sentinel = _ClosedSentinel()
+    native.call_later(math.inf, sentinel)
+    weakref.finalize(sentinel, callback).atexit = False
+
+
+def forget_tasks_of_closed_loop(native: object, quiet: object) -> None:
+    """Let a closed asyncio loop, and its tasks that never finished, be freed.
+
+    anyio keeps per-task state in a weak-keyed table whose values (cancel scopes) hold
+    their task strongly: a task that never finishes (its loop was closed without cancelling
+    it) is kept forever, and with it its loop. ``quiet`` is a task of anyfork's own, not to
+    be reported as "destroyed but it is pending" when it is freed.
+    """
+    if not isinstance(native, asyncio.AbstractEventLoop):
+        return
+    from anyio._backends import _asyncio as anyio_asyncio
+
+    # WeakKeyDictionary[asyncio.Task, TaskState]
+    task_states: Any = getattr(anyio_asyncio, "_task_states")  # noqa: B009
+    tasks: list[asyncio.Task[Any]] = []
+    for _ in range(10):  # another loop's thread may change the table while we read it
+        try:
+            tasks = list(task_states.keys())
+            break
+        except RuntimeError:  # pragma: no cover - "changed size during iteration"
+            continue
+    else:  # pragma: no cover
+        return
+    for task in tasks:
+        if task.get_loop() is native and not task.done():
+            task_states.pop(task, None)
+    if isinstance(quiet, asyncio.Task):
+        quiet._log_destroy_pending = False  # type: ignore[attr-defined]
+        # Close its coroutine now rather than when the garbage collector finds it: the
+        # clean-up it runs then fails (no loop), and the failure would be printed.
+        try:
+            quiet.get_coro().close()
+        except Exception:
+            pass
+
+
+def is_stopped(native: object) -> bool:
+    """Whether the asyncio loop ``native`` is not running (trio: never, see above)."""
+    return isinstance(native, asyncio.AbstractEventLoop) and not native.is_running()

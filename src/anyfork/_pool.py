@@ -183,6 +183,10 @@ class LimiterSlot:
             anyio.from_thread.run(
                 self._limiter.acquire_on_behalf_of, self._borrower, token=self._token
             )
-        except (anyio.RunFinishedError, RuntimeError):  # the loop is gone: nothing to bound
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:
+            # The loop is gone or shutting down (trio cancels the call then): nothing is
+            # left to bound.
             return
         self.held = True

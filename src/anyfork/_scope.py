@@ -8,10 +8,12 @@ the bookkeeping that ends a fork (``_forget``) always happens on that loop's thr
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from contextvars import Context, ContextVar, copy_context
 from functools import partial
@@ -20,17 +22,24 @@ from typing import Any, NoReturn
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread  # imported here, not lazily on a loop at the first sync fork
 from anyio.lowlevel import EventLoopToken
 
 from . import _loops, _pool
 from ._config import current_config
-from ._future import _CANCELLED, _FAILED, _FINISHED, Future
+from ._future import _CANCELLED, _FAILED, _FINISHED, Future, callback_hand_off
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Scope", "ambient_group", "current_scope_group", "scope"]
+__all__ = [
+    "Scope",
+    "ambient_group",
+    "current_scope_group",
+    "report_forks_of_stopped_loops",
+    "scope",
+]
 
 logger = logging.getLogger("anyfork")
 
@@ -58,15 +67,24 @@ class _ForkGroup:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._backlog: list[tuple[Future[Any], TaskFactory, Context | None]] = []
         self._pending: dict[Future[Any], anyio.TaskHandle[None] | None] = {}
+        # The coroutines of forks whose task has not started: closed if it never does, so
+        # that Python prints no "coroutine ... was never awaited" next to anyfork's warning.
+        self._unstarted: dict[Future[Any], Coroutine[Any, Any, None]] = {}
         self._closed = False
         self._idle: anyio.Event | None = None
+        # Set for the background loop's group: runs the done callbacks of futures completed
+        # on its loop elsewhere (user callbacks never run on the background loop).
+        self.callback_runner: Callable[[Future[Any], list[Callable[..., object]]], None] | None = (
+            None
+        )
 
     # --- any thread -------------------------------------------------------------------
 
     def spawn(self, future: Future[Any], factory: TaskFactory, context: Context | None) -> bool:
         """Run ``factory()`` as a task of this group, from any thread.
 
-        :return: ``False`` if the group has closed and takes no more forks
+        :return: ``False`` if the group has closed and takes no more forks, or its loop is
+            no longer running
         """
         with self._lock:
             if self._closed:
@@ -89,7 +107,12 @@ class _ForkGroup:
             else _loops.call_soon(self.token, start)
         )
         if not posted:
-            self._lose(future, "its event loop is no longer running")
+            # The loop is gone (a sync fork that outlived it is forking): the caller runs
+            # the fork as from a thread with no loop.
+            with self._lock:
+                self._pending.pop(future, None)
+            future._on_cancel = None
+            return False
         return True
 
     def pending_futures(self) -> list[Future[Any]]:
@@ -109,11 +132,12 @@ class _ForkGroup:
         if task_group is None:
             self._backlog.append((future, factory, context or copy_context()))
             return
+        coroutine = self._unstarted[future] = factory()
         try:
             if context is None:
-                handle = task_group.create_task(factory(), name=future.name)
+                handle = task_group.create_task(coroutine, name=future.name)
             else:
-                handle = context.run(task_group.create_task, factory(), name=future.name)
+                handle = context.run(task_group.create_task, coroutine, name=future.name)
         except RuntimeError:  # the task group is no longer active
             self._lose(future, "its task group has already shut down")
             return
@@ -122,10 +146,13 @@ class _ForkGroup:
                 self._pending[future] = handle
 
     def _cancel_task_now(self, future: Future[Any]) -> None:
+        if future in self._unstarted:
+            # Its task starts, sees the cancelled future and returns; cancelling the task
+            # could stop it before it starts, and its coroutine would never be awaited.
+            return
         handle = self._pending.get(future)
         if handle is not None:
             handle.cancel()
-        # A fork whose task has not started yet sees its cancelled future and returns.
 
     def _forget(self, future: Future[Any]) -> None:
         with self._lock:
@@ -137,6 +164,9 @@ class _ForkGroup:
     def _lose(self, future: Future[Any], reason: str) -> None:
         """Cancel a fork whose work can no longer run, and say so."""
         self._forget(future)
+        coroutine = self._unstarted.pop(future, None)
+        if coroutine is not None:
+            coroutine.close()
         if future._complete(_CANCELLED, None, None, unless_running=True):
             logger.warning("anyfork: fork %r was cancelled because %s", future, reason)
 
@@ -170,23 +200,48 @@ class _ForkGroup:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
+        self._unstarted.pop(future, None)
+        if self.callback_runner is not None:
+            callback_hand_off.runner = self.callback_runner
         try:
             if future.done():  # cancelled before its task started
                 return
             try:
                 result = await func(*args, **kwargs)
-            except anyio.get_cancelled_exc_class():
-                self._note_cancelled(future)
-                raise
+            except anyio.get_cancelled_exc_class() as exc:
+                _drop_own_frame(exc)
+                try:
+                    # Raises if an enclosing anyio cancel scope was cancelled: the fork's own
+                    # cancel(), its scope or task group, or (on trio) the loop's shutdown.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    natively = _loops.task_cancelled_natively()  # asyncio.run's shutdown
+                    if not natively:
+                        # Python 3.10 counts no native cancellations: give the loop one step,
+                        # in which a shutdown cancels this fork's group (and so this task).
+                        await anyio.lowlevel.checkpoint()
+                except anyio.get_cancelled_exc_class():
+                    self._note_cancelled(future)
+                    raise
+                if natively:
+                    self._note_cancelled(future)
+                    raise
+                # A stray cancellation: the work awaited something that somebody else
+                # cancelled. Re-raising it would make the task group cancel every sibling
+                # (and a scope's body), so it ends this fork alone.
+                self._note_stray_cancellation(future, exc)
             except BaseException as exc:
-                future._complete(_FAILED, None, exc)
+                future._complete(_FAILED, None, _drop_own_frame(exc))
                 self._note_failed(future)
             else:
                 future._complete(_FINISHED, result, None)
         finally:
             self._forget(future)
+            # On Python 3.12+ the frames of a failure's traceback link back to this one
+            # (f_back), which must then not hold the future the failure is stored in.
+            del future
 
     async def run_sync_fork(self, future: Future[Any], job: Callable[[], None]) -> None:
+        self._unstarted.pop(future, None)
         try:
             if future.done():
                 return
@@ -204,11 +259,12 @@ class _ForkGroup:
                     # waits for this future, steals the job and runs it in its own thread.
                     await future._wait_done_async()
                 else:
-                    future._complete(_FAILED, None, exc, unless_running=True)
+                    future._complete(_FAILED, None, _drop_own_frame(exc), unless_running=True)
             if future._state == _FAILED:
                 self._note_failed(future)
         finally:
             self._forget(future)
+            del future  # as in run_coroutine_fork
 
     async def _run_in_worker_thread(self, future: Future[Any], job: Callable[[], None]) -> None:
         # The fork holds one of the loop's worker_threads slots while it runs, and gives it
@@ -229,6 +285,30 @@ class _ForkGroup:
 
     def _note_failed(self, future: Future[Any]) -> None:
         pass
+
+    def _note_stray_cancellation(self, future: Future[Any], cancellation: BaseException) -> None:
+        # The cancellation becomes the cause of the anyfork.CancelledError waiters get.
+        if future._complete(_CANCELLED, None, cancellation):
+            logger.warning(
+                "anyfork: fork %r ended with a cancellation that came from neither its "
+                "future, its scope nor its event loop (it awaited something that was "
+                "cancelled?); only this fork is cancelled, its siblings keep running. The "
+                "cancellation is the __cause__ of the anyfork.CancelledError its waiters get",
+                future,
+            )
+
+
+def _drop_own_frame(exc: BaseException) -> BaseException:
+    """Drop the caller's frame from the top of ``exc``'s traceback, and return ``exc``.
+
+    That frame is anyfork's, not the user's, and it holds the future (and the group) the
+    exception is stored in: keeping it would put every failed future in a reference cycle,
+    freed only by a garbage collection pass instead of when its last reference goes.
+    """
+    traceback = exc.__traceback__
+    if traceback is not None and traceback.tb_frame is sys._getframe(1):
+        exc.with_traceback(traceback.tb_next)
+    return exc
 
 
 class _AmbientGroup(_ForkGroup):
@@ -251,13 +331,34 @@ class _AmbientGroup(_ForkGroup):
     def start_host(self) -> None:
         self.loop_thread = threading.get_ident()
         self._host_task = _loops.spawn_detached(self.native, self._host)
+        _loops.call_when_closed(self.native, partial(_on_loop_closed, weakref.ref(self)))
+
+    def lose_pending(self, reason: str) -> None:
+        """Close the group and cancel its pending forks, each with a WARNING naming it."""
+        _forget_ambient(self)
+        for future in self._close_now():
+            if future._running and not future.done():
+                # A sync fork running in its thread completes its future from there.
+                from ._fallback import fallback
+
+                fallback.adopt(future)
+            else:
+                self._lose(future, reason)
 
     async def _host(self) -> None:
+        cancelled = anyio.get_cancelled_exc_class()  # not after its loop was closed
         try:
             async with anyio.create_task_group() as task_group:
                 self._open(task_group)
-                await anyio.sleep_forever()
-        except anyio.get_cancelled_exc_class():
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    # The loop is shutting down: take no more forks. Those made from now
+                    # on (by sync forks still running in threads) run as where no loop
+                    # runs, instead of being cancelled as soon as they start.
+                    with self._lock:
+                        self._closed = True
+        except cancelled:
             pass  # the loop is shutting down; a trio system task must not raise
         finally:
             _forget_ambient(self)
@@ -282,7 +383,22 @@ class _AmbientGroup(_ForkGroup):
 
 
 _ambient_lock = threading.RLock()
-_ambient_groups: dict[int, _AmbientGroup] = {}
+_exit_report_registered = False
+# Weak: a loop keeps its ambient group alive (asyncio holds the host task's sleep in its
+# timers, trio its system tasks), never the other way round. A loop closed without
+# cancelling its tasks (loop.run_until_complete, then loop.close()) must not be kept
+# forever by this table.
+_ambient_groups: weakref.WeakValueDictionary[int, _AmbientGroup] = weakref.WeakValueDictionary()
+
+
+def forget_ambient_groups_in_child() -> list[Future[Any]]:
+    """In a child made by ``os.fork``: forget every loop's ambient group (their loops and
+    tasks are the parent's) and return their pending forks."""
+    global _ambient_lock
+    _ambient_lock = threading.RLock()
+    inherited = [future for group in list(_ambient_groups.values()) for future in group._pending]
+    _ambient_groups.clear()
+    return inherited
 
 
 def ambient_group(native: object, token: EventLoopToken | None = None) -> _AmbientGroup:
@@ -304,9 +420,49 @@ def ambient_group(native: object, token: EventLoopToken | None = None) -> _Ambie
             # The loop's thread is learnt when the host starts; until then every fork is
             # handed to the loop with call_soon, in order, and queued until the host is up.
             group = _AmbientGroup(native, token, 0)
-            _loops.call_soon(token, group.start_host)
+            if not _loops.call_soon(token, group.start_host):
+                # The loop is no longer running (a sync fork outlived it): a closed group,
+                # which takes no forks, so that they go where no loop runs.
+                group._closed = True
+                return group
         _ambient_groups[id(native)] = group
+        global _exit_report_registered
+        if not _exit_report_registered:
+            # Python runs atexit hooks after the exit join (a threading at-exit hook), which
+            # is registered only once a fork has run outside any loop.
+            atexit.register(report_forks_of_stopped_loops)
+            _exit_report_registered = True
         return group
+
+
+def _on_loop_closed(group_ref: weakref.ref[_AmbientGroup]) -> None:
+    """The loop of an ambient group was closed; its host task ended first, unless the loop
+    was closed without cancelling its tasks (``loop.run_until_complete``, then ``close``)."""
+    group = group_ref()
+    if group is None:
+        return
+    group.lose_pending(
+        "its event loop was closed with the fork still pending (the loop's tasks were "
+        "never cancelled; asyncio.run cancels them)"
+    )
+    _loops.forget_tasks_of_closed_loop(group.native, group._host_task)
+
+
+def report_forks_of_stopped_loops() -> None:
+    """At interpreter exit, report (and cancel) the forks still pending in the ambient
+    group of a loop that is no longer running.
+
+    Their work will never run: the loop stopped without cancelling its tasks (nest_asyncio's
+    ``asyncio.run``, or ``loop.run_until_complete`` with no ``close``), so nothing else
+    would report them.
+    """
+    for group in list(_ambient_groups.values()):
+        if _loops.is_stopped(group.native) and group.pending_futures():
+            group.lose_pending(
+                "its event loop stopped with the fork unfinished and never ran again (the "
+                "loop's tasks were never cancelled: asyncio.run cancels them, nest_asyncio's "
+                "asyncio.run and loop.run_until_complete do not)"
+            )
 
 
 def _forget_ambient(group: _AmbientGroup) -> None:
