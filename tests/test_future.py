@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import pickle
@@ -266,3 +267,110 @@ def test_repr_shows_name_and_state() -> None:
     assert repr(fut) == "<anyfork.Future 'job' pending>"
     fut.set_result(1)
     assert repr(fut) == "<anyfork.Future 'job' finished>"
+
+
+# --- a done callback that raises a BaseException ---------------------------------------
+
+
+def complete_in_a_thread(fut: Future[int], value: int) -> BaseException | None:
+    """Call ``fut.set_result(value)`` in a plain thread; return what it raised, if anything.
+
+    Returned, never re-raised: a KeyboardInterrupt escaping into pytest would end the run.
+    """
+
+    def complete() -> BaseException | None:
+        try:
+            fut.set_result(value)
+        except BaseException as exc:
+            return exc
+        return None
+
+    outcome: BaseException | None = run_in_thread(complete)
+    return outcome
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_from_a_done_callback_is_reraised_after_every_other_callback_ran(
+    interrupt: type[BaseException],
+) -> None:
+    fut: Future[int] = Future()
+    calls: list[str] = []
+
+    def raising(_: Future[int]) -> None:
+        calls.append("raising")
+        raise interrupt
+
+    fut.add_done_callback(lambda f: calls.append("before"))
+    fut.add_done_callback(raising)
+    fut.add_done_callback(lambda f: calls.append("after"))
+    raised = complete_in_a_thread(fut, 1)
+    assert calls == ["before", "raising", "after"]
+    assert isinstance(raised, interrupt)
+    assert fut.value() == 1
+
+
+def test_a_then_child_completes_when_an_earlier_callback_raises_keyboard_interrupt() -> None:
+    fut: Future[int] = Future()
+
+    def raising(_: Future[int]) -> None:
+        raise KeyboardInterrupt
+
+    fut.add_done_callback(raising)
+    child = fut.then(lambda f: f.value() + 1)
+    grandchild = child.then(lambda f: f.value() + 1)
+    assert isinstance(complete_in_a_thread(fut, 1), KeyboardInterrupt)
+    assert child.done() and child.value() == 2
+    assert grandchild.done() and grandchild.value() == 3
+
+
+def test_only_the_first_of_two_interrupts_from_callbacks_is_reraised_and_the_other_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fut: Future[int] = Future()
+    first, second = KeyboardInterrupt("first"), SystemExit("second")
+
+    def raise_first(_: Future[int]) -> None:
+        raise first
+
+    def raise_second(_: Future[int]) -> None:
+        raise second
+
+    fut.add_done_callback(raise_first)
+    fut.add_done_callback(raise_second)
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        assert complete_in_a_thread(fut, 1) is first
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [second]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [asyncio.CancelledError, GeneratorExit, BaseException],
+    ids=lambda e: e.__name__,
+)
+def test_other_base_exceptions_from_a_done_callback_are_logged_like_exceptions(
+    error: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    fut: Future[int] = Future()
+    later: list[int] = []
+
+    def raising(_: Future[int]) -> None:
+        raise error("from the callback")
+
+    fut.add_done_callback(raising)
+    fut.add_done_callback(lambda f: later.append(f.value()))
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        assert complete_in_a_thread(fut, 7) is None
+    assert later == [7]
+    (record,) = caplog.records
+    assert record.exc_info is not None and isinstance(record.exc_info[1], error)
+
+
+def test_an_interrupt_from_a_callback_added_to_a_done_future_is_raised_at_once() -> None:
+    fut: Future[int] = Future()
+    fut.set_result(1)
+
+    def raising(_: Future[int]) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fut.add_done_callback(raising)

@@ -247,3 +247,37 @@ def test_wait_all_runs_unstarted_sync_forks_in_the_waiting_thread() -> None:
         """
     )
     assert result.stdout == "True\n", result.stderr
+
+
+@pytest.mark.anyio
+async def test_an_awaiting_task_wakes_when_an_earlier_done_callback_raises_keyboard_interrupt() -> (
+    None
+):
+    fut: Future[int] = Future()
+
+    def raising(_: Future[int]) -> None:
+        raise KeyboardInterrupt
+
+    fut.add_done_callback(raising)
+
+    def complete() -> BaseException | None:
+        try:
+            fut.set_result(5)
+        except BaseException as exc:  # returned: a KeyboardInterrupt must not reach pytest
+            return exc
+        return None
+
+    async with anyio.create_task_group() as tg:
+        seen: list[int] = []
+
+        async def waiter() -> None:
+            seen.append(await fut)
+
+        tg.start_soon(waiter)
+        await anyio.sleep(0.01)
+        raised = await anyio.to_thread.run_sync(run_in_thread, complete)
+        with anyio.fail_after(5):
+            while not seen:
+                await anyio.sleep(0.01)
+    assert isinstance(raised, KeyboardInterrupt)
+    assert seen == [5]

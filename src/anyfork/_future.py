@@ -71,10 +71,25 @@ def _run_callbacks(future: Future[Any], callbacks: list[Callback]) -> None:
 
 
 def _drain(queue: deque[tuple[Future[Any], list[Callback]]]) -> None:
+    # Every callback runs, whatever the ones before it raise: a KeyboardInterrupt or
+    # SystemExit is raised only once the queue is empty, so no later callback (a then()
+    # child, a waiting task's wake-up) is skipped and left pending forever.
+    interrupt: BaseException | None = None
     while queue:
         future, callbacks = queue.popleft()
         for callback in callbacks:
-            _invoke(callback, future)
+            raised = _invoke(callback, future)
+            if raised is None:
+                continue
+            if interrupt is None:
+                interrupt = raised
+            else:
+                _log_callback_error(raised, callback, future)
+    if interrupt is not None:
+        try:
+            raise interrupt
+        finally:
+            del interrupt
 
 
 def _help_pending_dispatch() -> None:
@@ -88,11 +103,25 @@ def _help_pending_dispatch() -> None:
         _drain(queue)
 
 
-def _invoke(callback: Callback, future: Future[Any]) -> None:
+def _invoke(callback: Callback, future: Future[Any]) -> BaseException | None:
+    """Run one done callback; return the KeyboardInterrupt or SystemExit it raised, if any.
+
+    Anything else it raises is logged, BaseExceptions too (asyncio.CancelledError,
+    GeneratorExit): a callback runs in whichever thread or task completes the future, so its
+    exception means nothing to that caller. Only an interrupt is handed back, to be raised
+    after the other callbacks have run.
+    """
     try:
         callback(future)
-    except Exception:
-        logger.exception("anyfork: done callback %r of %r raised", callback, future)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        return exc
+    except BaseException as exc:
+        _log_callback_error(exc, callback, future)
+    return None
+
+
+def _log_callback_error(exc: BaseException, callback: Callback, future: Future[Any]) -> None:
+    logger.error("anyfork: done callback %r of %r raised", callback, future, exc_info=exc)
 
 
 class Future(Generic[T]):
@@ -285,7 +314,9 @@ class Future(Generic[T]):
         future, or at once in the calling thread if the future is already done. For forked
         work that thread is usually the event loop's: keep callbacks short, and fork
         anything heavy. An exception raised by a callback is logged (logger ``anyfork``)
-        and does not stop the callbacks after it.
+        and does not stop the callbacks after it. A ``KeyboardInterrupt`` or ``SystemExit``
+        is not swallowed: it is raised in the completing thread (by ``set_result``, say)
+        once every other callback has run.
 
         :raises TypeError: if ``callback`` is not callable
         """
@@ -294,7 +325,12 @@ class Future(Generic[T]):
             if self._state == _PENDING:
                 self._callbacks.append(callback)
                 return
-        _invoke(callback, self)
+        interrupt = _invoke(callback, self)
+        if interrupt is not None:
+            try:
+                raise interrupt
+            finally:
+                del interrupt
 
     def to_torch(self) -> Any:
         """Return a ``torch.futures.Future`` that completes with this future.
