@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
+import weakref
 
 import anyio
 import pytest
@@ -87,3 +90,31 @@ async def test_the_worker_thread_limit_bounds_concurrent_sync_forks() -> None:
         for _ in range(8):
             anyfork.fork(work)
     assert peak <= 2
+
+
+@pytest.mark.parametrize("kind", ["sync", "coroutine"])
+def test_a_failed_eager_fork_nobody_read_is_logged_and_freed_with_its_last_reference(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    anyfork.configure(eager=True)
+
+    def fail() -> None:
+        raise ValueError("eager failure")
+
+    async def fail_async() -> None:
+        raise ValueError("eager failure")
+
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        gc.collect()
+        gc.disable()
+        try:
+            fut = anyfork.fork(fail if kind == "sync" else fail_async)
+            assert fut.done()
+            ref = weakref.ref(fut)
+            del fut
+            freed = ref() is None
+        finally:
+            gc.enable()
+            gc.collect()
+    assert freed
+    assert any("was never retrieved" in r.getMessage() for r in caplog.records)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import pickle
 import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import anyfork
 from anyfork import AlreadyCompletedError, Future, NotReadyError
 
-from .conftest import run_in_thread
+from .conftest import run_in_thread, run_script
 
 
 def test_set_result_then_wait_and_value_return_the_same_object() -> None:
@@ -374,3 +378,168 @@ def test_an_interrupt_from_a_callback_added_to_a_done_future_is_raised_at_once()
 
     with pytest.raises(KeyboardInterrupt):
         fut.add_done_callback(raising)
+
+
+# --- tracebacks: bounded, and no reference cycles -------------------------------------
+
+
+def traceback_length(error: BaseException) -> int:
+    length, entry = 0, error.__traceback__
+    while entry is not None:
+        length, entry = length + 1, entry.tb_next
+    return length
+
+
+def raised(error: BaseException) -> BaseException:
+    """``error`` after being raised and caught here, so it has a traceback of its own."""
+    try:
+        raise error
+    except BaseException as caught:
+        return caught
+
+
+READS = ["value", "Future.wait", "anyfork.wait", "wait_all"]
+
+
+def read_and_catch(how: str, fut: Future[Any]) -> BaseException:
+    """Read ``fut`` the way ``how`` names and return what it raised.
+
+    Like a reader that is done with the future, it keeps no reference to it once it returns:
+    its frame stays in the exception's traceback, so whatever it held would stay alive.
+    """
+    try:
+        if how == "value":
+            fut.value()
+        elif how == "Future.wait":
+            fut.wait()
+        elif how == "anyfork.wait":
+            anyfork.wait(fut)
+        else:
+            anyfork.wait_all([fut])
+    except BaseException as error:
+        return error
+    finally:
+        del fut
+    raise AssertionError("the read did not raise")
+
+
+@pytest.mark.parametrize("read", READS)
+def test_reading_a_failed_future_a_thousand_times_does_not_grow_its_traceback(
+    read: str,
+) -> None:
+    fut: Future[int] = Future()
+    fut.set_exception(raised(ValueError("boom")))
+    once = traceback_length(read_and_catch(read, fut))
+    for _ in range(1000):
+        error = read_and_catch(read, fut)
+    assert traceback_length(error) == once
+    # Of the readers' frames, the exception (so the future) keeps only the last one's.
+    readers, entry = 0, error.__traceback__
+    while entry is not None:
+        readers += entry.tb_frame.f_code is read_and_catch.__code__
+        entry = entry.tb_next
+    assert readers == 1
+
+
+def test_a_failing_10000_link_then_chain_ends_with_a_bounded_traceback() -> None:
+    head: Future[int] = Future()
+    tail = head
+    for _ in range(10_000):
+        tail = tail.then(lambda f: f.value())
+    head.set_exception(raised(ValueError("at the head")))
+    at_the_tail = traceback_length(read_and_catch("Future.wait", tail))
+    at_the_head = traceback_length(read_and_catch("Future.wait", head))
+    assert (at_the_tail, at_the_head) == (at_the_head, at_the_head)
+
+
+@contextlib.contextmanager
+def garbage_collector_disabled() -> Iterator[None]:
+    """Only reference counting frees objects inside: whatever sits in a cycle stays."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()  # here, not at a random later point such as pytest's report
+
+
+def never_retrieved_logged(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("was never retrieved" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("read", READS)
+def test_a_failed_future_that_was_read_is_freed_with_its_last_reference(read: str) -> None:
+    with garbage_collector_disabled():
+        fut: Future[int] = Future()
+        fut.set_exception(raised(ValueError("boom")))
+        read_and_catch(read, fut)
+        ref = weakref.ref(fut)
+        del fut
+        freed = ref() is None
+    assert freed
+
+
+def test_a_failed_future_nobody_read_is_logged_and_freed_with_its_last_reference(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with garbage_collector_disabled(), caplog.at_level(logging.ERROR, logger="anyfork"):
+        fut: Future[int] = Future()
+        fut.set_exception(raised(ValueError("boom")))
+        ref = weakref.ref(fut)
+        del fut
+        freed = ref() is None
+    assert freed
+    assert never_retrieved_logged(caplog)
+
+
+@pytest.mark.parametrize("reraises_the_parents_error", [False, True])
+def test_a_failed_then_child_nobody_read_is_logged_and_freed_with_its_last_reference(
+    reraises_the_parents_error: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with garbage_collector_disabled(), caplog.at_level(logging.ERROR, logger="anyfork"):
+        parent: Future[int] = Future()
+        if reraises_the_parents_error:
+            child = parent.then(lambda f: f.value())
+            parent.set_exception(raised(ValueError("parent failed")))
+        else:
+            child = parent.then(lambda f: 1 // 0)
+            parent.set_result(1)
+        ref = weakref.ref(child)
+        del child
+        freed = ref() is None
+    assert freed
+    assert never_retrieved_logged(caplog)
+
+
+def test_a_failed_sync_fork_in_a_script_is_logged_and_freed_with_its_last_reference() -> None:
+    result = run_script(
+        """
+        import gc, logging, sys, time, weakref
+
+        import anyfork
+
+        logging.basicConfig(stream=sys.stdout, format="%(message)s")
+        gc.disable()
+
+        class Argument:
+            pass
+
+        def fail(argument):
+            raise ValueError("nobody waits for this")
+
+        argument = Argument()
+        fut = anyfork.fork(fail, argument)
+        refs = [weakref.ref(fut), weakref.ref(argument)]
+        del argument
+        while not fut.done():
+            time.sleep(0.01)
+        del fut
+        deadline = time.monotonic() + 10
+        while any(ref() is not None for ref in refs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("freed:", [ref() is None for ref in refs])
+        """
+    )
+    assert "was never retrieved" in result.stdout, result.stderr
+    assert "freed: [True, True]" in result.stdout, result.stdout + result.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import threading
+import weakref
 
 import anyio
 import pytest
@@ -13,6 +15,7 @@ import anyfork
 from anyfork import Future, fork
 
 from .conftest import run_in_thread, run_script
+from .test_future import raised, traceback_length
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -281,3 +284,56 @@ async def test_an_awaiting_task_wakes_when_an_earlier_done_callback_raises_keybo
                 await anyio.sleep(0.01)
     assert isinstance(raised, KeyboardInterrupt)
     assert seen == [5]
+
+
+async def await_and_catch(fut: Future[int], via_wait_async: bool) -> BaseException:
+    try:
+        if via_wait_async:
+            await anyfork.wait_async(fut)
+        else:
+            await fut
+    except BaseException as error:
+        return error
+    finally:
+        del fut  # done with it, like a real reader (see test_future.read_and_catch)
+    raise AssertionError("awaiting did not raise")
+
+
+def a_failed_future() -> Future[int]:
+    fut: Future[int] = Future()
+    fut.set_exception(raised(ValueError("boom")))
+    try:
+        return fut
+    finally:
+        del fut  # the error's traceback keeps this frame alive (through raised()'s f_back)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("via_wait_async", [False, True], ids=["await", "wait_async"])
+async def test_awaiting_a_failed_future_a_thousand_times_does_not_grow_its_traceback(
+    via_wait_async: bool,
+) -> None:
+    fut = a_failed_future()
+    once = traceback_length(await await_and_catch(fut, via_wait_async))
+    for _ in range(1000):
+        error = await await_and_catch(fut, via_wait_async)
+    assert traceback_length(error) == once
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("via_wait_async", [False, True], ids=["await", "wait_async"])
+async def test_a_failed_future_that_was_awaited_is_freed_with_its_last_reference(
+    via_wait_async: bool,
+) -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        fut = a_failed_future()
+        await await_and_catch(fut, via_wait_async)
+        ref = weakref.ref(fut)
+        del fut
+        freed = ref() is None
+    finally:
+        gc.enable()
+        gc.collect()
+    assert freed

@@ -27,7 +27,7 @@ from typing_extensions import ParamSpec
 from . import _loops
 from ._config import current_config
 from ._fallback import fallback
-from ._future import _FAILED, _FINISHED, Future
+from ._future import _FAILED, _FINISHED, Future, without_catching_frame
 from ._scope import TaskFactory, _ForkGroup, ambient_group, current_scope_group
 from ._torch import capture_grad_mode
 
@@ -91,7 +91,10 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
 
     if current_config().eager and not (is_async and native is not None):
         _run_now(future, func, args, kwargs, is_async, context)
-        return future
+        try:
+            return future
+        finally:
+            del future  # a failure's traceback keeps this frame alive (see _run_now)
 
     group = _group_for_caller(native)
     if group is None:
@@ -155,33 +158,64 @@ def _sync_job(
     ``grad_mode``, when torch is imported, runs the work in the grad and inference mode of
     the thread that forked it.
     """
+    return _SyncJob((future, func, args, kwargs, context, grad_mode))
 
-    def job() -> None:
-        if not future._start_running():  # cancelled, or another thread took it
+
+class _SyncJob:
+    """A sync fork's work; the first thread to call it with the future still pending runs it.
+
+    The thread that runs it takes the work out first, so once the work has run nothing holds
+    the future or the work's arguments through the job: neither this object (kept by a
+    worker queue or a waiter's frame) nor the frames of the threads that called it, which a
+    failure's traceback keeps alive (see ``without_catching_frame``).
+    """
+
+    __slots__ = ("_work",)
+
+    def __init__(
+        self,
+        work: tuple[
+            Future[Any],
+            Callable[..., Any],
+            tuple[Any, ...],
+            dict[str, Any],
+            contextvars.Context,
+            Callable[..., Any] | None,
+        ],
+    ) -> None:
+        self._work: Any = work
+
+    def __call__(self) -> None:
+        work = self._work
+        if work is None or not work[0]._start_running():  # cancelled, or another took it
             return
+        self._work = None
+        future, func, args, kwargs, context, grad_mode = work
+        del work
         try:
-            if grad_mode is None:
-                result = context.run(func, *args, **kwargs)
+            try:
+                if grad_mode is None:
+                    result = context.run(func, *args, **kwargs)
+                else:
+                    result = context.run(grad_mode, func, *args, **kwargs)
+            except BaseException as exc:
+                future._complete(_FAILED, None, without_catching_frame(exc))
             else:
-                result = context.run(grad_mode, func, *args, **kwargs)
-        except BaseException as exc:
-            future._complete(_FAILED, None, exc)
-        else:
-            if inspect.iscoroutine(result):
-                result.close()
-                future._complete(
-                    _FAILED,
-                    None,
-                    TypeError(
-                        f"{future.name} returned a coroutine from a worker thread; declare it "
-                        "with 'async def' (or fork the coroutine function itself) so that "
-                        "anyfork runs it as a task"
-                    ),
-                )
-            else:
-                future._complete(_FINISHED, result, None)
-
-    return job
+                if inspect.iscoroutine(result):
+                    result.close()
+                    future._complete(
+                        _FAILED,
+                        None,
+                        TypeError(
+                            f"{future.name} returned a coroutine from a worker thread; declare "
+                            "it with 'async def' (or fork the coroutine function itself) so "
+                            "that anyfork runs it as a task"
+                        ),
+                    )
+                else:
+                    future._complete(_FINISHED, result, None)
+        finally:
+            del future, func, args, kwargs
 
 
 def _run_now(
@@ -193,14 +227,18 @@ def _run_now(
     context: contextvars.Context,
 ) -> None:
     try:
-        if is_async:
-            result = context.run(anyio.run, functools.partial(func, *args, **kwargs))
+        try:
+            if is_async:
+                result = context.run(anyio.run, functools.partial(func, *args, **kwargs))
+            else:
+                result = context.run(func, *args, **kwargs)
+        except BaseException as exc:
+            future._complete(_FAILED, None, without_catching_frame(exc))
         else:
-            result = context.run(func, *args, **kwargs)
-    except BaseException as exc:
-        future._complete(_FAILED, None, exc)
-    else:
-        future._complete(_FINISHED, result, None)
+            future._complete(_FINISHED, result, None)
+    finally:
+        # A failure's traceback keeps this frame and fork()'s alive (f_back).
+        del future, func, args, kwargs
 
 
 def _is_coroutine_function(func: Callable[..., Any]) -> bool:

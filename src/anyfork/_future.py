@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator
+from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar
 
 from . import _loops
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 
-__all__ = ["Future"]
+__all__ = ["Future", "without_catching_frame"]
 
 T = TypeVar("T")
 S = TypeVar("S")
+E = TypeVar("E", bound=BaseException)
 
 logger = logging.getLogger("anyfork")
 
@@ -45,6 +48,27 @@ _STATE_NAMES = {
 }
 
 Callback = Callable[["Future[Any]"], object]
+
+
+def without_catching_frame(exc: E) -> E:
+    """Return ``exc`` with the calling frame's entry dropped from the top of its traceback.
+
+    For the ``except`` block that stores a work's exception in a future:
+    ``future._complete(_FAILED, None, without_catching_frame(exc))``. anyfork's catching
+    frame is noise in the user's traceback, and it often holds the future: left there, it
+    makes the cycle future -> exception -> traceback -> frame -> future. The entry is
+    dropped only if it is the caller's own, so the work's frames always stay.
+
+    Dropping the entry is not enough on its own: the work's frame keeps its caller's frame
+    alive through ``f_back``, so the catching frame (and every frame of anyfork's above it
+    that finishes before the future is dropped) must also let go of the future before it
+    returns, e.g. ``del future`` in a ``finally`` (``concurrent.futures`` writes
+    ``self = None``).
+    """
+    top = exc.__traceback__
+    if top is not None and top.tb_frame is sys._getframe(1):
+        exc.__traceback__ = top.tb_next
+    return exc
 
 
 class _Dispatch(threading.local):
@@ -158,6 +182,7 @@ class Future(Generic[T]):
         "_running",
         "_state",
         "_steal",
+        "_traceback",
         "name",
     )
 
@@ -170,6 +195,9 @@ class Future(Generic[T]):
         self._state = _PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
+        # The exception's traceback when the work failed; every read re-raises with it, so
+        # reads neither grow it nor keep the readers' frames alive (as asyncio does).
+        self._traceback: TracebackType | None = None
         self._retrieved = False
         self._running = False
         self._callbacks: list[Callback] = []
@@ -193,11 +221,17 @@ class Future(Generic[T]):
         )
 
     def __del__(self) -> None:
-        if self._state == _FAILED and not self._retrieved:
+        try:
+            unretrieved = self._state == _FAILED and not self._retrieved
+        except AttributeError:  # __init__ never ran to the end: nothing to report
+            return
+        if unretrieved:
             try:
+                # The repr, not the future: a handler that keeps records (pytest's caplog,
+                # a memory handler) would otherwise bring the dying future back to life.
                 logger.error(
-                    "anyfork: exception of %r was never retrieved",
-                    self,
+                    "anyfork: exception of %s was never retrieved",
+                    repr(self),
                     exc_info=self._exception,
                 )
             except Exception:  # pragma: no cover - logging torn down at interpreter exit
@@ -225,17 +259,27 @@ class Future(Generic[T]):
                 f"{self!r} is still pending: value() never blocks. Use wait() to block, "
                 "or 'await fut' in async code."
             )
-        return self._outcome()
+        try:
+            return self._outcome()
+        finally:
+            del self  # see _outcome
 
     def _outcome(self) -> T:
-        state = self._state
-        if state == _FINISHED:
-            return self._result  # type: ignore[no-any-return]
-        if state == _FAILED:
-            self._retrieved = True
-            assert self._exception is not None
-            raise self._exception
-        raise CancelledError(f"{self!r} was cancelled")
+        # Every frame that re-raises the stored exception ends up in its traceback, which
+        # the future holds: such a frame deletes its reference to the future on the way
+        # out, or it would make the cycle future -> exception -> traceback -> frame ->
+        # future (concurrent.futures does the same with 'self = None').
+        try:
+            state = self._state
+            if state == _FINISHED:
+                return self._result  # type: ignore[no-any-return]
+            if state == _FAILED:
+                self._retrieved = True
+                assert self._exception is not None
+                raise self._exception.with_traceback(self._traceback)
+            raise CancelledError(f"{self!r} was cancelled")
+        finally:
+            del self
 
     # --- waiting ----------------------------------------------------------------------
 
@@ -253,9 +297,12 @@ class Future(Generic[T]):
         :raises BaseException: the exception the work raised, as the same object
         """
         _check_timeout(timeout)
-        if self._state == _PENDING:
-            self._block_until_done(timeout)
-        return self._outcome()
+        try:
+            if self._state == _PENDING:
+                self._block_until_done(timeout)
+            return self._outcome()
+        finally:
+            del self  # see _outcome
 
     def _block_until_done(self, timeout: float | None) -> None:
         if _loops.running_native_loop() is not None:
@@ -287,9 +334,12 @@ class Future(Generic[T]):
                 raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
 
     def __await__(self) -> Generator[Any, Any, T]:
-        if self._state == _PENDING:
-            yield from self._wait_done_async().__await__()
-        return self._outcome()
+        try:
+            if self._state == _PENDING:
+                yield from self._wait_done_async().__await__()
+            return self._outcome()
+        finally:
+            del self  # see _outcome
 
     async def _wait_done_async(self) -> None:
         """Wait, without blocking the loop, until the future is done.
@@ -386,16 +436,7 @@ class Future(Generic[T]):
         """
         _check_callable(callback, "then")
         child: Future[S] = Future()
-
-        def run_callback(parent: Future[T]) -> None:
-            try:
-                result = callback(parent)
-            except BaseException as exc:
-                child._complete(_FAILED, None, exc)
-            else:
-                child._complete(_FINISHED, result, None)
-
-        self.add_done_callback(run_callback)
+        self.add_done_callback(_ThenCallback(callback, child))
         return child
 
     # --- completion -------------------------------------------------------------------
@@ -465,6 +506,8 @@ class Future(Generic[T]):
             self._state = state
             self._result = result
             self._exception = exception
+            if exception is not None:
+                self._traceback = exception.__traceback__
             callbacks = self._callbacks
             self._callbacks = []
             event = self._blocking_event
@@ -477,6 +520,41 @@ class Future(Generic[T]):
 
     def _mark_retrieved(self) -> None:
         self._retrieved = True
+
+
+class _ThenCallback(Generic[T, S]):
+    """The done callback of :meth:`Future.then`: completes ``child`` with ``callback(parent)``.
+
+    It runs once and lets go of both at the start: the frames that dispatched it may outlive
+    the call in a traceback (see :func:`without_catching_frame`), and must not hold the child.
+    """
+
+    __slots__ = ("_callback", "_child")
+
+    def __init__(self, callback: Callable[[Future[T]], S], child: Future[S]) -> None:
+        self._callback: Callable[[Future[T]], S] | None = callback
+        self._child: Future[S] | None = child
+
+    def __call__(self, parent: Future[T]) -> None:
+        callback, child = self._callback, self._child
+        if callback is None or child is None:  # pragma: no cover - callbacks run once
+            return
+        self._callback = self._child = None
+        try:
+            try:
+                result = callback(parent)
+            except BaseException as exc:
+                if exc is parent._exception:
+                    # The callback re-raised its parent's error (lambda f: f.value()): keep
+                    # the parent's traceback, so a long failing chain does not grow it.
+                    exc.__traceback__ = parent._traceback
+                else:
+                    without_catching_frame(exc)
+                child._complete(_FAILED, None, exc)
+            else:
+                child._complete(_FINISHED, result, None)
+        finally:
+            del child, callback
 
 
 def _check_timeout(timeout: float | None) -> None:

@@ -86,7 +86,10 @@ def wait(future: Any, timeout: float | None = None) -> Any:
     :raises CancelledError: if the future was cancelled
     :raises WouldBlockError: if called on an event-loop thread for a pending future
     """
-    return as_future(future, "wait").wait(timeout)
+    try:
+        return as_future(future, "wait").wait(timeout)
+    finally:
+        del future  # a frame that re-raises a future's error must not hold it (Future._outcome)
 
 
 @overload
@@ -107,7 +110,10 @@ async def wait_async(future: Any) -> Any:
     :raises TypeError: if ``future`` is neither kind of future
     :raises CancelledError: if the future was cancelled
     """
-    return await as_future(future, "wait_async")
+    try:
+        return await as_future(future, "wait_async")
+    finally:
+        del future  # a frame that re-raises a future's error must not hold it (Future._outcome)
 
 
 def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
@@ -157,19 +163,43 @@ def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     members = _as_futures(futures, "wait_all")
     _check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
-    if _loops.running_native_loop() is None:
-        # Help first: run sync forks that no worker has started yet, from the last one
-        # back, while the workers take them from the front. With fewer worker threads
-        # than forks the waiting thread works instead of idling on a running one.
-        for member in reversed(members):
-            steal = member._steal
-            if steal is not None:
-                steal()
+    try:
+        if _loops.running_native_loop() is None:
+            _run_unstarted_from_the_back(members)
+        _block_until_all_done(members, deadline)
+        return _values_in_order(members)
+    finally:
+        # A frame that re-raises a future's error must not hold it (see Future._outcome).
+        del futures, members
+
+
+def _run_unstarted_from_the_back(members: list[Future[Any]]) -> None:
+    # Help first: run sync forks that no worker has started yet, from the last one back,
+    # while the workers take them from the front. With fewer worker threads than forks the
+    # waiting thread works instead of idling on a running one.
+    for member in reversed(members):
+        steal = member._steal
+        if steal is not None:
+            steal()
+
+
+def _block_until_all_done(members: list[Future[Any]], deadline: float | None) -> None:
     for member in members:
         if not member.done():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             member._block_until_done(left)
-    return [member._outcome() for member in members]
+
+
+def _values_in_order(members: list[Future[Any]]) -> list[Any]:
+    """The values of done futures, or the first failure in input order, raised."""
+    first_not_finished = next((m for m in members if m._state != _FINISHED), None)
+    if first_not_finished is None:
+        return [member._result for member in members]
+    del members
+    try:
+        return [first_not_finished._outcome()]  # raises its exception or CancelledError
+    finally:
+        del first_not_finished
 
 
 def _as_futures(futures: Iterable[Any], caller: str) -> list[Future[Any]]:
