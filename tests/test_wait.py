@@ -337,3 +337,40 @@ async def test_a_failed_future_that_was_awaited_is_freed_with_its_last_reference
         gc.enable()
         gc.collect()
     assert freed
+
+
+# --- timeouts beyond what a thread can wait ---------------------------------------------
+
+HUGE_TIMEOUTS = [float("inf"), 1e300, threading.TIMEOUT_MAX * 2]
+
+
+def wait_with_timeout(how: str, fut: Future[int], timeout: float) -> int:
+    if how == "Future.wait":
+        return fut.wait(timeout=timeout)
+    if how == "anyfork.wait":
+        return anyfork.wait(fut, timeout=timeout)
+    (value,) = anyfork.wait_all([fut], timeout=timeout)
+    return int(value)
+
+
+@pytest.mark.parametrize("how", ["Future.wait", "anyfork.wait", "wait_all"])
+@pytest.mark.parametrize("timeout", HUGE_TIMEOUTS, ids=["inf", "1e300", "twice TIMEOUT_MAX"])
+@pytest.mark.parametrize("thread", ["main thread", "other thread"])
+def test_a_timeout_beyond_what_threads_can_wait_means_no_bound(
+    how: str, timeout: float, thread: str
+) -> None:
+    fut: Future[int] = Future()
+    threading.Timer(0.05, fut.set_result, args=(4,)).start()
+    if thread == "main thread":
+        assert wait_with_timeout(how, fut, timeout) == 4
+    else:
+        assert run_in_thread(lambda: wait_with_timeout(how, fut, timeout)) == 4
+
+
+@pytest.mark.parametrize("how", ["Future.wait", "anyfork.wait", "wait_all"])
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("-inf")])
+def test_nan_and_negative_timeouts_stay_rejected(how: str, bad: float) -> None:
+    fut: Future[int] = Future()
+    fut.set_result(1)
+    with pytest.raises(ValueError, match="timeout must be None or a number >= 0"):
+        run_in_thread(lambda: wait_with_timeout(how, fut, bad))

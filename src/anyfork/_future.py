@@ -289,14 +289,16 @@ class Future(Generic[T]):
         If the future belongs to a sync fork that has not started yet, the waiting thread
         runs it itself (work stealing), so nested fork-and-wait never starves.
 
-        :param timeout: seconds to wait at most; ``None`` waits for as long as it takes
+        :param timeout: seconds to wait at most; ``None`` (or ``math.inf``) waits for as long
+            as it takes
+        :raises ValueError: if ``timeout`` is negative or NaN
         :raises WouldBlockError: if called on an event-loop thread while still pending;
             use ``await fut`` there instead
         :raises TimeoutError: if the timeout elapses first
         :raises CancelledError: if the future was cancelled
         :raises BaseException: the exception the work raised, as the same object
         """
-        _check_timeout(timeout)
+        timeout = _check_timeout(timeout)
         try:
             if self._state == _PENDING:
                 self._block_until_done(timeout)
@@ -557,15 +559,22 @@ class _ThenCallback(Generic[T, S]):
             del child, callback
 
 
-def _check_timeout(timeout: float | None) -> None:
+def _check_timeout(timeout: float | None) -> float | None:
+    """Validate a wait's timeout and return the one to use: ``None`` for no bound.
+
+    A timeout longer than a thread can wait (``threading.TIMEOUT_MAX``, some 292 years on
+    Linux), ``inf`` included, means no bound: handed on, it would make lock waits off the
+    main thread raise ``OverflowError``.
+    """
     if timeout is None:
-        return
+        return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(
             f"timeout must be None or a number of seconds, got {type(timeout).__name__} {timeout!r}"
         )
     if not timeout >= 0:
         raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
+    return None if timeout > threading.TIMEOUT_MAX else timeout
 
 
 def _check_callable(callback: object, method: str) -> None:

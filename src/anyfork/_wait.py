@@ -80,8 +80,10 @@ def wait(future: Any, timeout: float | None = None) -> Any:
 
     :param future: an :class:`anyfork.Future`, a :class:`concurrent.futures.Future` or a
         ``torch.futures.Future`` (no thread waits for it: its done callback wakes ours)
-    :param timeout: seconds to wait at most; ``None`` waits for as long as it takes
+    :param timeout: seconds to wait at most; ``None`` (or ``math.inf``) waits for as long as
+        it takes
     :raises TypeError: if ``future`` is neither kind of future
+    :raises ValueError: if ``timeout`` is negative or NaN
     :raises TimeoutError: if the timeout elapses first
     :raises CancelledError: if the future was cancelled
     :raises WouldBlockError: if called on an event-loop thread for a pending future
@@ -157,11 +159,13 @@ def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     is raised. Sync forks that no worker has started yet run in the waiting thread (work
     stealing, from the last one back), so the waiting thread helps rather than idles.
 
-    :param timeout: seconds to wait for all of them at most
+    :param timeout: seconds to wait for all of them at most; ``None`` (or ``math.inf``)
+        waits for as long as it takes
+    :raises ValueError: if ``timeout`` is negative or NaN
     :raises TimeoutError: if the timeout elapses first
     """
     members = _as_futures(futures, "wait_all")
-    _check_timeout(timeout)
+    timeout = _check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         if _loops.running_native_loop() is None:
