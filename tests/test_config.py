@@ -12,6 +12,8 @@ import pytest
 
 import anyfork
 
+from .conftest import run_script
+
 
 def test_configure_without_arguments_reads_the_settings() -> None:
     config = anyfork.configure()
@@ -118,3 +120,27 @@ def test_a_failed_eager_fork_nobody_read_is_logged_and_freed_with_its_last_refer
             gc.collect()
     assert freed
     assert any("was never retrieved" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ANYFORK_WORKER_THREADS", "0", "ANYFORK_WORKER_THREADS must be a whole number >= 1"),
+        ("ANYFORK_WORKER_THREADS", "-2", "ANYFORK_WORKER_THREADS must be a whole number >= 1"),
+        ("ANYFORK_WORKER_THREADS", "many", "ANYFORK_WORKER_THREADS must be a whole number"),
+        ("ANYFORK_EXIT_TIMEOUT", "-1", "ANYFORK_EXIT_TIMEOUT must be a number of seconds >= 0"),
+        ("ANYFORK_EXIT_TIMEOUT", "nan", "ANYFORK_EXIT_TIMEOUT must be a number of seconds >= 0"),
+        ("ANYFORK_EXIT_TIMEOUT", "soon", "ANYFORK_EXIT_TIMEOUT must be a number of seconds"),
+        ("ANYFORK_EAGER", "maybe", "ANYFORK_EAGER must be 1 (or true, yes) or 0"),
+    ],
+)
+def test_a_bad_environment_variable_is_named_in_the_error(
+    variable: str, value: str, message: str
+) -> None:
+    result = run_script("import anyfork", env={variable: value})
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ValueError: "), result.stderr
+    assert message in last_line
+    assert f"got {value!r}" in last_line
+    assert "unset it" in last_line

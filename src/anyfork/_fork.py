@@ -64,7 +64,9 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     :param args: positional arguments for ``func``
     :param kwargs: keyword arguments for ``func``
     :return: a future of ``func``'s (awaited) result
-    :raises TypeError: if ``func`` is not callable, or is a coroutine object
+    :raises TypeError: if ``func`` is not callable, is a coroutine object, or is an async
+        generator function or a ``@types.coroutine`` generator function (neither gives one
+        result to wait for)
     :raises ShutdownError: if called while the interpreter is shutting down, outside a loop
 
     Example::
@@ -83,6 +85,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
                 f"fork({func.__qualname__}(...))"
             )
         raise TypeError(f"fork() takes a callable, got {type(func).__name__} {func!r}")
+    _reject_generator_kinds(func)
 
     future: Future[Any] = Future(name=_name_of(func))
     context = contextvars.copy_context()
@@ -212,6 +215,17 @@ class _SyncJob:
                             "that anyfork runs it as a task"
                         ),
                     )
+                elif inspect.isasyncgen(result):
+                    future._complete(
+                        _FAILED,
+                        None,
+                        TypeError(
+                            f"{future.name} returned an async generator from a worker thread, "
+                            "which nothing there can iterate; fork a coroutine function that "
+                            "consumes it instead, e.g. 'async def collect(): return "
+                            "[item async for item in agen]'"
+                        ),
+                    )
                 else:
                     future._complete(_FINISHED, result, None)
         finally:
@@ -239,6 +253,43 @@ def _run_now(
     finally:
         # A failure's traceback keeps this frame and fork()'s alive (f_back).
         del future, func, args, kwargs
+
+
+# Code flags of functions whose call gives no result to wait for: an async generator, or a
+# generator-based coroutine (@types.coroutine), which anyio cannot run as a task.
+_GENERATOR_KINDS = inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+def _reject_generator_kinds(func: Callable[..., Any]) -> None:
+    """Raise TypeError for an async generator function or a @types.coroutine generator.
+
+    Plain generator functions stay allowed: a sync callable may return any object.
+    """
+    plain = getattr(func, "__func__", func)
+    if type(plain) is not types.FunctionType:  # a partial, a callable object, a builtin
+        target = _unwrap_partial(func)
+        plain = getattr(target, "__func__", target)
+        if type(plain) is not types.FunctionType:
+            call = getattr(type(target), "__call__", None)  # noqa: B004 - the method itself
+            plain = getattr(call, "__func__", call)
+            if type(plain) is not types.FunctionType:
+                return
+    flags = plain.__code__.co_flags
+    if not flags & _GENERATOR_KINDS:
+        return
+    name = _name_of(func)
+    if flags & inspect.CO_ASYNC_GENERATOR:
+        raise TypeError(
+            f"fork() takes a function that returns one result, but {name} is an async "
+            "generator function: calling it gives an async generator, not a value to wait "
+            f"for. Fork a coroutine function that consumes it instead, e.g. "
+            f"'async def collect(): return [item async for item in {name}()]'"
+        )
+    raise TypeError(
+        f"fork() cannot run {name}: it is a generator-based coroutine (@types.coroutine): "
+        "declare it with 'async def', or fork an 'async def' function that does "
+        f"'return await {name}(...)'"
+    )
 
 
 def _is_coroutine_function(func: Callable[..., Any]) -> bool:

@@ -8,15 +8,18 @@ future is cancelled.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
 import sys
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Generator
 from types import TracebackType
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 from . import _loops
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
@@ -136,11 +139,20 @@ def _invoke(callback: Callback, future: Future[Any]) -> BaseException | None:
     after the other callbacks have run.
     """
     try:
-        callback(future)
+        result = callback(future)
     except (KeyboardInterrupt, SystemExit) as exc:
         return exc
     except BaseException as exc:
         _log_callback_error(exc, callback, future)
+    else:
+        if type(result) is types.CoroutineType:
+            result.close()  # it will never run: spare the user a "never awaited" warning
+            logger.error(
+                "anyfork: done callback %r of %r returned a coroutine, which nothing awaits; "
+                "it was closed. A callback runs synchronously: pass a sync function",
+                callback,
+                future,
+            )
     return None
 
 
@@ -186,7 +198,17 @@ class Future(Generic[T]):
         "name",
     )
 
-    def __init__(self, *, name: str | None = None) -> None:
+    def __new__(cls, *args: object, name: str | None = None) -> Future[T]:
+        # Only to turn Future("job") into an error that says what to write; type checkers
+        # see __init__'s keyword-only signature.
+        if args:
+            raise TypeError(
+                f"Future() takes its name as a keyword: write Future(name={args[0]!r}) "
+                f"instead of Future({args[0]!r})"
+            )
+        return object.__new__(cls)
+
+    def __init__(self, *, name: str | None = None) -> None:  # pyright: ignore[reportInconsistentConstructor]
         """
         :param name: a label shown in ``repr`` and in log messages about this future
         """
@@ -554,7 +576,21 @@ class _ThenCallback(Generic[T, S]):
                     without_catching_frame(exc)
                 child._complete(_FAILED, None, exc)
             else:
-                child._complete(_FINISHED, result, None)
+                if isinstance(result, types.CoroutineType):
+                    # It will never run: spare the user a "never awaited" warning.
+                    cast("types.CoroutineType[Any, Any, Any]", result).close()
+                    child._complete(
+                        _FAILED,
+                        None,
+                        TypeError(
+                            f"the then() callback {callback!r} returned a coroutine, which "
+                            "nothing awaits (it was closed): then() calls its callback "
+                            "synchronously; pass a sync function, or await the future in a "
+                            "task and call the coroutine function there"
+                        ),
+                    )
+                else:
+                    child._complete(_FINISHED, result, None)
         finally:
             del child, callback
 
@@ -583,3 +619,24 @@ def _check_callable(callback: object, method: str) -> None:
             f"{method}() takes a callable that receives the done future, got "
             f"{type(callback).__name__} {callback!r}"
         )
+    if _is_coroutine_function(callback):
+        raise TypeError(
+            f"{method}() calls its callback in the thread that completes the future and "
+            f"cannot await it, but {callback!r} is a coroutine function. Pass a sync "
+            "function, or await the future in a task and call the coroutine function there: "
+            "'result = await next_step(await fut)' (or fork such a coroutine function)"
+        )
+
+
+def _is_coroutine_function(callback: Callable[..., object]) -> bool:
+    # Plain functions and bound methods by their code flags (cheap: every await registers a
+    # callback); partials and callable objects through inspect.
+    plain = getattr(callback, "__func__", callback)
+    if type(plain) is types.FunctionType and not hasattr(plain, "_is_coroutine_marker"):
+        return bool(plain.__code__.co_flags & inspect.CO_COROUTINE)
+    while isinstance(callback, functools.partial):
+        callback = callback.func
+    if inspect.iscoroutinefunction(callback):
+        return True
+    call = getattr(type(callback), "__call__", None)  # noqa: B004 - the method, not callable()
+    return call is not None and inspect.iscoroutinefunction(call)
