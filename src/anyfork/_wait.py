@@ -118,6 +118,10 @@ async def wait_async(future: Any) -> Any:
         del future  # a frame that re-raises a future's error must not hold it (Future._outcome)
 
 
+@overload
+def collect_all(futures: Iterable[Future[T]]) -> Future[list[Future[T]]]: ...
+@overload
+def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]: ...
 def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
     """Return a future that is done when every future in ``futures`` is done.
 
@@ -152,6 +156,10 @@ def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
     return combined
 
 
+@overload
+def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]: ...
+@overload
+def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]: ...
 def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     """Block until every future is done, then return their values in input order.
 
