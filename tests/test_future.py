@@ -543,3 +543,18 @@ def test_a_failed_sync_fork_in_a_script_is_logged_and_freed_with_its_last_refere
     )
     assert "was never retrieved" in result.stdout, result.stderr
     assert "freed: [True, True]" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_failed_then_child_that_collect_all_follows_is_freed_with_its_last_reference(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with garbage_collector_disabled(), caplog.at_level(logging.ERROR, logger="anyfork"):
+        parent: Future[int] = Future()
+        child = parent.then(lambda f: 1 // 0)
+        combined = anyfork.collect_all([parent, child])  # its callback holds the child
+        parent.set_result(1)
+        refs = [weakref.ref(child), weakref.ref(combined)]
+        del child, combined
+        freed = [ref() is None for ref in refs]
+    assert freed == [True, True]
+    assert never_retrieved_logged(caplog)

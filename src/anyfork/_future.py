@@ -101,17 +101,24 @@ def _drain(queue: deque[tuple[Future[Any], list[Callback]]]) -> None:
     # Every callback runs, whatever the ones before it raise: a KeyboardInterrupt or
     # SystemExit is raised only once the queue is empty, so no later callback (a then()
     # child, a waiting task's wake-up) is skipped and left pending forever.
+    #
+    # Each list is emptied as it runs, and nothing is left in this frame's locals: a failing
+    # then() callback's traceback keeps this frame, and those that handed the lists in,
+    # alive (through f_back), and a callback may hold another future (collect_all's does).
     interrupt: BaseException | None = None
     while queue:
         future, callbacks = queue.popleft()
-        for callback in callbacks:
+        callbacks.reverse()
+        while callbacks:
+            callback = callbacks.pop()
             raised = _invoke(callback, future)
-            if raised is None:
-                continue
-            if interrupt is None:
-                interrupt = raised
-            else:
-                _log_callback_error(raised, callback, future)
+            if raised is not None:
+                if interrupt is None:
+                    interrupt = raised
+                else:
+                    _log_callback_error(raised, callback, future)
+            del callback
+        del future, callbacks
     if interrupt is not None:
         try:
             raise interrupt
