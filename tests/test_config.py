@@ -131,7 +131,7 @@ def test_a_failed_eager_fork_nobody_read_is_logged_and_freed_with_its_last_refer
         ("ANYFORK_EXIT_TIMEOUT", "-1", "ANYFORK_EXIT_TIMEOUT must be a number of seconds >= 0"),
         ("ANYFORK_EXIT_TIMEOUT", "nan", "ANYFORK_EXIT_TIMEOUT must be a number of seconds >= 0"),
         ("ANYFORK_EXIT_TIMEOUT", "soon", "ANYFORK_EXIT_TIMEOUT must be a number of seconds"),
-        ("ANYFORK_EAGER", "maybe", "ANYFORK_EAGER must be 1 (or true, yes) or 0"),
+        ("ANYFORK_EAGER", "maybe", "ANYFORK_EAGER must be 0 or 1 (or false/true, no/yes)"),
     ],
 )
 def test_a_bad_environment_variable_is_named_in_the_error(

@@ -43,8 +43,8 @@ def _from_environment() -> Config:
     eager_text = os.environ.get("ANYFORK_EAGER", "").strip().lower()
     if eager_text not in ("", "0", "1", "false", "true", "no", "yes"):
         raise ValueError(
-            f"ANYFORK_EAGER must be 1 (or true, yes) or 0 (or false, no), got {eager_text!r}: "
-            "set it to one of those, or unset it to keep eager mode off"
+            f"ANYFORK_EAGER must be 0 or 1 (or false/true, no/yes), got {eager_text!r}: set it "
+            "to one of those, or unset it to keep eager mode off"
         )
     threads_text = os.environ.get("ANYFORK_WORKER_THREADS", "").strip()
     threads = DEFAULT_WORKER_THREADS
