@@ -329,3 +329,21 @@ def test_a_done_callback_that_returns_a_coroutine_is_logged_and_the_coroutine_cl
         fut.set_result(1)
     assert inspect.getcoroutinestate(made[0]) == inspect.CORO_CLOSED
     assert any("returned a coroutine" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.anyio
+async def test_fork_an_async_generator_function_on_a_loop_is_refused() -> None:
+    with pytest.raises(TypeError, match="is an async generator function"):
+        anyfork.fork(async_generator_function)
+
+
+@pytest.mark.anyio
+async def test_a_sync_fork_on_a_loop_that_returns_an_async_generator_fails_clearly() -> None:
+    made: list[AsyncIterator[int]] = []
+
+    def sneaky() -> AsyncIterator[int]:
+        made.append(async_generator_function())
+        return made[0]
+
+    with pytest.raises(TypeError, match="returned an async generator"):
+        await anyfork.fork(sneaky)
