@@ -397,9 +397,11 @@ class Future(Generic[T]):
         anything heavy. An exception raised by a callback is logged (logger ``anyfork``)
         and does not stop the callbacks after it. A ``KeyboardInterrupt`` or ``SystemExit``
         is not swallowed: it is raised in the completing thread (by ``set_result``, say)
-        once every other callback has run.
+        once every other callback has run. A callback that returns a coroutine has it
+        closed, and the mistake logged.
 
-        :raises TypeError: if ``callback`` is not callable
+        :raises TypeError: if ``callback`` is not callable, or is a coroutine function (a
+            callback is called, never awaited)
         """
         _check_callable(callback, "add_done_callback")
         with self._lock:
@@ -457,13 +459,16 @@ class Future(Generic[T]):
         The callback receives this future and reads it with :meth:`value` or :meth:`wait`.
         This future's exception is not propagated automatically: the new future fails only
         if the callback raises, and then with the callback's own exception (torch wraps it
-        in ``RuntimeError``; anyfork keeps its type).
+        in ``RuntimeError``; anyfork keeps its type). A callback that returns a coroutine
+        (which nothing would await) has it closed, and the new future fails with a
+        ``TypeError``.
 
         Example::
 
             total = fut.then(lambda f: sum(f.value()))
 
-        :raises TypeError: if ``callback`` is not callable
+        :raises TypeError: if ``callback`` is not callable, or is a coroutine function (a
+            callback is called, never awaited)
         """
         _check_callable(callback, "then")
         child: Future[S] = Future()
