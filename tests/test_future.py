@@ -558,3 +558,31 @@ def test_a_failed_then_child_that_collect_all_follows_is_freed_with_its_last_ref
         freed = [ref() is None for ref in refs]
     assert freed == [True, True]
     assert never_retrieved_logged(caplog)
+
+
+class Argument:
+    """Sets ``freed`` when it is freed."""
+
+    def __init__(self, freed: threading.Event) -> None:
+        self.freed = freed
+
+    def __del__(self) -> None:
+        self.freed.set()
+
+
+@pytest.mark.parametrize("where", ["script", "thread"])
+def test_a_sync_fork_lets_go_of_its_arguments_before_its_future_completes(where: str) -> None:
+    # Once the future is done the program may exit; a daemon worker thread that still frees
+    # the work's objects then (a torch tensor) can abort the interpreter's finalization.
+    freed, registered = threading.Event(), threading.Event()
+    freed_at_completion: list[bool] = []
+
+    def start() -> Future[bool]:
+        fut = anyfork.fork(lambda argument: registered.wait(10), Argument(freed))
+        fut.add_done_callback(lambda f: freed_at_completion.append(freed.is_set()))
+        registered.set()
+        return fut
+
+    fut = start() if where == "script" else run_in_thread(start)
+    fut.wait(timeout=10)
+    assert freed_at_completion == [True]

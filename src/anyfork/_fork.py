@@ -202,34 +202,42 @@ class _SyncJob:
                 else:
                     result = context.run(grad_mode, func, *args, **kwargs)
             except BaseException as exc:
+                # Let go of the work's objects before completing: once the future is done
+                # the program may exit, and a daemon thread that frees objects (a torch
+                # tensor) while the interpreter finalizes can abort the process.
+                del func, args, kwargs, context, grad_mode
                 future._complete(_FAILED, None, without_catching_frame(exc))
             else:
-                if inspect.iscoroutine(result):
-                    result.close()
-                    future._complete(
-                        _FAILED,
-                        None,
-                        TypeError(
-                            f"{future.name} returned a coroutine from a worker thread; declare "
-                            "it with 'async def' (or fork the coroutine function itself) so "
-                            "that anyfork runs it as a task"
-                        ),
-                    )
-                elif inspect.isasyncgen(result):
-                    future._complete(
-                        _FAILED,
-                        None,
-                        TypeError(
-                            f"{future.name} returned an async generator from a worker thread, "
-                            "which nothing there can iterate; fork a coroutine function that "
-                            "consumes it instead, e.g. 'async def collect(): return "
-                            "[item async for item in agen]'"
-                        ),
-                    )
-                else:
-                    future._complete(_FINISHED, result, None)
+                del func, args, kwargs, context, grad_mode
+                future._complete(*_sync_outcome(future, result))
         finally:
-            del future, func, args, kwargs
+            del future
+
+
+def _sync_outcome(future: Future[Any], result: Any) -> tuple[int, Any, BaseException | None]:
+    """How a sync fork's future completes with what its callable returned."""
+    if inspect.iscoroutine(result):
+        result.close()
+        return (
+            _FAILED,
+            None,
+            TypeError(
+                f"{future.name} returned a coroutine from a worker thread; declare it with "
+                "'async def' (or fork the coroutine function itself) so that anyfork runs it "
+                "as a task"
+            ),
+        )
+    if inspect.isasyncgen(result):
+        return (
+            _FAILED,
+            None,
+            TypeError(
+                f"{future.name} returned an async generator from a worker thread, which "
+                "nothing there can iterate; fork a coroutine function that consumes it "
+                "instead, e.g. 'async def collect(): return [item async for item in agen]'"
+            ),
+        )
+    return _FINISHED, result, None
 
 
 def _run_now(
