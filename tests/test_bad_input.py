@@ -8,16 +8,46 @@ fork whose loop has closed).
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable
+import functools
+import inspect
+import logging
+import types
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 import pytest
 
 import anyfork
 
+from .conftest import run_script
+
 
 async def coroutine_function() -> int:
     return 1
+
+
+async def async_generator_function() -> AsyncIterator[int]:
+    yield 1
+
+
+@types.coroutine
+def generator_based_coroutine() -> Generator[None, None, int]:
+    yield
+    return 1
+
+
+class AsyncGeneratorCall:
+    async def __call__(self) -> AsyncIterator[int]:
+        yield 1
+
+
+class CoroutineCall:
+    async def __call__(self, fut: anyfork.Future[Any]) -> None:
+        pass
+
+
+async def coroutine_callback(fut: anyfork.Future[Any]) -> None:
+    pass
 
 
 def pending() -> anyfork.Future[Any]:
@@ -39,6 +69,31 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         lambda: anyfork.fork(coroutine_function()),
         TypeError,
         "write fork(coroutine_function, ...) instead of fork(coroutine_function(...))",
+    ),
+    *(
+        (
+            f"fork {label}",
+            lambda func=func: anyfork.fork(func),
+            TypeError,
+            "is an async generator function: calling it gives an async generator",
+        )
+        for label, func in [
+            ("an async generator function", async_generator_function),
+            ("a partial of one", functools.partial(async_generator_function)),
+            ("a callable object whose __call__ is one", AsyncGeneratorCall()),
+        ]
+    ),
+    *(
+        (
+            f"fork {label}",
+            lambda func=func: anyfork.fork(func),
+            TypeError,
+            "is a generator-based coroutine (@types.coroutine): declare it with 'async def'",
+        )
+        for label, func in [
+            ("a types.coroutine generator function", generator_based_coroutine),
+            ("a partial of one", functools.partial(generator_based_coroutine)),
+        ]
     ),
     # every wait form
     *(
@@ -106,6 +161,27 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         lambda: pending().then(1),  # type: ignore[arg-type]
         TypeError,
         "then() takes a callable that receives the done future, got int 1",
+    ),
+    *(
+        (
+            f"{method} with {label}",
+            lambda method=method, callback=callback: getattr(pending(), method)(callback),
+            TypeError,
+            f"{method}() calls its callback in the thread that completes the future and "
+            "cannot await it",
+        )
+        for method in ["then", "add_done_callback"]
+        for label, callback in [
+            ("a coroutine function", coroutine_callback),
+            ("a partial of one", functools.partial(coroutine_callback)),
+            ("a callable object whose __call__ is one", CoroutineCall()),
+        ]
+    ),
+    (
+        "Future with a positional name",
+        lambda: anyfork.Future("job"),  # type: ignore[misc]
+        TypeError,
+        "Future() takes its name as a keyword: write Future(name='job')",
     ),
     (
         "add_done_callback with None",
@@ -180,3 +256,94 @@ async def test_a_blocking_wait_on_the_loop_is_refused_not_a_freeze() -> None:
 async def test_fork_a_coroutine_object_on_a_loop_is_refused() -> None:
     with pytest.raises(TypeError, match="not a coroutine object"):
         anyfork.fork(coroutine_function())
+
+
+def test_a_future_made_with_a_positional_name_reports_nothing_when_collected() -> None:
+    result = run_script(
+        """
+        import gc, anyfork
+
+        try:
+            anyfork.Future("job")
+        except TypeError as error:
+            print(error)
+        gc.collect()
+        """
+    )
+    assert "write Future(name='job')" in result.stdout
+    assert result.stderr == ""
+
+
+def test_a_future_whose_init_did_not_run_reports_nothing_when_collected() -> None:
+    result = run_script(
+        """
+        import gc, anyfork
+
+        anyfork.Future.__new__(anyfork.Future)
+        gc.collect()
+        """
+    )
+    assert result.returncode == 0
+    assert result.stderr == ""
+
+
+def test_a_sync_fork_that_returns_an_async_generator_fails_with_a_clear_error() -> None:
+    made: list[AsyncIterator[int]] = []
+
+    def sneaky() -> AsyncIterator[int]:
+        made.append(async_generator_function())
+        return made[0]
+
+    fut = anyfork.fork(sneaky)
+    with pytest.raises(TypeError, match="returned an async generator"):
+        fut.wait(timeout=10)
+
+
+def test_a_then_callback_that_returns_a_coroutine_fails_the_child_and_closes_it() -> None:
+    made: list[Any] = []
+
+    def sneaky(fut: anyfork.Future[int]) -> Any:
+        made.append(coroutine_callback(fut))
+        return made[0]
+
+    parent: anyfork.Future[int] = anyfork.Future()
+    child = parent.then(sneaky)
+    parent.set_result(1)
+    with pytest.raises(TypeError, match="returned a coroutine"):
+        child.value()
+    assert inspect.getcoroutinestate(made[0]) == inspect.CORO_CLOSED
+
+
+def test_a_done_callback_that_returns_a_coroutine_is_logged_and_the_coroutine_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    made: list[Any] = []
+
+    def sneaky(fut: anyfork.Future[int]) -> Any:
+        made.append(coroutine_callback(fut))
+        return made[0]
+
+    fut: anyfork.Future[int] = anyfork.Future()
+    fut.add_done_callback(sneaky)
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        fut.set_result(1)
+    assert inspect.getcoroutinestate(made[0]) == inspect.CORO_CLOSED
+    assert any("returned a coroutine" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.anyio
+async def test_fork_an_async_generator_function_on_a_loop_is_refused() -> None:
+    with pytest.raises(TypeError, match="is an async generator function"):
+        anyfork.fork(async_generator_function)
+
+
+@pytest.mark.anyio
+async def test_a_sync_fork_on_a_loop_that_returns_an_async_generator_fails_clearly() -> None:
+    made: list[AsyncIterator[int]] = []
+
+    def sneaky() -> AsyncIterator[int]:
+        made.append(async_generator_function())
+        return made[0]
+
+    with pytest.raises(TypeError, match="returned an async generator"):
+        await anyfork.fork(sneaky)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
+import weakref
 
 import anyio
 import pytest
 
 import anyfork
+
+from .conftest import run_script
 
 
 def test_configure_without_arguments_reads_the_settings() -> None:
@@ -87,3 +92,55 @@ async def test_the_worker_thread_limit_bounds_concurrent_sync_forks() -> None:
         for _ in range(8):
             anyfork.fork(work)
     assert peak <= 2
+
+
+@pytest.mark.parametrize("kind", ["sync", "coroutine"])
+def test_a_failed_eager_fork_nobody_read_is_logged_and_freed_with_its_last_reference(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    anyfork.configure(eager=True)
+
+    def fail() -> None:
+        raise ValueError("eager failure")
+
+    async def fail_async() -> None:
+        raise ValueError("eager failure")
+
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        gc.collect()
+        gc.disable()
+        try:
+            fut = anyfork.fork(fail if kind == "sync" else fail_async)
+            assert fut.done()
+            ref = weakref.ref(fut)
+            del fut
+            freed = ref() is None
+        finally:
+            gc.enable()
+            gc.collect()
+    assert freed
+    assert any("was never retrieved" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ANYFORK_WORKER_THREADS", "0", "ANYFORK_WORKER_THREADS must be a whole number >= 1"),
+        ("ANYFORK_WORKER_THREADS", "-2", "ANYFORK_WORKER_THREADS must be a whole number >= 1"),
+        ("ANYFORK_WORKER_THREADS", "many", "ANYFORK_WORKER_THREADS must be a whole number"),
+        ("ANYFORK_EXIT_TIMEOUT", "-1", "ANYFORK_EXIT_TIMEOUT must be a number of seconds >= 0"),
+        ("ANYFORK_EXIT_TIMEOUT", "nan", "ANYFORK_EXIT_TIMEOUT must be a number of seconds >= 0"),
+        ("ANYFORK_EXIT_TIMEOUT", "soon", "ANYFORK_EXIT_TIMEOUT must be a number of seconds"),
+        ("ANYFORK_EAGER", "maybe", "ANYFORK_EAGER must be 0 or 1 (or false/true, no/yes)"),
+    ],
+)
+def test_a_bad_environment_variable_is_named_in_the_error(
+    variable: str, value: str, message: str
+) -> None:
+    result = run_script("import anyfork", env={variable: value})
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ValueError: "), result.stderr
+    assert message in last_line
+    assert f"got {value!r}" in last_line
+    assert "unset it" in last_line

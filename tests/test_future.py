@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import pickle
 import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import anyfork
 from anyfork import AlreadyCompletedError, Future, NotReadyError
 
-from .conftest import run_in_thread
+from .conftest import run_in_thread, run_script
 
 
 def test_set_result_then_wait_and_value_return_the_same_object() -> None:
@@ -266,3 +271,318 @@ def test_repr_shows_name_and_state() -> None:
     assert repr(fut) == "<anyfork.Future 'job' pending>"
     fut.set_result(1)
     assert repr(fut) == "<anyfork.Future 'job' finished>"
+
+
+# --- a done callback that raises a BaseException ---------------------------------------
+
+
+def complete_in_a_thread(fut: Future[int], value: int) -> BaseException | None:
+    """Call ``fut.set_result(value)`` in a plain thread; return what it raised, if anything.
+
+    Returned, never re-raised: a KeyboardInterrupt escaping into pytest would end the run.
+    """
+
+    def complete() -> BaseException | None:
+        try:
+            fut.set_result(value)
+        except BaseException as exc:
+            return exc
+        return None
+
+    outcome: BaseException | None = run_in_thread(complete)
+    return outcome
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_from_a_done_callback_is_reraised_after_every_other_callback_ran(
+    interrupt: type[BaseException],
+) -> None:
+    fut: Future[int] = Future()
+    calls: list[str] = []
+
+    def raising(_: Future[int]) -> None:
+        calls.append("raising")
+        raise interrupt
+
+    fut.add_done_callback(lambda f: calls.append("before"))
+    fut.add_done_callback(raising)
+    fut.add_done_callback(lambda f: calls.append("after"))
+    raised = complete_in_a_thread(fut, 1)
+    assert calls == ["before", "raising", "after"]
+    assert isinstance(raised, interrupt)
+    assert fut.value() == 1
+
+
+def test_a_then_child_completes_when_an_earlier_callback_raises_keyboard_interrupt() -> None:
+    fut: Future[int] = Future()
+
+    def raising(_: Future[int]) -> None:
+        raise KeyboardInterrupt
+
+    fut.add_done_callback(raising)
+    child = fut.then(lambda f: f.value() + 1)
+    grandchild = child.then(lambda f: f.value() + 1)
+    assert isinstance(complete_in_a_thread(fut, 1), KeyboardInterrupt)
+    assert child.done() and child.value() == 2
+    assert grandchild.done() and grandchild.value() == 3
+
+
+def test_only_the_first_of_two_interrupts_from_callbacks_is_reraised_and_the_other_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fut: Future[int] = Future()
+    first, second = KeyboardInterrupt("first"), SystemExit("second")
+
+    def raise_first(_: Future[int]) -> None:
+        raise first
+
+    def raise_second(_: Future[int]) -> None:
+        raise second
+
+    fut.add_done_callback(raise_first)
+    fut.add_done_callback(raise_second)
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        assert complete_in_a_thread(fut, 1) is first
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [second]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [asyncio.CancelledError, GeneratorExit, BaseException],
+    ids=lambda e: e.__name__,
+)
+def test_other_base_exceptions_from_a_done_callback_are_logged_like_exceptions(
+    error: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    fut: Future[int] = Future()
+    later: list[int] = []
+
+    def raising(_: Future[int]) -> None:
+        raise error("from the callback")
+
+    fut.add_done_callback(raising)
+    fut.add_done_callback(lambda f: later.append(f.value()))
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        assert complete_in_a_thread(fut, 7) is None
+    assert later == [7]
+    (record,) = caplog.records
+    assert record.exc_info is not None and isinstance(record.exc_info[1], error)
+
+
+def test_an_interrupt_from_a_callback_added_to_a_done_future_is_raised_at_once() -> None:
+    fut: Future[int] = Future()
+    fut.set_result(1)
+
+    def raising(_: Future[int]) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fut.add_done_callback(raising)
+
+
+# --- tracebacks: bounded, and no reference cycles -------------------------------------
+
+
+def traceback_length(error: BaseException) -> int:
+    length, entry = 0, error.__traceback__
+    while entry is not None:
+        length, entry = length + 1, entry.tb_next
+    return length
+
+
+def raised(error: BaseException) -> BaseException:
+    """``error`` after being raised and caught here, so it has a traceback of its own."""
+    try:
+        raise error
+    except BaseException as caught:
+        return caught
+
+
+READS = ["value", "Future.wait", "anyfork.wait", "wait_all"]
+
+
+def read_and_catch(how: str, fut: Future[Any]) -> BaseException:
+    """Read ``fut`` the way ``how`` names and return what it raised.
+
+    Like a reader that is done with the future, it keeps no reference to it once it returns:
+    its frame stays in the exception's traceback, so whatever it held would stay alive.
+    """
+    try:
+        if how == "value":
+            fut.value()
+        elif how == "Future.wait":
+            fut.wait()
+        elif how == "anyfork.wait":
+            anyfork.wait(fut)
+        else:
+            anyfork.wait_all([fut])
+    except BaseException as error:
+        return error
+    finally:
+        del fut
+    raise AssertionError("the read did not raise")
+
+
+@pytest.mark.parametrize("read", READS)
+def test_reading_a_failed_future_a_thousand_times_does_not_grow_its_traceback(
+    read: str,
+) -> None:
+    fut: Future[int] = Future()
+    fut.set_exception(raised(ValueError("boom")))
+    once = traceback_length(read_and_catch(read, fut))
+    for _ in range(1000):
+        error = read_and_catch(read, fut)
+    assert traceback_length(error) == once
+    # Of the readers' frames, the exception (so the future) keeps only the last one's.
+    readers, entry = 0, error.__traceback__
+    while entry is not None:
+        readers += entry.tb_frame.f_code is read_and_catch.__code__
+        entry = entry.tb_next
+    assert readers == 1
+
+
+def test_a_failing_10000_link_then_chain_ends_with_a_bounded_traceback() -> None:
+    head: Future[int] = Future()
+    tail = head
+    for _ in range(10_000):
+        tail = tail.then(lambda f: f.value())
+    head.set_exception(raised(ValueError("at the head")))
+    at_the_tail = traceback_length(read_and_catch("Future.wait", tail))
+    at_the_head = traceback_length(read_and_catch("Future.wait", head))
+    assert (at_the_tail, at_the_head) == (at_the_head, at_the_head)
+
+
+@contextlib.contextmanager
+def garbage_collector_disabled() -> Iterator[None]:
+    """Only reference counting frees objects inside: whatever sits in a cycle stays."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()  # here, not at a random later point such as pytest's report
+
+
+def never_retrieved_logged(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("was never retrieved" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("read", READS)
+def test_a_failed_future_that_was_read_is_freed_with_its_last_reference(read: str) -> None:
+    with garbage_collector_disabled():
+        fut: Future[int] = Future()
+        fut.set_exception(raised(ValueError("boom")))
+        read_and_catch(read, fut)
+        ref = weakref.ref(fut)
+        del fut
+        freed = ref() is None
+    assert freed
+
+
+def test_a_failed_future_nobody_read_is_logged_and_freed_with_its_last_reference(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with garbage_collector_disabled(), caplog.at_level(logging.ERROR, logger="anyfork"):
+        fut: Future[int] = Future()
+        fut.set_exception(raised(ValueError("boom")))
+        ref = weakref.ref(fut)
+        del fut
+        freed = ref() is None
+    assert freed
+    assert never_retrieved_logged(caplog)
+
+
+@pytest.mark.parametrize("reraises_the_parents_error", [False, True])
+def test_a_failed_then_child_nobody_read_is_logged_and_freed_with_its_last_reference(
+    reraises_the_parents_error: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with garbage_collector_disabled(), caplog.at_level(logging.ERROR, logger="anyfork"):
+        parent: Future[int] = Future()
+        if reraises_the_parents_error:
+            child = parent.then(lambda f: f.value())
+            parent.set_exception(raised(ValueError("parent failed")))
+        else:
+            child = parent.then(lambda f: 1 // 0)
+            parent.set_result(1)
+        ref = weakref.ref(child)
+        del child
+        freed = ref() is None
+    assert freed
+    assert never_retrieved_logged(caplog)
+
+
+def test_a_failed_sync_fork_in_a_script_is_logged_and_freed_with_its_last_reference() -> None:
+    result = run_script(
+        """
+        import gc, logging, sys, time, weakref
+
+        import anyfork
+
+        logging.basicConfig(stream=sys.stdout, format="%(message)s")
+        gc.disable()
+
+        class Argument:
+            pass
+
+        def fail(argument):
+            raise ValueError("nobody waits for this")
+
+        argument = Argument()
+        fut = anyfork.fork(fail, argument)
+        refs = [weakref.ref(fut), weakref.ref(argument)]
+        del argument
+        while not fut.done():
+            time.sleep(0.01)
+        del fut
+        deadline = time.monotonic() + 10
+        while any(ref() is not None for ref in refs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("freed:", [ref() is None for ref in refs])
+        """
+    )
+    assert "was never retrieved" in result.stdout, result.stderr
+    assert "freed: [True, True]" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_failed_then_child_that_collect_all_follows_is_freed_with_its_last_reference(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with garbage_collector_disabled(), caplog.at_level(logging.ERROR, logger="anyfork"):
+        parent: Future[int] = Future()
+        child = parent.then(lambda f: 1 // 0)
+        combined = anyfork.collect_all([parent, child])  # its callback holds the child
+        parent.set_result(1)
+        refs = [weakref.ref(child), weakref.ref(combined)]
+        del child, combined
+        freed = [ref() is None for ref in refs]
+    assert freed == [True, True]
+    assert never_retrieved_logged(caplog)
+
+
+class Argument:
+    """Sets ``freed`` when it is freed."""
+
+    def __init__(self, freed: threading.Event) -> None:
+        self.freed = freed
+
+    def __del__(self) -> None:
+        self.freed.set()
+
+
+@pytest.mark.parametrize("where", ["script", "thread"])
+def test_a_sync_fork_lets_go_of_its_arguments_before_its_future_completes(where: str) -> None:
+    # Once the future is done the program may exit; a daemon worker thread that still frees
+    # the work's objects then (a torch tensor) can abort the interpreter's finalization.
+    freed, registered = threading.Event(), threading.Event()
+    freed_at_completion: list[bool] = []
+
+    def start() -> Future[bool]:
+        fut = anyfork.fork(lambda argument: registered.wait(10), Argument(freed))
+        fut.add_done_callback(lambda f: freed_at_completion.append(freed.is_set()))
+        registered.set()
+        return fut
+
+    fut = start() if where == "script" else run_in_thread(start)
+    fut.wait(timeout=10)
+    assert freed_at_completion == [True]

@@ -4,6 +4,7 @@ and pyright; pytest runs it too, so every assertion is also true at run time."""
 from __future__ import annotations
 
 import concurrent.futures
+from typing import Any
 
 import anyio
 from typing_extensions import assert_type
@@ -27,6 +28,26 @@ def test_fork_results_are_typed_from_the_forked_callable() -> None:
     assert assert_type(anyfork.wait(fut), str) == "3"
     assert assert_type(fut.then(lambda f: len(f.value())), Future[int]).wait() == 1
     assert anyfork.wait_all([fut]) == ["3"]
+
+
+def test_wait_all_and_collect_all_of_anyfork_futures_keep_the_value_type() -> None:
+    first = anyfork.fork(label, 1)
+    second: Future[str] = Future()
+    second.set_result("2")
+    assert assert_type(anyfork.wait_all([first, second]), list[str]) == ["1", "2"]
+    assert assert_type(anyfork.wait_all((first,), timeout=10), list[str]) == ["1"]
+    combined = assert_type(anyfork.collect_all([first, second]), Future[list[Future[str]]])
+    assert [f.value() for f in combined.wait(timeout=10)] == ["1", "2"]
+
+
+def test_wait_all_and_collect_all_of_foreign_futures_are_typed_any() -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        foreign = pool.submit(label, 5)
+        assert assert_type(anyfork.wait_all([foreign]), list[Any]) == ["5"]
+        mixed = [anyfork.fork(label, 6), pool.submit(len, "ab")]
+        assert assert_type(anyfork.wait_all(mixed), list[Any]) == ["6", 2]
+        combined = assert_type(anyfork.collect_all(mixed), Future[list[Future[Any]]])
+        assert len(combined.wait(timeout=10)) == 2
 
 
 def test_wait_accepts_concurrent_futures_typed() -> None:

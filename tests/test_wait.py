@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import threading
+import weakref
 
 import anyio
 import pytest
@@ -13,6 +15,7 @@ import anyfork
 from anyfork import Future, fork
 
 from .conftest import run_in_thread, run_script
+from .test_future import raised, traceback_length
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -247,3 +250,127 @@ def test_wait_all_runs_unstarted_sync_forks_in_the_waiting_thread() -> None:
         """
     )
     assert result.stdout == "True\n", result.stderr
+
+
+@pytest.mark.anyio
+async def test_an_awaiting_task_wakes_when_an_earlier_done_callback_raises_keyboard_interrupt() -> (
+    None
+):
+    fut: Future[int] = Future()
+
+    def raising(_: Future[int]) -> None:
+        raise KeyboardInterrupt
+
+    fut.add_done_callback(raising)
+
+    def complete() -> BaseException | None:
+        try:
+            fut.set_result(5)
+        except BaseException as exc:  # returned: a KeyboardInterrupt must not reach pytest
+            return exc
+        return None
+
+    async with anyio.create_task_group() as tg:
+        seen: list[int] = []
+
+        async def waiter() -> None:
+            seen.append(await fut)
+
+        tg.start_soon(waiter)
+        await anyio.sleep(0.01)
+        raised = await anyio.to_thread.run_sync(run_in_thread, complete)
+        with anyio.fail_after(5):
+            while not seen:
+                await anyio.sleep(0.01)
+    assert isinstance(raised, KeyboardInterrupt)
+    assert seen == [5]
+
+
+async def await_and_catch(fut: Future[int], via_wait_async: bool) -> BaseException:
+    try:
+        if via_wait_async:
+            await anyfork.wait_async(fut)
+        else:
+            await fut
+    except BaseException as error:
+        return error
+    finally:
+        del fut  # done with it, like a real reader (see test_future.read_and_catch)
+    raise AssertionError("awaiting did not raise")
+
+
+def a_failed_future() -> Future[int]:
+    fut: Future[int] = Future()
+    fut.set_exception(raised(ValueError("boom")))
+    try:
+        return fut
+    finally:
+        del fut  # the error's traceback keeps this frame alive (through raised()'s f_back)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("via_wait_async", [False, True], ids=["await", "wait_async"])
+async def test_awaiting_a_failed_future_a_thousand_times_does_not_grow_its_traceback(
+    via_wait_async: bool,
+) -> None:
+    fut = a_failed_future()
+    once = traceback_length(await await_and_catch(fut, via_wait_async))
+    for _ in range(1000):
+        error = await await_and_catch(fut, via_wait_async)
+    assert traceback_length(error) == once
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("via_wait_async", [False, True], ids=["await", "wait_async"])
+async def test_a_failed_future_that_was_awaited_is_freed_with_its_last_reference(
+    via_wait_async: bool,
+) -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        fut = a_failed_future()
+        await await_and_catch(fut, via_wait_async)
+        ref = weakref.ref(fut)
+        del fut
+        freed = ref() is None
+    finally:
+        gc.enable()
+        gc.collect()
+    assert freed
+
+
+# --- timeouts beyond what a thread can wait ---------------------------------------------
+
+HUGE_TIMEOUTS = [float("inf"), 1e300, threading.TIMEOUT_MAX * 2]
+
+
+def wait_with_timeout(how: str, fut: Future[int], timeout: float) -> int:
+    if how == "Future.wait":
+        return fut.wait(timeout=timeout)
+    if how == "anyfork.wait":
+        return anyfork.wait(fut, timeout=timeout)
+    (value,) = anyfork.wait_all([fut], timeout=timeout)
+    return int(value)
+
+
+@pytest.mark.parametrize("how", ["Future.wait", "anyfork.wait", "wait_all"])
+@pytest.mark.parametrize("timeout", HUGE_TIMEOUTS, ids=["inf", "1e300", "twice TIMEOUT_MAX"])
+@pytest.mark.parametrize("thread", ["main thread", "other thread"])
+def test_a_timeout_beyond_what_threads_can_wait_means_no_bound(
+    how: str, timeout: float, thread: str
+) -> None:
+    fut: Future[int] = Future()
+    threading.Timer(0.05, fut.set_result, args=(4,)).start()
+    if thread == "main thread":
+        assert wait_with_timeout(how, fut, timeout) == 4
+    else:
+        assert run_in_thread(lambda: wait_with_timeout(how, fut, timeout)) == 4
+
+
+@pytest.mark.parametrize("how", ["Future.wait", "anyfork.wait", "wait_all"])
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("-inf")])
+def test_nan_and_negative_timeouts_stay_rejected(how: str, bad: float) -> None:
+    fut: Future[int] = Future()
+    fut.set_result(1)
+    with pytest.raises(ValueError, match="timeout must be None or a number >= 0"):
+        run_in_thread(lambda: wait_with_timeout(how, fut, bad))

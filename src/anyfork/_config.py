@@ -38,34 +38,45 @@ class Config:
 
 
 def _from_environment() -> Config:
+    # Each variable is checked here, so that its error names the variable that was set
+    # rather than the configure() argument it stands for.
     eager_text = os.environ.get("ANYFORK_EAGER", "").strip().lower()
     if eager_text not in ("", "0", "1", "false", "true", "no", "yes"):
-        raise ValueError(f"ANYFORK_EAGER must be 0 or 1, got {eager_text!r}")
-    threads_text = os.environ.get("ANYFORK_WORKER_THREADS", "").strip()
-    try:
-        threads = int(threads_text) if threads_text else DEFAULT_WORKER_THREADS
-    except ValueError:
         raise ValueError(
-            f"ANYFORK_WORKER_THREADS must be a whole number >= 1, got {threads_text!r}"
-        ) from None
+            f"ANYFORK_EAGER must be 0 or 1 (or false/true, no/yes), got {eager_text!r}: set it "
+            "to one of those, or unset it to keep eager mode off"
+        )
+    threads_text = os.environ.get("ANYFORK_WORKER_THREADS", "").strip()
+    threads = DEFAULT_WORKER_THREADS
+    if threads_text:
+        try:
+            threads = int(threads_text)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(
+                f"ANYFORK_WORKER_THREADS must be a whole number >= 1, got {threads_text!r}: "
+                f"set it to e.g. 8, or unset it for the default of {DEFAULT_WORKER_THREADS}"
+            )
     exit_text = os.environ.get("ANYFORK_EXIT_TIMEOUT", "").strip().lower()
-    exit_timeout: float | None
-    if exit_text in ("", "none"):
-        exit_timeout = None if exit_text == "none" else DEFAULT_EXIT_TIMEOUT
-    else:
+    exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT
+    if exit_text == "none":
+        exit_timeout = None
+    elif exit_text:
         try:
             exit_timeout = float(exit_text)
         except ValueError:
+            exit_timeout = -1.0
+        if not exit_timeout >= 0:  # negative, or NaN
             raise ValueError(
                 f"ANYFORK_EXIT_TIMEOUT must be a number of seconds >= 0 or 'none', got "
-                f"{exit_text!r}"
-            ) from None
-    return _validated(
-        Config(
-            eager=eager_text in ("1", "true", "yes"),
-            worker_threads=threads,
-            exit_timeout=exit_timeout,
-        )
+                f"{exit_text!r}: set it to e.g. 30, or unset it for the default of "
+                f"{DEFAULT_EXIT_TIMEOUT:g} seconds"
+            )
+    return Config(
+        eager=eager_text in ("1", "true", "yes"),
+        worker_threads=threads,
+        exit_timeout=exit_timeout,
     )
 
 

@@ -28,7 +28,7 @@ import anyio
 from . import _loops
 from ._config import current_config
 from ._errors import ShutdownError
-from ._future import Future
+from ._future import Future, run_inline
 from ._pool import WorkerPool
 from ._scope import (
     _AmbientGroup,
@@ -210,6 +210,14 @@ class _Fallback:
         try:
             # Inside the try: a Ctrl-C that lands right after this still ends the join.
             exit_join_started.set()
+            if deadline is None:
+                # Without a bound, help first: run the sync forks no worker has started yet,
+                # from the last one back, as wait_all does.
+                for future in reversed(self._unfinished()):
+                    steal = future._steal
+                    if steal is not None:
+                        run_inline(steal)
+                    del steal
             while unfinished := self._unfinished():
                 for future in unfinished:
                     remaining = None if deadline is None else deadline - time.monotonic()

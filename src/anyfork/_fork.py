@@ -27,7 +27,7 @@ from typing_extensions import ParamSpec
 from . import _loops
 from ._config import current_config
 from ._fallback import fallback
-from ._future import _FAILED, _FINISHED, Future
+from ._future import _FAILED, _FINISHED, Future, without_catching_frame
 from ._scope import TaskFactory, _ForkGroup, ambient_group, current_scope_group
 from ._torch import capture_grad_mode
 
@@ -64,7 +64,9 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     :param args: positional arguments for ``func``
     :param kwargs: keyword arguments for ``func``
     :return: a future of ``func``'s (awaited) result
-    :raises TypeError: if ``func`` is not callable, or is a coroutine object
+    :raises TypeError: if ``func`` is not callable, is a coroutine object, or is an async
+        generator function or a ``@types.coroutine`` generator function (neither gives one
+        result to wait for)
     :raises ShutdownError: if called while the interpreter is shutting down, outside a loop
 
     Example::
@@ -83,6 +85,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
                 f"fork({func.__qualname__}(...))"
             )
         raise TypeError(f"fork() takes a callable, got {type(func).__name__} {func!r}")
+    _reject_generator_kinds(func)
 
     future: Future[Any] = Future(name=_name_of(func))
     context = contextvars.copy_context()
@@ -91,9 +94,12 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
 
     if current_config().eager and not (is_async and native is not None):
         _run_now(future, func, args, kwargs, is_async, context)
-        return future
+        try:
+            return future
+        finally:
+            del future  # a failure's traceback keeps this frame alive (see _run_now)
 
-    job: Callable[[], None] | None = None
+    job: _SyncJob | None = None
     if is_async:
         spawn_context: contextvars.Context | None = context
 
@@ -103,7 +109,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         # The worker thread enters ``context`` itself, so the task needs none of its own.
         spawn_context = None
         job = _sync_job(future, func, args, kwargs, context, capture_grad_mode())
-        future._steal = job
+        future._steal = functools.partial(job, True)  # a waiter runs it inline
 
         def task_for(group: _ForkGroup) -> TaskFactory:
             return functools.partial(group.run_sync_fork, future, job)
@@ -155,39 +161,97 @@ def _sync_job(
     kwargs: dict[str, Any],
     context: contextvars.Context,
     grad_mode: Callable[..., Any] | None,
-) -> Callable[[], None]:
+) -> _SyncJob:
     """Wrap a sync fork's work so that exactly one thread runs it: a worker or a waiter.
 
     ``grad_mode``, when torch is imported, runs the work in the grad and inference mode of
     the thread that forked it.
     """
+    return _SyncJob((future, func, args, kwargs, context, grad_mode))
 
-    def job() -> None:
-        if not future._start_running():  # cancelled, or another thread took it
+
+class _SyncJob:
+    """A sync fork's work; the first thread to call it with the future still pending runs it.
+
+    The thread that runs it takes the work out first, so once the work has run nothing holds
+    the future or the work's arguments through the job: neither this object (kept by a
+    worker queue or a waiter's frame) nor the frames of the threads that called it, which a
+    failure's traceback keeps alive (see ``without_catching_frame``).
+    """
+
+    __slots__ = ("_work",)
+
+    def __init__(
+        self,
+        work: tuple[
+            Future[Any],
+            Callable[..., Any],
+            tuple[Any, ...],
+            dict[str, Any],
+            contextvars.Context,
+            Callable[..., Any] | None,
+        ],
+    ) -> None:
+        self._work: Any = work
+
+    def __call__(self, inline: bool = False) -> None:
+        """Run the work, unless it was cancelled or another thread took it.
+
+        :param inline: a waiter runs it in its own thread; then a KeyboardInterrupt or
+            SystemExit the work raises is re-raised to that waiter (after completing the
+            future with it), since it is meant for the program, not for the fork
+        """
+        work = self._work
+        if work is None or not work[0]._start_running():  # cancelled, or another took it
             return
+        self._work = None
+        future, func, args, kwargs, context, grad_mode = work
+        del work
         try:
-            if grad_mode is None:
-                result = context.run(func, *args, **kwargs)
+            try:
+                if grad_mode is None:
+                    result = context.run(func, *args, **kwargs)
+                else:
+                    result = context.run(grad_mode, func, *args, **kwargs)
+            except BaseException as exc:
+                # Let go of the work's objects before completing: once the future is done
+                # the program may exit, and a daemon thread that frees objects (a torch
+                # tensor) while the interpreter finalizes can abort the process.
+                del func, args, kwargs, context, grad_mode
+                future._complete(_FAILED, None, without_catching_frame(exc))
+                if inline and isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
             else:
-                result = context.run(grad_mode, func, *args, **kwargs)
-        except BaseException as exc:
-            future._complete(_FAILED, None, exc)
-        else:
-            if inspect.iscoroutine(result):
-                result.close()
-                future._complete(
-                    _FAILED,
-                    None,
-                    TypeError(
-                        f"{future.name} returned a coroutine from a worker thread; declare it "
-                        "with 'async def' (or fork the coroutine function itself) so that "
-                        "anyfork runs it as a task"
-                    ),
-                )
-            else:
-                future._complete(_FINISHED, result, None)
+                del func, args, kwargs, context, grad_mode
+                future._complete(*_sync_outcome(future, result))
+        finally:
+            del future
 
-    return job
+
+def _sync_outcome(future: Future[Any], result: Any) -> tuple[int, Any, BaseException | None]:
+    """How a sync fork's future completes with what its callable returned."""
+    if inspect.iscoroutine(result):
+        result.close()
+        return (
+            _FAILED,
+            None,
+            TypeError(
+                f"{future.name} returned a coroutine from a worker thread; declare it with "
+                "'async def' (or fork the coroutine function itself) so that anyfork runs it "
+                "as a task"
+            ),
+        )
+    if inspect.isasyncgen(result):
+        return (
+            _FAILED,
+            None,
+            TypeError(
+                f"{future.name} returned an async generator from a worker thread, which "
+                "nothing there can iterate; fork a coroutine function that consumes it "
+                "instead, e.g. 'async def collect(): return [item async for item in agen]'"
+            ),
+        )
+    return _FINISHED, result, None
 
 
 def _run_now(
@@ -199,14 +263,55 @@ def _run_now(
     context: contextvars.Context,
 ) -> None:
     try:
-        if is_async:
-            result = context.run(anyio.run, functools.partial(func, *args, **kwargs))
+        try:
+            if is_async:
+                result = context.run(anyio.run, functools.partial(func, *args, **kwargs))
+            else:
+                result = context.run(func, *args, **kwargs)
+        except BaseException as exc:
+            future._complete(_FAILED, None, without_catching_frame(exc))
         else:
-            result = context.run(func, *args, **kwargs)
-    except BaseException as exc:
-        future._complete(_FAILED, None, exc)
-    else:
-        future._complete(_FINISHED, result, None)
+            future._complete(_FINISHED, result, None)
+    finally:
+        # A failure's traceback keeps this frame and fork()'s alive (f_back).
+        del future, func, args, kwargs
+
+
+# Code flags of functions whose call gives no result to wait for: an async generator, or a
+# generator-based coroutine (@types.coroutine), which anyio cannot run as a task.
+_GENERATOR_KINDS = inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+def _reject_generator_kinds(func: Callable[..., Any]) -> None:
+    """Raise TypeError for an async generator function or a @types.coroutine generator.
+
+    Plain generator functions stay allowed: a sync callable may return any object.
+    """
+    plain = getattr(func, "__func__", func)
+    if type(plain) is not types.FunctionType:  # a partial, a callable object, a builtin
+        target = _unwrap_partial(func)
+        plain = getattr(target, "__func__", target)
+        if type(plain) is not types.FunctionType:
+            call = getattr(type(target), "__call__", None)  # noqa: B004 - the method itself
+            plain = getattr(call, "__func__", call)
+            if type(plain) is not types.FunctionType:
+                return
+    flags = plain.__code__.co_flags
+    if not flags & _GENERATOR_KINDS:
+        return
+    name = _name_of(func)
+    if flags & inspect.CO_ASYNC_GENERATOR:
+        raise TypeError(
+            f"fork() takes a function that returns one result, but {name} is an async "
+            "generator function: calling it gives an async generator, not a value to wait "
+            f"for. Fork a coroutine function that consumes it instead, e.g. "
+            f"'async def collect(): return [item async for item in {name}()]'"
+        )
+    raise TypeError(
+        f"fork() cannot run {name}: it is a generator-based coroutine (@types.coroutine): "
+        "declare it with 'async def', or fork an 'async def' function that does "
+        f"'return await {name}(...)'"
+    )
 
 
 def _is_coroutine_function(func: Callable[..., Any]) -> bool:

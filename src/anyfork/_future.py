@@ -8,21 +8,27 @@ future is cancelled.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
+import sys
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Generator
-from typing import Any, Generic, NoReturn, TypeVar
+from types import TracebackType
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 from . import _loops, _pool
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 
-__all__ = ["Future"]
+__all__ = ["Future", "without_catching_frame"]
 
 T = TypeVar("T")
 S = TypeVar("S")
+E = TypeVar("E", bound=BaseException)
 
 logger = logging.getLogger("anyfork")
 
@@ -31,6 +37,27 @@ logger = logging.getLogger("anyfork")
 # thread's lock wait is not interrupted, and Python raises KeyboardInterrupt only once the main
 # thread runs bytecode again.
 _SIGNAL_POLL_INTERVAL = 0.2
+
+
+class _InlineDepth(threading.local):
+    # How many forks this thread is running inline, one inside the other (a fork that
+    # waits for a fork that waits for a fork...). Each level costs a few frames of the
+    # thread's stack: past _MAX_INLINE_DEPTH a waiter stops running forks inline and
+    # blocks instead, and the fork runs on another worker thread with a fresh stack
+    # (managed blocking frees a slot for it). So fork-and-wait recursion is not bounded by
+    # the recursion limit.
+    depth = 0
+
+
+_inline = _InlineDepth()
+
+
+def _max_inline_depth() -> int:
+    # A level costs four Python frames (anyfork.wait, Future.wait, the job, the work) and,
+    # up to Python 3.11, where C calls count against the limit too, about as many C calls
+    # (more with torch's grad-mode wrapper); the rest is left for the work's own calls.
+    return sys.getrecursionlimit() // 16
+
 
 _PENDING = 0
 _FINISHED = 1
@@ -45,6 +72,27 @@ _STATE_NAMES = {
 }
 
 Callback = Callable[["Future[Any]"], object]
+
+
+def without_catching_frame(exc: E) -> E:
+    """Return ``exc`` with the calling frame's entry dropped from the top of its traceback.
+
+    For the ``except`` block that stores a work's exception in a future:
+    ``future._complete(_FAILED, None, without_catching_frame(exc))``. anyfork's catching
+    frame is noise in the user's traceback, and it often holds the future: left there, it
+    makes the cycle future -> exception -> traceback -> frame -> future. The entry is
+    dropped only if it is the caller's own, so the work's frames always stay.
+
+    Dropping the entry is not enough on its own: the work's frame keeps its caller's frame
+    alive through ``f_back``, so the catching frame (and every frame of anyfork's above it
+    that finishes before the future is dropped) must also let go of the future before it
+    returns, e.g. ``del future`` in a ``finally`` (``concurrent.futures`` writes
+    ``self = None``).
+    """
+    top = exc.__traceback__
+    if top is not None and top.tb_frame is sys._getframe(1):
+        exc.__traceback__ = top.tb_next
+    return exc
 
 
 class _Dispatch(threading.local):
@@ -71,10 +119,32 @@ def _run_callbacks(future: Future[Any], callbacks: list[Callback]) -> None:
 
 
 def _drain(queue: deque[tuple[Future[Any], list[Callback]]]) -> None:
+    # Every callback runs, whatever the ones before it raise: a KeyboardInterrupt or
+    # SystemExit is raised only once the queue is empty, so no later callback (a then()
+    # child, a waiting task's wake-up) is skipped and left pending forever.
+    #
+    # Each list is emptied as it runs, and nothing is left in this frame's locals: a failing
+    # then() callback's traceback keeps this frame, and those that handed the lists in,
+    # alive (through f_back), and a callback may hold another future (collect_all's does).
+    interrupt: BaseException | None = None
     while queue:
         future, callbacks = queue.popleft()
-        for callback in callbacks:
-            _invoke(callback, future)
+        callbacks.reverse()
+        while callbacks:
+            callback = callbacks.pop()
+            raised = _invoke(callback, future)
+            if raised is not None:
+                if interrupt is None:
+                    interrupt = raised
+                else:
+                    _log_callback_error(raised, callback, future)
+            del callback
+        del future, callbacks
+    if interrupt is not None:
+        try:
+            raise interrupt
+        finally:
+            del interrupt
 
 
 def _help_pending_dispatch() -> None:
@@ -88,11 +158,34 @@ def _help_pending_dispatch() -> None:
         _drain(queue)
 
 
-def _invoke(callback: Callback, future: Future[Any]) -> None:
+def _invoke(callback: Callback, future: Future[Any]) -> BaseException | None:
+    """Run one done callback; return the KeyboardInterrupt or SystemExit it raised, if any.
+
+    Anything else it raises is logged, BaseExceptions too (asyncio.CancelledError,
+    GeneratorExit): a callback runs in whichever thread or task completes the future, so its
+    exception means nothing to that caller. Only an interrupt is handed back, to be raised
+    after the other callbacks have run.
+    """
     try:
-        callback(future)
-    except Exception:
-        logger.exception("anyfork: done callback %r of %r raised", callback, future)
+        result = callback(future)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        return exc
+    except BaseException as exc:
+        _log_callback_error(exc, callback, future)
+    else:
+        if type(result) is types.CoroutineType:
+            result.close()  # it will never run: spare the user a "never awaited" warning
+            logger.error(
+                "anyfork: done callback %r of %r returned a coroutine, which nothing awaits; "
+                "it was closed. A callback runs synchronously: pass a sync function",
+                callback,
+                future,
+            )
+    return None
+
+
+def _log_callback_error(exc: BaseException, callback: Callback, future: Future[Any]) -> None:
+    logger.error("anyfork: done callback %r of %r raised", callback, future, exc_info=exc)
 
 
 class _CallbackHandOff(threading.local):
@@ -143,10 +236,21 @@ class Future(Generic[T]):
         "_running",
         "_state",
         "_steal",
+        "_traceback",
         "name",
     )
 
-    def __init__(self, *, name: str | None = None) -> None:
+    def __new__(cls, *args: object, name: str | None = None) -> Future[T]:
+        # Only to turn Future("job") into an error that says what to write; type checkers
+        # see __init__'s keyword-only signature.
+        if args:
+            raise TypeError(
+                f"Future() takes its name as a keyword: write Future(name={args[0]!r}) "
+                f"instead of Future({args[0]!r})"
+            )
+        return object.__new__(cls)
+
+    def __init__(self, *, name: str | None = None) -> None:  # pyright: ignore[reportInconsistentConstructor]
         """
         :param name: a label shown in ``repr`` and in log messages about this future
         """
@@ -155,6 +259,9 @@ class Future(Generic[T]):
         self._state = _PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
+        # The exception's traceback when the work failed; every read re-raises with it, so
+        # reads neither grow it nor keep the readers' frames alive (as asyncio does).
+        self._traceback: TracebackType | None = None
         self._retrieved = False
         self._running = False
         self._callbacks: list[Callback] = []
@@ -178,11 +285,17 @@ class Future(Generic[T]):
         )
 
     def __del__(self) -> None:
-        if self._state == _FAILED and not self._retrieved:
+        try:
+            unretrieved = self._state == _FAILED and not self._retrieved
+        except AttributeError:  # __init__ never ran to the end: nothing to report
+            return
+        if unretrieved:
             try:
+                # The repr, not the future: a handler that keeps records (pytest's caplog,
+                # a memory handler) would otherwise bring the dying future back to life.
                 logger.error(
-                    "anyfork: exception of %r was never retrieved",
-                    self,
+                    "anyfork: exception of %s was never retrieved",
+                    repr(self),
                     exc_info=self._exception,
                 )
             except Exception:  # pragma: no cover - logging torn down at interpreter exit
@@ -210,17 +323,27 @@ class Future(Generic[T]):
                 f"{self!r} is still pending: value() never blocks. Use wait() to block, "
                 "or 'await fut' in async code."
             )
-        return self._outcome()
+        try:
+            return self._outcome()
+        finally:
+            del self  # see _outcome
 
     def _outcome(self) -> T:
-        state = self._state
-        if state == _FINISHED:
-            return self._result  # type: ignore[no-any-return]
-        if state == _FAILED:
-            self._retrieved = True
-            assert self._exception is not None
-            raise self._exception
-        raise _cancelled_error(self)
+        # Every frame that re-raises the stored exception ends up in its traceback, which
+        # the future holds: such a frame deletes its reference to the future on the way
+        # out, or it would make the cycle future -> exception -> traceback -> frame ->
+        # future (concurrent.futures does the same with 'self = None').
+        try:
+            state = self._state
+            if state == _FINISHED:
+                return self._result  # type: ignore[no-any-return]
+            if state == _FAILED:
+                self._retrieved = True
+                assert self._exception is not None
+                raise self._exception.with_traceback(self._traceback)
+            raise _cancelled_error(self)
+        finally:
+            del self
 
     # --- waiting ----------------------------------------------------------------------
 
@@ -232,17 +355,33 @@ class Future(Generic[T]):
         inline, so the timeout holds. A worker thread that blocks here gives its place in
         the pool back while it waits, so nested fork-and-wait never starves.
 
-        :param timeout: seconds to wait at most; ``None`` waits for as long as it takes
+        :param timeout: seconds to wait at most; ``None`` (or ``math.inf``) waits for as long
+            as it takes
+        :raises ValueError: if ``timeout`` is negative or NaN
         :raises WouldBlockError: if called on an event-loop thread while still pending;
             use ``await fut`` there instead
         :raises TimeoutError: if the timeout elapses first
         :raises CancelledError: if the future was cancelled
         :raises BaseException: the exception the work raised, as the same object
         """
-        _check_timeout(timeout)
-        if self._state == _PENDING:
-            self._block_until_done(timeout)
-        return self._outcome()
+        timeout = _check_timeout(timeout)
+        try:
+            if self._state == _PENDING:
+                # Work stealing is done here rather than in _block_until_done, to keep the
+                # frames of each level of a fork-and-wait recursion few.
+                steal = self._steal
+                if steal is not None and timeout is None and _may_run_inline():
+                    _inline.depth += 1
+                    try:
+                        steal()
+                    finally:
+                        _inline.depth -= 1
+                        del steal
+                if self._state == _PENDING:
+                    self._block_until_done(timeout)
+            return self._outcome()
+        finally:
+            del self  # see _outcome
 
     def _block_until_done(self, timeout: float | None) -> None:
         if _loops.running_native_loop() is not None:
@@ -253,8 +392,13 @@ class Future(Generic[T]):
         # Only an untimed wait runs the work itself: work run inline cannot be interrupted at
         # a timeout, so a timed wait that stole could outlast its bound by the whole job.
         steal = self._steal
-        if steal is not None and timeout is None:
-            steal()
+        if steal is not None and timeout is None and _inline.depth < _max_inline_depth():
+            _inline.depth += 1
+            try:
+                steal()
+            finally:
+                _inline.depth -= 1
+                del steal
         _help_pending_dispatch()
         with self._lock:
             if self._state != _PENDING:
@@ -282,9 +426,12 @@ class Future(Generic[T]):
             _pool.rejoin(slot)
 
     def __await__(self) -> Generator[Any, Any, T]:
-        if self._state == _PENDING:
-            yield from self._wait_done_async().__await__()
-        return self._outcome()
+        try:
+            if self._state == _PENDING:
+                yield from self._wait_done_async().__await__()
+            return self._outcome()
+        finally:
+            del self  # see _outcome
 
     async def _wait_done_async(self) -> None:
         """Wait, without blocking the loop, until the future is done.
@@ -308,17 +455,28 @@ class Future(Generic[T]):
         Callbacks run once each, first in first out, in the thread that completes the
         future, or at once in the calling thread if the future is already done. For forked
         work that thread is usually the event loop's: keep callbacks short, and fork
-        anything heavy. An exception raised by a callback is logged (logger ``anyfork``)
-        and does not stop the callbacks after it.
+        anything heavy. The exception is a coroutine fork made in a script, which runs on
+        anyfork's background loop: its callbacks run in a worker thread instead, never on
+        that hidden loop, so they may block, wait and fork like any script code. An exception raised by a callback is logged (logger ``anyfork``)
+        and does not stop the callbacks after it. A ``KeyboardInterrupt`` or ``SystemExit``
+        is not swallowed: it is raised in the completing thread (by ``set_result``, say)
+        once every other callback has run. A callback that returns a coroutine has it
+        closed, and the mistake logged.
 
-        :raises TypeError: if ``callback`` is not callable
+        :raises TypeError: if ``callback`` is not callable, or is a coroutine function (a
+            callback is called, never awaited)
         """
         _check_callable(callback, "add_done_callback")
         with self._lock:
             if self._state == _PENDING:
                 self._callbacks.append(callback)
                 return
-        _invoke(callback, self)
+        interrupt = _invoke(callback, self)
+        if interrupt is not None:
+            try:
+                raise interrupt
+            finally:
+                del interrupt
 
     def to_torch(self) -> Any:
         """Return a ``torch.futures.Future`` that completes with this future.
@@ -364,26 +522,20 @@ class Future(Generic[T]):
         The callback receives this future and reads it with :meth:`value` or :meth:`wait`.
         This future's exception is not propagated automatically: the new future fails only
         if the callback raises, and then with the callback's own exception (torch wraps it
-        in ``RuntimeError``; anyfork keeps its type).
+        in ``RuntimeError``; anyfork keeps its type). A callback that returns a coroutine
+        (which nothing would await) has it closed, and the new future fails with a
+        ``TypeError``.
 
         Example::
 
             total = fut.then(lambda f: sum(f.value()))
 
-        :raises TypeError: if ``callback`` is not callable
+        :raises TypeError: if ``callback`` is not callable, or is a coroutine function (a
+            callback is called, never awaited)
         """
         _check_callable(callback, "then")
         child: Future[S] = Future()
-
-        def run_callback(parent: Future[T]) -> None:
-            try:
-                result = callback(parent)
-            except BaseException as exc:
-                child._complete(_FAILED, None, exc)
-            else:
-                child._complete(_FINISHED, result, None)
-
-        self.add_done_callback(run_callback)
+        self.add_done_callback(_ThenCallback(callback, child))
         return child
 
     # --- completion -------------------------------------------------------------------
@@ -453,6 +605,8 @@ class Future(Generic[T]):
             self._state = state
             self._result = result
             self._exception = exception
+            if exception is not None:
+                self._traceback = exception.__traceback__
             callbacks = self._callbacks
             self._callbacks = []
             event = self._blocking_event
@@ -486,21 +640,91 @@ class Future(Generic[T]):
 # cancelled). Waiters then get it as the ``__cause__`` of their anyfork.CancelledError.
 
 
+def run_inline(steal: Callable[[], object]) -> None:
+    """Run a sync fork's work in this waiting thread (work stealing), counting the depth."""
+    _inline.depth += 1
+    try:
+        steal()
+    finally:
+        _inline.depth -= 1
+
+
+def _may_run_inline() -> bool:
+    """Whether a blocking wait in this thread may run a sync fork itself."""
+    return _inline.depth < _max_inline_depth() and _loops.running_native_loop() is None
+
+
 def _cancelled_error(future: Future[Any]) -> CancelledError:
     error = CancelledError(f"{future!r} was cancelled")
     error.__cause__ = future._exception
     return error
 
 
-def _check_timeout(timeout: float | None) -> None:
+class _ThenCallback(Generic[T, S]):
+    """The done callback of :meth:`Future.then`: completes ``child`` with ``callback(parent)``.
+
+    It runs once and lets go of both at the start: the frames that dispatched it may outlive
+    the call in a traceback (see :func:`without_catching_frame`), and must not hold the child.
+    """
+
+    __slots__ = ("_callback", "_child")
+
+    def __init__(self, callback: Callable[[Future[T]], S], child: Future[S]) -> None:
+        self._callback: Callable[[Future[T]], S] | None = callback
+        self._child: Future[S] | None = child
+
+    def __call__(self, parent: Future[T]) -> None:
+        callback, child = self._callback, self._child
+        if callback is None or child is None:  # pragma: no cover - callbacks run once
+            return
+        self._callback = self._child = None
+        try:
+            try:
+                result = callback(parent)
+            except BaseException as exc:
+                if exc is parent._exception:
+                    # The callback re-raised its parent's error (lambda f: f.value()): keep
+                    # the parent's traceback, so a long failing chain does not grow it.
+                    exc.__traceback__ = parent._traceback
+                else:
+                    without_catching_frame(exc)
+                child._complete(_FAILED, None, exc)
+            else:
+                if isinstance(result, types.CoroutineType):
+                    # It will never run: spare the user a "never awaited" warning.
+                    cast("types.CoroutineType[Any, Any, Any]", result).close()
+                    child._complete(
+                        _FAILED,
+                        None,
+                        TypeError(
+                            f"the then() callback {callback!r} returned a coroutine, which "
+                            "nothing awaits (it was closed): then() calls its callback "
+                            "synchronously; pass a sync function, or await the future in a "
+                            "task and call the coroutine function there"
+                        ),
+                    )
+                else:
+                    child._complete(_FINISHED, result, None)
+        finally:
+            del child, callback
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    """Validate a wait's timeout and return the one to use: ``None`` for no bound.
+
+    A timeout longer than a thread can wait (``threading.TIMEOUT_MAX``, some 292 years on
+    Linux), ``inf`` included, means no bound: handed on, it would make lock waits off the
+    main thread raise ``OverflowError``.
+    """
     if timeout is None:
-        return
+        return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(
             f"timeout must be None or a number of seconds, got {type(timeout).__name__} {timeout!r}"
         )
     if not timeout >= 0:
         raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
+    return None if timeout > threading.TIMEOUT_MAX else timeout
 
 
 def _check_callable(callback: object, method: str) -> None:
@@ -509,3 +733,24 @@ def _check_callable(callback: object, method: str) -> None:
             f"{method}() takes a callable that receives the done future, got "
             f"{type(callback).__name__} {callback!r}"
         )
+    if _is_coroutine_function(callback):
+        raise TypeError(
+            f"{method}() calls its callback in the thread that completes the future and "
+            f"cannot await it, but {callback!r} is a coroutine function. Pass a sync "
+            "function, or await the future in a task and call the coroutine function there: "
+            "'result = await next_step(await fut)' (or fork such a coroutine function)"
+        )
+
+
+def _is_coroutine_function(callback: Callable[..., object]) -> bool:
+    # Plain functions and bound methods by their code flags (cheap: every await registers a
+    # callback); partials and callable objects through inspect.
+    plain = getattr(callback, "__func__", callback)
+    if type(plain) is types.FunctionType and not hasattr(plain, "_is_coroutine_marker"):
+        return bool(plain.__code__.co_flags & inspect.CO_COROUTINE)
+    while isinstance(callback, functools.partial):
+        callback = callback.func
+    if inspect.iscoroutinefunction(callback):
+        return True
+    call = getattr(type(callback), "__call__", None)  # noqa: B004 - the method, not callable()
+    return call is not None and inspect.iscoroutinefunction(call)

@@ -15,8 +15,15 @@ import time
 from collections.abc import Iterable
 from typing import Any, TypeVar, cast, overload
 
-from . import _loops
-from ._future import _CANCELLED, _FAILED, _FINISHED, Future, _check_timeout
+from ._future import (
+    _CANCELLED,
+    _FAILED,
+    _FINISHED,
+    Future,
+    _check_timeout,
+    _may_run_inline,
+    run_inline,
+)
 from ._torch import TorchFuture, follow_torch, is_torch_future
 
 __all__ = ["collect_all", "wait", "wait_all", "wait_async"]
@@ -80,13 +87,18 @@ def wait(future: Any, timeout: float | None = None) -> Any:
 
     :param future: an :class:`anyfork.Future`, a :class:`concurrent.futures.Future` or a
         ``torch.futures.Future`` (no thread waits for it: its done callback wakes ours)
-    :param timeout: seconds to wait at most; ``None`` waits for as long as it takes
+    :param timeout: seconds to wait at most; ``None`` (or ``math.inf``) waits for as long as
+        it takes
     :raises TypeError: if ``future`` is neither kind of future
+    :raises ValueError: if ``timeout`` is negative or NaN
     :raises TimeoutError: if the timeout elapses first
     :raises CancelledError: if the future was cancelled
     :raises WouldBlockError: if called on an event-loop thread for a pending future
     """
-    return as_future(future, "wait").wait(timeout)
+    try:
+        return as_future(future, "wait").wait(timeout)
+    finally:
+        del future  # a frame that re-raises a future's error must not hold it (Future._outcome)
 
 
 @overload
@@ -107,9 +119,16 @@ async def wait_async(future: Any) -> Any:
     :raises TypeError: if ``future`` is neither kind of future
     :raises CancelledError: if the future was cancelled
     """
-    return await as_future(future, "wait_async")
+    try:
+        return await as_future(future, "wait_async")
+    finally:
+        del future  # a frame that re-raises a future's error must not hold it (Future._outcome)
 
 
+@overload
+def collect_all(futures: Iterable[Future[T]]) -> Future[list[Future[T]]]: ...
+@overload
+def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]: ...
 def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
     """Return a future that is done when every future in ``futures`` is done.
 
@@ -144,6 +163,10 @@ def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
     return combined
 
 
+@overload
+def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]: ...
+@overload
+def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]: ...
 def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     """Block until every future is done, then return their values in input order.
 
@@ -152,25 +175,51 @@ def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     waiting thread (work stealing, from the last one back), so the waiting thread helps
     rather than idles; with a timeout nothing runs inline, so the timeout holds.
 
-    :param timeout: seconds to wait for all of them at most
+    :param timeout: seconds to wait for all of them at most; ``None`` (or ``math.inf``)
+        waits for as long as it takes
+    :raises ValueError: if ``timeout`` is negative or NaN
     :raises TimeoutError: if the timeout elapses first
     """
     members = _as_futures(futures, "wait_all")
-    _check_timeout(timeout)
+    timeout = _check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
-    if timeout is None and _loops.running_native_loop() is None:
-        # Help first: run sync forks that no worker has started yet, from the last one
-        # back, while the workers take them from the front. With fewer worker threads
-        # than forks the waiting thread works instead of idling on a running one.
-        for member in reversed(members):
-            steal = member._steal
-            if steal is not None:
-                steal()
+    try:
+        if timeout is None and _may_run_inline():
+            _run_unstarted_from_the_back(members)
+        _block_until_all_done(members, deadline)
+        return _values_in_order(members)
+    finally:
+        # A frame that re-raises a future's error must not hold it (see Future._outcome).
+        del futures, members
+
+
+def _run_unstarted_from_the_back(members: list[Future[Any]]) -> None:
+    # Help first: run sync forks that no worker has started yet, from the last one back,
+    # while the workers take them from the front. With fewer worker threads than forks the
+    # waiting thread works instead of idling on a running one.
+    for member in reversed(members):
+        steal = member._steal
+        if steal is not None:
+            run_inline(steal)
+
+
+def _block_until_all_done(members: list[Future[Any]], deadline: float | None) -> None:
     for member in members:
         if not member.done():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             member._block_until_done(left)
-    return [member._outcome() for member in members]
+
+
+def _values_in_order(members: list[Future[Any]]) -> list[Any]:
+    """The values of done futures, or the first failure in input order, raised."""
+    first_not_finished = next((m for m in members if m._state != _FINISHED), None)
+    if first_not_finished is None:
+        return [member._result for member in members]
+    del members
+    try:
+        return [first_not_finished._outcome()]  # raises its exception or CancelledError
+    finally:
+        del first_not_finished
 
 
 def _as_futures(futures: Iterable[Any], caller: str) -> list[Future[Any]]:
