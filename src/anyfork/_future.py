@@ -459,8 +459,9 @@ class Future(Generic[T]):
         anyfork's background loop: its callbacks run in a worker thread instead, never on
         that hidden loop, so they may block, wait and fork like any script code. An
         exception raised by a callback is logged (logger ``anyfork``) and does not stop
-        the callbacks after it. A ``KeyboardInterrupt`` or ``SystemExit`` is not swallowed: it is raised in the completing thread (by ``set_result``, say)
-        once every other callback has run. A callback that returns a coroutine has it
+        the callbacks after it. A ``KeyboardInterrupt`` or ``SystemExit`` is not
+        swallowed: it is raised in the completing thread (by ``set_result``, say) once
+        every other callback has run. A callback that returns a coroutine has it
         closed, and the mistake logged.
 
         :raises TypeError: if ``callback`` is not callable, or is a coroutine function (a
