@@ -4,6 +4,7 @@ fork and wait deadlocks at any ``worker_threads``, on a loop or in a script."""
 from __future__ import annotations
 
 import threading
+import time
 
 import anyio
 import pytest
@@ -56,33 +57,66 @@ async def test_forks_blocked_in_a_timed_wait_still_let_the_inner_work_run(
     assert results == [i + 1 for i in range(worker_threads + 3)]
 
 
-async def test_the_slots_bound_running_forks_again_once_the_waits_are_over() -> None:
+async def test_sync_forks_that_never_wait_stay_within_worker_threads() -> None:
     anyfork.configure(worker_threads=2)
     lock = threading.Lock()
     running = 0
     most = 0
-    release = threading.Event()
 
     def busy() -> None:
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
-        release.wait(10)
+        time.sleep(0.05)
         with lock:
             running -= 1
 
-    def waits_then_works() -> None:
-        anyfork.wait(anyfork.fork(leaf, 1))
-        busy()
+    with anyio.fail_after(30):
+        for future in [anyfork.fork(busy) for _ in range(8)]:
+            await future
+    assert most == 2
+
+
+async def test_a_fork_resuming_after_a_wait_never_waits_for_a_place() -> None:
+    # One place. A gives it back while it waits for the gate; B takes it and waits for an
+    # event that A sets right after its own wait. Had A to take a place back before going
+    # on, neither could finish.
+    anyfork.configure(worker_threads=1)
+    gate: anyfork.Future[None] = anyfork.Future()
+    a_went_on = threading.Event()
+
+    def a() -> None:
+        anyfork.wait(gate)
+        a_went_on.set()
+
+    def b() -> bool:
+        gate.set_result(None)
+        return a_went_on.wait(20)
 
     with anyio.fail_after(30):
-        futures = [anyfork.fork(waits_then_works) for _ in range(6)]
-        await anyio.sleep(0.3)
-        release.set()
-        for future in futures:
-            await future
-    assert most <= 2
+        first = anyfork.fork(a)
+        await anyio.sleep(0.1)  # A is waiting on the gate
+        assert await anyfork.fork(b) is True
+        await first
+
+
+async def test_a_timed_wait_in_a_worker_thread_holds_its_timeout() -> None:
+    # Giving its place back lets a long fork start; resuming must not wait for that fork.
+    anyfork.configure(worker_threads=1)
+
+    def waits_briefly() -> float:
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            anyfork.wait(anyfork.Future(), timeout=0.1)
+        return time.monotonic() - began
+
+    with anyio.fail_after(30):
+        waited = anyfork.fork(waits_briefly)
+        await anyio.sleep(0.02)
+        long = anyfork.fork(time.sleep, 2)
+        assert await waited < 1.5
+        await long
 
 
 def test_in_a_script_nested_waits_never_deadlock_with_one_worker_thread() -> None:

@@ -106,7 +106,8 @@ class _Fallback:
         self._pool: WorkerPool | None = None
         self._loop: _BackgroundLoop | None = None
         self._loop_group: _AmbientGroup | None = None
-        self._pending: set[Future[Any]] = set()
+        # Insertion-ordered (a dict used as a set): the exit join goes through forks in order.
+        self._pending: dict[Future[Any], None] = {}
         self._exit_hook_registered = False
         self._shut_down = False
 
@@ -134,25 +135,31 @@ class _Fallback:
         """Run ``job`` in the pool; the job completes ``future`` itself."""
         with self._lock:
             self._check_open()
-            pool = self._pool
-            if pool is None:
-                pool = WorkerPool(current_config().worker_threads)
-                # A signal handler that forked while this thread was here made one already.
-                pool = self._pool = self._pool or pool
-            self._pending.add(future)
+            pool = self._worker_pool()
+            self._pending[future] = None
         future.add_done_callback(self._discard)
         try:
             pool.submit(job)
         except RuntimeError:
             # Python 3.12 starts no new thread once the interpreter is exiting, and no worker
-            # is idle: run the job here and now, as eager mode would, rather than leave it
-            # queued behind a bound nobody may wait out. (If a worker frees up first and
-            # takes the queued copy, this call does nothing.)
-            job()
+            # is idle. In a plain thread, run the job here and now, as eager mode would,
+            # rather than leave it queued behind a bound nobody may wait out. On a loop's
+            # thread it stays queued for the next free worker: it must not block the loop
+            # (the background loop keeps one worker for this; see loop_group).
+            if _loops.running_native_loop() is None:
+                job()  # if a worker took the queued copy first, this does nothing
+
+    def _worker_pool(self) -> WorkerPool:
+        pool = self._pool
+        if pool is None:
+            pool = WorkerPool(current_config().worker_threads)
+            # A signal handler that forked while this thread was here made one already.
+            pool = self._pool = self._pool or pool
+        return pool
 
     def _discard(self, future: Future[Any]) -> None:
         with self._lock:
-            self._pending.discard(future)
+            self._pending.pop(future, None)
 
     def loop_group(self) -> _AmbientGroup | None:
         """Return the ambient group of the background loop, starting the loop if needed.
@@ -181,6 +188,13 @@ class _Fallback:
                     future.cancel()
                 loop.discard()
                 return None
+            try:
+                # Done callbacks and sync forks of the background loop's coroutines go to
+                # the worker pool, never run on the loop: keep a worker for them even while
+                # the interpreter exits, when Python 3.12 starts no new thread.
+                self._worker_pool().ensure_a_thread()
+            except RuntimeError:
+                pass  # already exiting: a worker that frees up takes them
             return group
 
     def adopt(self, future: Future[Any]) -> None:
@@ -189,7 +203,7 @@ class _Fallback:
             if self._shut_down:
                 return
             self._check_open()
-            self._pending.add(future)
+            self._pending[future] = None
         future.add_done_callback(self._discard)
 
     def _unfinished(self) -> list[Future[Any]]:
@@ -230,6 +244,8 @@ class _Fallback:
             )
         except KeyboardInterrupt:
             self._give_up("were interrupted at exit (Ctrl-C)")
+        except SystemExit:
+            self._give_up("were interrupted at exit (SystemExit raised by a fork the join ran)")
         finally:
             with self._lock:
                 self._shut_down = True
@@ -265,7 +281,7 @@ class _Fallback:
         self._pool = None
         self._loop = None
         self._loop_group = None
-        self._pending = set()
+        self._pending = {}
         for future in inherited:
             future._abandon_in_child()
 

@@ -42,7 +42,7 @@ _SIGNAL_POLL_INTERVAL = 0.2
 class _InlineDepth(threading.local):
     # How many forks this thread is running inline, one inside the other (a fork that
     # waits for a fork that waits for a fork...). Each level costs a few frames of the
-    # thread's stack: past _MAX_INLINE_DEPTH a waiter stops running forks inline and
+    # thread's stack: past _max_inline_depth() levels a waiter stops running forks inline and
     # blocks instead, and the fork runs on another worker thread with a fresh stack
     # (managed blocking frees a slot for it). So fork-and-wait recursion is not bounded by
     # the recursion limit.
@@ -613,9 +613,14 @@ class Future(Generic[T]):
             event = self._blocking_event
         self._steal = self._on_cancel = None
         if callbacks and (hand_off := callback_hand_off.runner) is not None:
-            hand_off(self, callbacks)
-            callbacks = []
-        if event is not None:
+            try:
+                hand_off(self, callbacks)
+            finally:
+                # Whatever the hand-off raises, blocking waiters must wake.
+                callbacks = []
+                if event is not None:
+                    event.set()
+        elif event is not None:
             event.set()
         if callbacks:
             _run_callbacks(self, callbacks)

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 import anyio
-import anyio.from_thread
 from anyio.lowlevel import EventLoopToken
 
 from . import _loops
@@ -78,11 +77,13 @@ def rejoin(slot: Slot | None) -> None:
 
 
 class WorkerPool:
-    """Daemon worker threads fed by one queue, at most ``max_workers`` running jobs.
+    """Daemon worker threads fed by one queue, at most ``max_workers`` of them running jobs.
 
-    Threads start on demand. A thread blocked in a wait does not count against the limit,
-    so the pool may start one more in its place; the extra threads retire once the limit
-    holds again.
+    Threads start on demand: when a job is queued and fewer threads wait for one than jobs
+    are queued. A thread blocked in a wait does not count against the limit, so the pool
+    may start one more in its place; when the blocked thread resumes, it finishes its job
+    without waiting for a place (so resuming never deadlocks), and the extra threads retire
+    after their job once the limit holds again.
     """
 
     def __init__(self, max_workers: int) -> None:
@@ -90,8 +91,8 @@ class WorkerPool:
         self._jobs: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._lock = threading.RLock()
         self._threads = 0  # alive worker threads
-        self._idle = 0  # threads waiting for a job that no submitter has claimed yet
-        self._blocked = 0  # worker threads blocked in a wait (their slot given back)
+        self._waiting = 0  # threads parked in the queue's get(), ready for a job
+        self._blocked = 0  # worker threads blocked in a wait (their place given back)
 
     @property
     def threads(self) -> int:
@@ -100,16 +101,28 @@ class WorkerPool:
     def submit(self, job: Callable[[], object]) -> None:
         """Queue ``job``; raises RuntimeError if a needed thread cannot start (it stays queued)."""
         self._jobs.put(job)
-        with self._lock:
-            if self._idle:
-                self._idle -= 1  # that thread will take this job
-                return
-        self._start_thread_if_allowed()
+        self._start_thread_if_needed()
 
-    def _start_thread_if_allowed(self) -> None:
+    def ensure_a_thread(self) -> None:
+        """Start one thread now if there is none, so that work queued while the
+        interpreter exits (when Python 3.12 starts no new thread) still has one."""
         with self._lock:
+            if self._threads:
+                return
+        self._start_thread()
+
+    def _start_thread_if_needed(self) -> None:
+        # Queued jobs a waiting thread will not take (stolen jobs left in the queue count
+        # too, which at worst starts a thread early).
+        with self._lock:
+            if self._jobs.qsize() <= self._waiting:
+                return
             if self._threads >= self.max_workers + self._blocked:
                 return
+        self._start_thread()
+
+    def _start_thread(self) -> None:
+        with self._lock:
             self._threads += 1
             number = self._threads
         thread = threading.Thread(target=self._work, name=f"anyfork-worker-{number}", daemon=True)
@@ -123,26 +136,32 @@ class WorkerPool:
     def _work(self) -> None:
         slot = _PoolSlot(self)
         while True:
-            job = self._jobs.get()
+            with self._lock:
+                self._waiting += 1
             try:
-                run_in_slot(slot, job)  # a job completes its future itself and never raises
-            except BaseException:  # pragma: no cover - defensive
+                job = self._jobs.get()
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+            try:
+                run_in_slot(slot, job)
+            except BaseException:
+                # A job completes its future itself; what escapes is an interrupt raised
+                # by a done callback it ran, which has no caller to reach in this thread.
                 logger.exception("anyfork: a worker thread's job raised")
             del job
             with self._lock:
                 if self._threads > self.max_workers + self._blocked:
                     self._threads -= 1  # a stand-in for a blocked thread: no longer needed
                     return
-                self._idle += 1
 
     def _secede(self) -> None:
         with self._lock:
             self._blocked += 1
-        if not self._jobs.empty():
-            try:
-                self._start_thread_if_allowed()
-            except RuntimeError:  # no new thread at interpreter exit: nothing to hand over
-                pass
+        try:
+            self._start_thread_if_needed()
+        except RuntimeError:  # no new thread at interpreter exit: nothing to hand over to
+            pass
 
     def _rejoin(self) -> None:
         with self._lock:
@@ -161,8 +180,14 @@ class _PoolSlot:
 
 
 class LimiterSlot:
-    """A slot of an event loop's ``CapacityLimiter``, held by a sync fork in an anyio worker
-    thread on behalf of ``borrower``; released and taken back through the loop."""
+    """A place under an event loop's ``CapacityLimiter``, held by a sync fork in an anyio
+    worker thread on behalf of ``borrower``.
+
+    The first time the fork blocks in a wait, the place is given back through the loop.
+    The fork then finishes without taking one again, as a blocked pool worker does:
+    waiting for a place after a wait could outlast that wait's timeout, or deadlock on a
+    fork that the freed place let start (and the loop may have stopped by then).
+    """
 
     def __init__(self, token: EventLoopToken, limiter: anyio.CapacityLimiter, borrower: object):
         self._token = token
@@ -179,14 +204,4 @@ class LimiterSlot:
         self._limiter.release_on_behalf_of(self._borrower)
 
     def reacquire(self) -> None:
-        try:
-            anyio.from_thread.run(
-                self._limiter.acquire_on_behalf_of, self._borrower, token=self._token
-            )
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException:
-            # The loop is gone or shutting down (trio cancels the call then): nothing is
-            # left to bound.
-            return
-        self.held = True
+        pass

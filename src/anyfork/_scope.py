@@ -28,6 +28,7 @@ from anyio.lowlevel import EventLoopToken
 
 from . import _loops, _pool
 from ._config import current_config
+from ._errors import ShutdownError
 from ._future import _CANCELLED, _FAILED, _FINISHED, Future, callback_hand_off
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
@@ -255,8 +256,16 @@ class _ForkGroup:
                 raise
             except Exception as exc:  # no thread could be started
                 if exit_join_started.is_set() and not future._running:
-                    # Python 3.12+ starts no new threads at exit; the exit join, which
-                    # waits for this future, steals the job and runs it in its own thread.
+                    # Python 3.12 starts no new thread at exit. The script's worker pool
+                    # may have an idle thread for it; if not, it runs here and now, on
+                    # this loop's thread (only ever at exit), since a bounded exit join
+                    # runs nothing inline and would otherwise wait out its bound.
+                    from ._fallback import fallback
+
+                    try:
+                        fallback.submit_sync(future, job)
+                    except ShutdownError:  # the exit join is over
+                        job()
                     await future._wait_done_async()
                 else:
                     future._complete(_FAILED, None, _drop_own_frame(exc), unless_running=True)
