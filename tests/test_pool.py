@@ -149,3 +149,41 @@ def test_a_worker_blocked_in_a_wait_from_a_plain_thread_is_not_affected() -> Non
     # A thread that is not a worker holds no slot: waiting there changes nothing.
     future = anyfork.fork(leaf, 1)
     assert run_in_thread(lambda: anyfork.wait(future, timeout=10)) == 2
+
+
+@pytest.mark.parametrize("repeat", range(2))
+def test_a_job_queued_behind_busy_workers_does_not_count_as_an_idle_thread(repeat: int) -> None:
+    # With one worker: a runs; b is queued, then taken by the worker as soon as a ends; b
+    # blocks on a plain future (nothing to run inline); c, forked afterwards, must start a
+    # thread of its own. Before, the pool counted the worker as idle once for a and never
+    # took it back when the worker picked b from the queue, so c waited for a phantom.
+    result = run_script(
+        """
+        import time, anyfork
+        anyfork.configure(worker_threads=1)
+        gate = anyfork.Future()
+
+        a = anyfork.fork(time.sleep, 0.3)
+        b = anyfork.fork(gate.wait)
+        time.sleep(0.6)  # a is done, and b is blocked in its wait
+        c = anyfork.fork(gate.set_result, "opened")
+        print(anyfork.wait(b, timeout=10))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "opened\n"
+
+
+def test_after_a_large_batch_blocked_workers_still_get_help() -> None:
+    result = run_script(
+        """
+        import anyfork
+        anyfork.wait_all([anyfork.fork(abs, -i) for i in range(200)])  # default: 40 workers
+        gate = anyfork.Future()
+        blocked = [anyfork.fork(gate.wait) for _ in range(40)]
+        opener = anyfork.fork(gate.set_result, "open")
+        print(set(anyfork.wait_all(blocked, timeout=10)))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "{'open'}\n"

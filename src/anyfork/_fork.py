@@ -131,7 +131,10 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
             # background loop cannot start during the exit join: run the coroutine here.
             _run_now(future, func, args, kwargs, True, context)
             return future
-        background.spawn(future, task_for(background), spawn_context)
+        if not background.spawn(future, task_for(background), spawn_context):
+            # The background loop is gone (it failed): run the coroutine here rather than
+            # leave its future pending forever.
+            _run_now(future, func, args, kwargs, True, context)
     else:
         fallback.submit_sync(future, job)
     return future
