@@ -12,7 +12,7 @@ ROOT = Path(__file__).parent
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["tests", "stress", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "tests_lowest", "stress", "lint", "typecheck", "docs"]
 nox.options.reuse_venv = "yes"
 
 # Interpreters installed with pyenv but not on PATH still count as installed.
@@ -52,6 +52,14 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (every backend: asyncio, uvloop, trio; torch on 3.11)."""
     install(session, "test")
     install_torch(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(name="tests_lowest", python="3.10")
+def tests_lowest(session: nox.Session) -> None:
+    """Run the tests against the lowest versions the dependencies allow (oldest Python)."""
+    requirements = nox.project.dependency_groups(PYPROJECT, "test")
+    session.install("--resolution", "lowest-direct", "-e", ".", *requirements)
     session.run("pytest", *session.posargs)
 
 

@@ -29,6 +29,7 @@ from anyio.lowlevel import EventLoopToken
 __all__ = [
     "call_soon",
     "call_when_closed",
+    "check_anyio",
     "forget_tasks_of_closed_loop",
     "in_task",
     "is_stopped",
@@ -56,7 +57,25 @@ def load_backends() -> None:
         get_async_backend("trio")
 
 
+def check_anyio() -> None:
+    """Fail at import, with the fix, if the installed anyio lacks what anyfork relies on.
+
+    Without this, an older anyio fails later and obscurely: on anyio 4.15 the first fork
+    on a loop raised ``AttributeError: ... run_sync_soon``.
+    """
+    backend = get_async_backend("asyncio")
+    missing = [name for name in ("run_sync_soon",) if not hasattr(backend, name)]
+    if missing:
+        from importlib.metadata import version
+
+        raise ImportError(
+            f"anyfork needs anyio >= 4.16 (its AsyncBackend.{missing[0]}), but anyio "
+            f"{version('anyio')} is installed: pip install 'anyio>=4.16'"
+        )
+
+
 load_backends()
+check_anyio()
 
 
 def running_native_loop() -> object | None:
