@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import gc
 import re
 import subprocess
 import sys
@@ -108,3 +110,15 @@ def without_slow_steps_under_the_bound(stderr: str) -> str:
         if slow is None or float(slow.group(1)) >= SLOW_STEP_BOUND:
             kept.append(line)
     return "".join(kept)
+
+
+@contextlib.contextmanager
+def garbage_collector_disabled() -> Iterator[None]:
+    """Only reference counting frees objects inside: whatever sits in a cycle stays."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()  # here, not at a random later point such as pytest's report

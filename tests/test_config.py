@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import weakref
@@ -12,7 +11,7 @@ import pytest
 
 import anyfork
 
-from .conftest import run_script
+from .conftest import garbage_collector_disabled, run_script
 
 
 def test_configure_without_arguments_reads_the_settings() -> None:
@@ -106,18 +105,12 @@ def test_a_failed_eager_fork_nobody_read_is_logged_and_freed_with_its_last_refer
     async def fail_async() -> None:
         raise ValueError("eager failure")
 
-    with caplog.at_level(logging.ERROR, logger="anyfork"):
-        gc.collect()
-        gc.disable()
-        try:
-            fut = anyfork.fork(fail if kind == "sync" else fail_async)
-            assert fut.done()
-            ref = weakref.ref(fut)
-            del fut
-            freed = ref() is None
-        finally:
-            gc.enable()
-            gc.collect()
+    with caplog.at_level(logging.ERROR, logger="anyfork"), garbage_collector_disabled():
+        fut = anyfork.fork(fail if kind == "sync" else fail_async)
+        assert fut.done()
+        ref = weakref.ref(fut)
+        del fut
+        freed = ref() is None
     assert freed
     assert any("was never retrieved" in r.getMessage() for r in caplog.records)
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import pickle
 import threading
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +15,7 @@ import pytest
 import anyfork
 from anyfork import AlreadyCompletedError, Future, NotReadyError
 
-from .conftest import run_in_thread, run_script
+from .conftest import garbage_collector_disabled, run_in_thread, run_script
 
 
 def test_set_result_then_wait_and_value_return_the_same_object() -> None:
@@ -450,18 +448,6 @@ def test_a_failing_10000_link_then_chain_ends_with_a_bounded_traceback() -> None
     at_the_tail = traceback_length(read_and_catch("Future.wait", tail))
     at_the_head = traceback_length(read_and_catch("Future.wait", head))
     assert (at_the_tail, at_the_head) == (at_the_head, at_the_head)
-
-
-@contextlib.contextmanager
-def garbage_collector_disabled() -> Iterator[None]:
-    """Only reference counting frees objects inside: whatever sits in a cycle stays."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-        gc.collect()  # here, not at a random later point such as pytest's report
 
 
 def never_retrieved_logged(caplog: pytest.LogCaptureFixture) -> bool:

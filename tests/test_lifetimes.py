@@ -14,17 +14,15 @@ import pytest
 import anyfork
 from anyfork import fork
 
+from .conftest import garbage_collector_disabled
+
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 
 @pytest.fixture
 def no_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
+    with garbage_collector_disabled():
         yield
-    finally:
-        gc.enable()
 
 
 async def fails() -> None:

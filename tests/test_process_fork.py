@@ -23,14 +23,9 @@ QUIET_FORK_WARNING = (
 )
 
 
-@pytest.mark.parametrize("repeat", range(2))
-def test_a_child_made_by_os_fork_runs_none_of_its_parents_forks(
-    tmp_path: Path, repeat: int
-) -> None:
-    ledger = tmp_path / "ledger.txt"
-    result = run_script(
-        QUIET_FORK_WARNING
-        + f"""
+def parent_with_jobs(ledger: Path) -> str:
+    """A script prelude: one worker thread, and jobs that log which process ran them."""
+    return f"""
 import os, sys, threading, time, anyfork
 anyfork.configure(worker_threads=1)
 LEDGER = {str(ledger)!r}
@@ -45,6 +40,24 @@ def job(tag):
 
 async def double(x):
     return 2 * x
+"""
+
+
+def assert_each_job_ran_once_in_one_process(ledger: Path) -> None:
+    runs = ledger.read_text().splitlines()
+    assert sorted(int(line.split()[0]) for line in runs) == [0, 1, 2]
+    assert len({line.split()[1] for line in runs}) == 1  # all in the parent
+
+
+@pytest.mark.parametrize("repeat", range(2))
+def test_a_child_made_by_os_fork_runs_none_of_its_parents_forks(
+    tmp_path: Path, repeat: int
+) -> None:
+    ledger = tmp_path / "ledger.txt"
+    result = run_script(
+        QUIET_FORK_WARNING
+        + parent_with_jobs(ledger)
+        + """
 
 def triple(x):
     return 3 * x
@@ -55,16 +68,16 @@ started.wait(10)
 pid = os.fork()
 if pid == 0:
     began = time.monotonic()
-    sys.stdout.write(f"child coroutine {{anyfork.wait(anyfork.fork(double, 21))}}\\n")
-    sys.stdout.write(f"child sync {{anyfork.wait(anyfork.fork(triple, 14))}}\\n")
-    sys.stdout.write(f"child sees the parent's forks cancelled {{futures[2].cancelled()}}\\n")
+    sys.stdout.write(f"child coroutine {anyfork.wait(anyfork.fork(double, 21))}\\n")
+    sys.stdout.write(f"child sync {anyfork.wait(anyfork.fork(triple, 14))}\\n")
+    sys.stdout.write(f"child sees the parent's forks cancelled {futures[2].cancelled()}\\n")
     sys.stdout.flush()
     sys.exit(0)  # through the exit join, which must find nothing of the parent's
 else:
     began = time.monotonic()
     _, status = os.waitpid(pid, 0)
-    sys.stdout.write(f"child exit status {{status}} after {{time.monotonic() - began:.1f}} s\\n")
-    sys.stdout.write(f"parent {{anyfork.wait_all(futures)}}\\n")
+    sys.stdout.write(f"child exit status {status} after {time.monotonic() - began:.1f} s\\n")
+    sys.stdout.write(f"parent {anyfork.wait_all(futures)}\\n")
 """,
         env={"ANYFORK_EXIT_TIMEOUT": "30"},
     )
@@ -77,9 +90,7 @@ else:
     exit_line = next(line for line in lines if line.startswith("child exit status"))
     assert exit_line.startswith("child exit status 0 after")
     assert float(exit_line.split()[-2]) < 10, exit_line  # not the 30 s exit bound
-    runs = ledger.read_text().splitlines()
-    assert sorted(int(line.split()[0]) for line in runs) == [0, 1, 2]  # each job ran once
-    assert len({line.split()[1] for line in runs}) == 1  # all in the parent
+    assert_each_job_ran_once_in_one_process(ledger)
     assert result.stderr == ""
 
 
@@ -90,21 +101,9 @@ def test_a_multiprocessing_fork_child_works_and_runs_no_parent_work(
     ledger = tmp_path / "ledger.txt"
     result = run_script(
         QUIET_FORK_WARNING
-        + f"""
-import multiprocessing, os, sys, threading, time, anyfork
-anyfork.configure(worker_threads=1)
-LEDGER = {str(ledger)!r}
-started = threading.Event()
-
-def job(tag):
-    with open(LEDGER, "a") as ledger:
-        ledger.write(f"{{tag}} {{os.getpid()}}\\n")
-    started.set()
-    time.sleep(0.5)
-    return tag
-
-async def double(x):
-    return 2 * x
+        + parent_with_jobs(ledger)
+        + """
+import multiprocessing
 
 def child(queue):
     queue.put(anyfork.wait(anyfork.fork(double, 20)) + anyfork.wait(anyfork.fork(len, "ab")))
@@ -117,10 +116,10 @@ if __name__ == "__main__":
     process = context.Process(target=child, args=(queue,))
     began = time.monotonic()
     process.start()
-    sys.stdout.write(f"child result {{queue.get(timeout=30)}}\\n")
+    sys.stdout.write(f"child result {queue.get(timeout=30)}\\n")
     process.join(30)
-    sys.stdout.write(f"child exit {{process.exitcode}} after {{time.monotonic() - began:.1f}} s\\n")
-    sys.stdout.write(f"parent {{anyfork.wait_all(futures)}}\\n")
+    sys.stdout.write(f"child exit {process.exitcode} after {time.monotonic() - began:.1f} s\\n")
+    sys.stdout.write(f"parent {anyfork.wait_all(futures)}\\n")
 """,
         env={"ANYFORK_EXIT_TIMEOUT": "30"},
     )
@@ -131,9 +130,7 @@ if __name__ == "__main__":
     exit_line = next(line for line in lines if line.startswith("child exit"))
     assert exit_line.startswith("child exit 0 after")
     assert float(exit_line.split()[-2]) < 10, exit_line
-    runs = ledger.read_text().splitlines()
-    assert sorted(int(line.split()[0]) for line in runs) == [0, 1, 2]
-    assert len({line.split()[1] for line in runs}) == 1
+    assert_each_job_ran_once_in_one_process(ledger)
     assert result.stderr == ""
 
 

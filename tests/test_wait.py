@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gc
 import threading
 import weakref
 
@@ -14,7 +13,7 @@ import pytest
 import anyfork
 from anyfork import Future, fork
 
-from .conftest import run_in_thread, run_script
+from .conftest import garbage_collector_disabled, run_in_thread, run_script
 from .test_future import raised, traceback_length
 
 pytestmark = pytest.mark.timeout(30)
@@ -325,17 +324,12 @@ async def test_awaiting_a_failed_future_a_thousand_times_does_not_grow_its_trace
 async def test_a_failed_future_that_was_awaited_is_freed_with_its_last_reference(
     via_wait_async: bool,
 ) -> None:
-    gc.collect()
-    gc.disable()
-    try:
+    with garbage_collector_disabled():
         fut = a_failed_future()
         await await_and_catch(fut, via_wait_async)
         ref = weakref.ref(fut)
         del fut
         freed = ref() is None
-    finally:
-        gc.enable()
-        gc.collect()
     assert freed
 
 

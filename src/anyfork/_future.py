@@ -393,12 +393,8 @@ class Future(Generic[T]):
         # a timeout, so a timed wait that stole could outlast its bound by the whole job.
         steal = self._steal
         if steal is not None and timeout is None and _inline.depth < _max_inline_depth():
-            _inline.depth += 1
-            try:
-                steal()
-            finally:
-                _inline.depth -= 1
-                del steal
+            run_inline(steal)
+        del steal
         _help_pending_dispatch()
         with self._lock:
             if self._state != _PENDING:
