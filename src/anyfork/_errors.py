@@ -39,7 +39,8 @@ class NotReadyError(AnyforkError, RuntimeError):
 
 
 class WouldBlockError(AnyforkError, RuntimeError):
-    """Raised by a blocking wait called on an event-loop thread for a pending future.
+    """Raised by a blocking wait called on an event-loop thread for a pending future
+    that the caller cannot run itself (anything but a sync fork that has not started).
 
     Blocking there would freeze the loop, and with it the very work being waited for.
     """

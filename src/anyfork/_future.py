@@ -387,7 +387,9 @@ class Future(Generic[T]):
         if _loops.running_native_loop() is not None:
             raise WouldBlockError(
                 f"blocking wait on {self!r} from an event-loop thread would freeze the "
-                "loop: use 'await fut' (or 'await anyfork.wait_async(fut)') instead"
+                "loop (there, only a sync fork that has not started yet, waited for without "
+                "a timeout, runs in the caller): use 'await fut' (or 'await "
+                "anyfork.wait_async(fut)') instead"
             )
         # Only an untimed wait runs the work itself: work run inline cannot be interrupted at
         # a timeout, so a timed wait that stole could outlast its bound by the whole job.
@@ -652,8 +654,14 @@ def run_inline(steal: Callable[[], object]) -> None:
 
 
 def _may_run_inline() -> bool:
-    """Whether a blocking wait in this thread may run a sync fork itself."""
-    return _inline.depth < _max_inline_depth() and _loops.running_native_loop() is None
+    """Whether a blocking wait in this thread may run a sync fork itself.
+
+    On an event loop's thread it always may, as ``torch.jit.wait`` does outside
+    TorchScript: a sync fork that has not started yet runs in the caller, which blocks the
+    loop for that long but is the only way to have its value there without awaiting. (A
+    waiter there cannot hand deep recursion to another thread: it could not block.)
+    """
+    return _inline.depth < _max_inline_depth() or _loops.running_native_loop() is not None
 
 
 def _cancelled_error(future: Future[Any]) -> CancelledError:
