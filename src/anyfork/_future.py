@@ -21,6 +21,8 @@ from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar, cast
 
+from typing_extensions import Never
+
 from . import _loops, _pool
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 
@@ -240,20 +242,17 @@ class Future(Generic[T]):
         "name",
     )
 
-    def __new__(cls, *args: object, name: str | None = None) -> Future[T]:
-        # Only to turn Future("job") into an error that says what to write; type checkers
-        # see __init__'s keyword-only signature.
+    def __init__(self, *args: Never, name: str | None = None) -> None:
+        """
+        :param name: a label shown in ``repr`` and in log messages about this future; a
+            keyword (``*args`` only exists to turn ``Future("job")`` into an error that
+            says what to write, at no cost to every other call)
+        """
         if args:
             raise TypeError(
                 f"Future() takes its name as a keyword: write Future(name={args[0]!r}) "
                 f"instead of Future({args[0]!r})"
             )
-        return object.__new__(cls)
-
-    def __init__(self, *, name: str | None = None) -> None:  # pyright: ignore[reportInconsistentConstructor]
-        """
-        :param name: a label shown in ``repr`` and in log messages about this future
-        """
         self.name = name
         self._lock = threading.RLock()
         self._state = _PENDING
