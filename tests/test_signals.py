@@ -61,3 +61,25 @@ print("main", total, "handled", len(handled) > 0)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"main {sum(range(3000))} handled True\n"
     assert result.stderr == ""
+
+
+def test_starting_the_background_loop_never_takes_asyncios_policy_lock() -> None:
+    # The first asyncio.new_event_loop() in a process sets the event loop policy up under a
+    # plain lock. A signal handler that forks a coroutine while the main thread is in there
+    # (CI hit it with the timer above) would wait on that lock forever. Holding the lock in
+    # another thread stands in for the interrupted main thread, deterministically.
+    result = run_script(
+        """
+import asyncio.events, anyfork
+
+async def double(x):
+    return 2 * x
+
+assert asyncio.events._event_loop_policy is None  # nothing set the policy up yet
+with asyncio.events._lock:
+    print(anyfork.wait(anyfork.fork(double, 21), timeout=20))
+""",
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "42\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,18 @@ logger = logging.getLogger("anyfork")
 _LOOP_STOP_GRACE = 0.5
 
 
+def _new_asyncio_loop() -> asyncio.AbstractEventLoop:
+    """Build asyncio's default loop class without going through the event loop policy.
+
+    The first ``asyncio.new_event_loop()`` in a process sets the policy up under a plain
+    (non-reentrant) lock. A signal handler that forks a coroutine while the interrupted code
+    holds that lock would wait for it forever, in the thread that holds it.
+    """
+    if sys.platform == "win32":  # pragma: no cover - CI runs on Linux
+        return asyncio.ProactorEventLoop()
+    return asyncio.SelectorEventLoop()
+
+
 class _BackgroundLoop:
     """An asyncio loop for a daemon thread, running from :meth:`start` until :meth:`stop`.
 
@@ -57,7 +70,7 @@ class _BackgroundLoop:
     """
 
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_asyncio_loop()
         self.token = _loops.token_for(self._loop)
         self._stopped: asyncio.Future[None] = self._loop.create_future()
         self.thread = threading.Thread(
