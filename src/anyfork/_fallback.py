@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -121,6 +122,8 @@ class _Fallback:
         self._loop_group: _AmbientGroup | None = None
         # Insertion-ordered (a dict used as a set): the exit join goes through forks in order.
         self._pending: dict[Future[Any], None] = {}
+        # Sync forks made on a loop's thread, until that loop hands them to the pool.
+        self._deferred: dict[Future[Any], Callable[[], None]] = {}
         self._exit_hook_registered = False
         self._shut_down = False
 
@@ -144,13 +147,35 @@ class _Fallback:
                 ) from None
             self._exit_hook_registered = True
 
-    def submit_sync(self, future: Future[Any], job: Callable[[], None]) -> None:
-        """Run ``job`` in the pool; the job completes ``future`` itself."""
+    def submit_sync(
+        self, future: Future[Any], job: Callable[[], None], native: object | None = None
+    ) -> None:
+        """Run ``job`` in the worker pool; the job completes ``future`` itself.
+
+        :param native: the loop running in this thread, if any: the job then reaches the
+            pool when that loop next gets control (a blocking wait before that runs it
+            inline, in the caller)
+        """
         with self._lock:
             self._check_open()
             pool = self._worker_pool()
             self._pending[future] = None
+            if native is not None:
+                self._deferred[future] = job
         future.add_done_callback(self._discard)
+        if native is not None:
+            _loops.call_soon_here(native, partial(self._submit_deferred, future))
+            return
+        self._submit(pool, job)
+
+    def _submit_deferred(self, future: Future[Any]) -> None:
+        with self._lock:
+            job = self._deferred.pop(future, None)
+            pool = self._pool
+        if job is not None and pool is not None and not future.done() and not future._running:
+            self._submit(pool, job)
+
+    def _submit(self, pool: WorkerPool, job: Callable[[], None]) -> None:
         try:
             pool.submit(job)
         except RuntimeError:
@@ -162,10 +187,18 @@ class _Fallback:
             if _loops.running_native_loop() is None:
                 job()  # if a worker took the queued copy first, this does nothing
 
+    def _submit_all_deferred(self) -> None:
+        """Send the pool the jobs of sync forks made on a loop that never got control again
+        (closed right after them): at exit they run like any other."""
+        with self._lock:
+            deferred = list(self._deferred)
+        for future in deferred:
+            self._submit_deferred(future)
+
     def _worker_pool(self) -> WorkerPool:
         pool = self._pool
         if pool is None:
-            pool = WorkerPool(current_config().worker_threads)
+            pool = WorkerPool()
             # A signal handler that forked while this thread was here made one already.
             pool = self._pool = self._pool or pool
         return pool
@@ -173,6 +206,7 @@ class _Fallback:
     def _discard(self, future: Future[Any]) -> None:
         with self._lock:
             self._pending.pop(future, None)
+            self._deferred.pop(future, None)
 
     def loop_group(self) -> _AmbientGroup | None:
         """Return the ambient group of the background loop, starting the loop if needed.
@@ -237,6 +271,7 @@ class _Fallback:
         try:
             # Inside the try: a Ctrl-C that lands right after this still ends the join.
             exit_join_started.set()
+            self._submit_all_deferred()
             if deadline is None:
                 # Without a bound, help first: run the sync forks no worker has started yet,
                 # from the last one back, as wait_all does.
@@ -295,6 +330,7 @@ class _Fallback:
         self._loop = None
         self._loop_group = None
         self._pending = {}
+        self._deferred = {}
         for future in inherited:
             future._abandon_in_child()
 

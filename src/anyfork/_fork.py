@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, overload
 
 import anyio
+from anyio.lowlevel import EventLoopToken
 from typing_extensions import ParamSpec
 
 from . import _loops
@@ -98,46 +99,63 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
             return future
         finally:
             del future  # a failure's traceback keeps this frame alive (see _run_now)
+    if not is_async:
+        _submit_sync_fork(future, func, args, kwargs, context, native)
+        return future
 
-    job: _SyncJob | None = None
-    if is_async:
-        spawn_context: contextvars.Context | None = context
-
-        def task_for(group: _ForkGroup) -> TaskFactory:
-            return functools.partial(group.run_coroutine_fork, future, func, args, kwargs)
-    else:
-        # The worker thread enters ``context`` itself, so the task needs none of its own.
-        spawn_context = None
-        job = _sync_job(future, func, args, kwargs, context, capture_grad_mode())
-        future._steal = functools.partial(job, True)  # a waiter runs it inline
-
-        def task_for(group: _ForkGroup) -> TaskFactory:
-            return functools.partial(group.run_sync_fork, future, job)
+    def task_for(group: _ForkGroup) -> TaskFactory:
+        return functools.partial(group.run_coroutine_fork, future, func, args, kwargs)
 
     group = _group_for_caller(native)
     if group is not None:
-        if group.spawn(future, task_for(group), spawn_context):
+        if group.spawn(future, task_for(group), context):
             return future
         # The scope captured in this context has closed: use the loop's ambient group.
         group = _ambient_for(group)
-        if group.spawn(future, task_for(group), spawn_context):
+        if group.spawn(future, task_for(group), context):
             return future
         # The loop is no longer running (a sync fork outlived it): as from a thread with
         # no loop, so that the work still runs and the fork's result is kept.
-    if job is None:
-        background = fallback.loop_group()
-        if background is None:
-            # Python 3.12 starts no thread once the interpreter is exiting, so the
-            # background loop cannot start during the exit join: run the coroutine here.
-            _run_now(future, func, args, kwargs, True, context)
-            return future
-        if not background.spawn(future, task_for(background), spawn_context):
-            # The background loop is gone (it failed): run the coroutine here rather than
-            # leave its future pending forever.
-            _run_now(future, func, args, kwargs, True, context)
-    else:
-        fallback.submit_sync(future, job)
+    background = fallback.loop_group()
+    if background is None:
+        # Python 3.12 starts no thread once the interpreter is exiting, so the background
+        # loop cannot start during the exit join: run the coroutine here.
+        _run_now(future, func, args, kwargs, True, context)
+        return future
+    if not background.spawn(future, task_for(background), context):
+        # The background loop is gone (it failed): run the coroutine here rather than
+        # leave its future pending forever.
+        _run_now(future, func, args, kwargs, True, context)
     return future
+
+
+def _submit_sync_fork(
+    future: Future[Any],
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: contextvars.Context,
+    native: object | None,
+) -> None:
+    """Send a sync fork to the worker pool, tied to the loop and scope it was made in.
+
+    The loop (of this thread, or of the anyio or anyfork worker thread this is) goes with
+    the job, so that inside it ``anyio.from_thread`` and new forks find that loop. A scope
+    joins the fork; a fork made outside any scope is joined only at interpreter exit.
+    """
+    group = current_scope_group()
+    token: EventLoopToken | None
+    if group is not None and group.track_sync_fork(future):
+        token = group.token
+    elif native is not None:
+        token = _loops.token_for(native)
+    else:
+        token = _loops.worker_thread_token()
+    job = _SyncJob((future, func, args, kwargs, context, capture_grad_mode(), token))
+    future._steal = functools.partial(job, True)  # a waiter runs it inline
+    # On a loop's thread the job reaches the pool when the loop next gets control: a
+    # blocking wait before that runs it in the caller, as torch.jit.wait does.
+    fallback.submit_sync(future, job, native)
 
 
 def _group_for_caller(native: object | None) -> _ForkGroup | None:
@@ -157,24 +175,11 @@ def _ambient_for(group: _ForkGroup) -> _ForkGroup:
     return ambient_group(group.token.native_token, group.token)
 
 
-def _sync_job(
-    future: Future[Any],
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    context: contextvars.Context,
-    grad_mode: Callable[..., Any] | None,
-) -> _SyncJob:
-    """Wrap a sync fork's work so that exactly one thread runs it: a worker or a waiter.
-
-    ``grad_mode``, when torch is imported, runs the work in the grad and inference mode of
-    the thread that forked it.
-    """
-    return _SyncJob((future, func, args, kwargs, context, grad_mode))
-
-
 class _SyncJob:
-    """A sync fork's work; the first thread to call it with the future still pending runs it.
+    """A sync fork's work; the first thread to call it with the future still pending runs it:
+    a worker of the pool or a waiter. ``grad_mode``, when torch is imported, runs the work in
+    the grad and inference mode of the thread that forked it; ``token`` is the loop the fork
+    belongs to.
 
     The thread that runs it takes the work out first, so once the work has run nothing holds
     the future or the work's arguments through the job: neither this object (kept by a
@@ -193,6 +198,7 @@ class _SyncJob:
             dict[str, Any],
             contextvars.Context,
             Callable[..., Any] | None,
+            EventLoopToken | None,
         ],
     ) -> None:
         self._work: Any = work
@@ -208,8 +214,15 @@ class _SyncJob:
         if work is None or not work[0]._start_running():  # cancelled, or another took it
             return
         self._work = None
-        future, func, args, kwargs, context, grad_mode = work
+        future, func, args, kwargs, context, grad_mode, token = work
         del work
+        claim = None
+        if (
+            token is not None
+            and _loops.worker_thread_token() is not token
+            and _loops.running_native_loop() is None  # not a waiter on a loop's thread
+        ):
+            claim = _loops.WorkerThreadClaim(token)
         try:
             try:
                 if grad_mode is None:
@@ -228,6 +241,8 @@ class _SyncJob:
                 del func, args, kwargs, context, grad_mode
                 future._complete(*_sync_outcome(future, result))
         finally:
+            if claim is not None:
+                claim.release()
             del future
 
 

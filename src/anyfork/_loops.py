@@ -27,7 +27,9 @@ from anyio._core._eventloop import get_async_backend, threadlocals
 from anyio.lowlevel import EventLoopToken
 
 __all__ = [
+    "WorkerThreadClaim",
     "call_soon",
+    "call_soon_here",
     "call_when_closed",
     "check_anyio",
     "forget_tasks_of_closed_loop",
@@ -116,6 +118,46 @@ def worker_thread_token() -> EventLoopToken | None:
     """Return the loop token of an anyio worker thread (``to_thread.run_sync``), else None."""
     token: EventLoopToken | None = getattr(threadlocals, "current_token", None)
     return token
+
+
+def call_soon_here(native: object, func: Callable[[], object]) -> None:
+    """Schedule ``func()`` on the loop ``native``, which runs in this thread, for the next
+    time it gets control (cheaper than :func:`call_soon`: no wake-up of the loop needed)."""
+    if isinstance(native, asyncio.AbstractEventLoop):
+        native.call_soon(func)
+    else:
+        native.run_sync_soon(func)  # type: ignore[attr-defined]  # a TrioToken
+
+
+class WorkerThreadClaim:
+    """Make this thread look like one of anyio's worker threads of a loop, for a while.
+
+    Inside a sync fork started from an event loop, ``anyio.from_thread.run`` /
+    ``run_sync`` then reach that loop without a token, exactly as inside
+    ``anyio.to_thread.run_sync`` (anyio reads the loop from a thread-local it sets in its
+    own worker threads; anyfork's worker pool sets the same thread-local). Forks made there
+    find the loop the same way (:func:`worker_thread_token`).
+    """
+
+    __slots__ = ("_outer_scope", "_outer_token")
+
+    def __init__(self, token: EventLoopToken) -> None:
+        self._outer_token = getattr(threadlocals, "current_token", None)
+        self._outer_scope = getattr(threadlocals, "current_cancel_scope", None)
+        threadlocals.current_token = token
+        # anyio's asyncio backend reads it in from_thread.check_cancelled: a fork has no
+        # cancel scope once it runs (a running sync fork cannot be cancelled).
+        threadlocals.current_cancel_scope = None
+
+    def release(self) -> None:
+        if self._outer_token is None:
+            del threadlocals.current_token
+        else:
+            threadlocals.current_token = self._outer_token
+        if self._outer_scope is None:
+            del threadlocals.current_cancel_scope
+        else:
+            threadlocals.current_cancel_scope = self._outer_scope
 
 
 def call_soon(token: EventLoopToken, func: Callable[[], object]) -> bool:

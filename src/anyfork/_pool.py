@@ -1,4 +1,4 @@
-"""The worker pool of the script fallback, and managed blocking for every worker thread.
+"""The worker pool every sync fork runs on, and managed blocking for its threads.
 
 Managed blocking is what keeps nested fork-and-wait from deadlocking at any
 ``worker_threads``: a worker thread that blocks in a wait gives its slot back for as long
@@ -20,12 +20,9 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-import anyio
-from anyio.lowlevel import EventLoopToken
+from ._config import current_config
 
-from . import _loops
-
-__all__ = ["LimiterSlot", "Slot", "WorkerPool", "rejoin", "run_in_slot", "secede"]
+__all__ = ["Slot", "WorkerPool", "rejoin", "run_in_slot", "secede"]
 
 logger = logging.getLogger("anyfork")
 
@@ -77,7 +74,8 @@ def rejoin(slot: Slot | None) -> None:
 
 
 class WorkerPool:
-    """Daemon worker threads fed by one queue, at most ``max_workers`` of them running jobs.
+    """The worker pool every sync fork runs on: daemon threads fed by one queue, at most
+    ``worker_threads`` of them running jobs.
 
     Threads start on demand: when a job is queued and fewer threads wait for one than jobs
     are queued. A thread blocked in a wait does not count against the limit, so the pool
@@ -86,13 +84,20 @@ class WorkerPool:
     after their job once the limit holds again.
     """
 
-    def __init__(self, max_workers: int) -> None:
-        self.max_workers = max_workers
-        self._jobs: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+    def __init__(self) -> None:
+        # None is a request to retire, sent when worker_threads is lowered.
+        self._jobs: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._limit = current_config().worker_threads
         self._lock = threading.RLock()
         self._threads = 0  # alive worker threads
         self._waiting = 0  # threads parked in the queue's get(), ready for a job
         self._blocked = 0  # worker threads blocked in a wait (their place given back)
+
+    @property
+    def max_workers(self) -> int:
+        """``worker_threads`` of :func:`anyfork.configure`, read live: a new value applies
+        from the next job on."""
+        return self._limit
 
     @property
     def threads(self) -> int:
@@ -100,6 +105,8 @@ class WorkerPool:
 
     def submit(self, job: Callable[[], object]) -> None:
         """Queue ``job``; raises RuntimeError if a needed thread cannot start (it stays queued)."""
+        if current_config().worker_threads != self._limit:
+            self._apply_new_limit()
         self._jobs.put(job)
         self._start_thread_if_needed()
 
@@ -111,13 +118,21 @@ class WorkerPool:
                 return
         self._start_thread()
 
+    def _apply_new_limit(self) -> None:
+        with self._lock:
+            self._limit = current_config().worker_threads
+            excess = self._threads - self._limit - self._blocked
+        # Idle threads take these before the jobs queued after them, and retire.
+        for _ in range(excess):
+            self._jobs.put(None)
+
     def _start_thread_if_needed(self) -> None:
         # Queued jobs a waiting thread will not take (stolen jobs left in the queue count
         # too, which at worst starts a thread early).
         with self._lock:
             if self._jobs.qsize() <= self._waiting:
                 return
-            if self._threads >= self.max_workers + self._blocked:
+            if self._threads >= self._limit + self._blocked:
                 return
         self._start_thread()
 
@@ -143,6 +158,12 @@ class WorkerPool:
             finally:
                 with self._lock:
                     self._waiting -= 1
+            if job is None:
+                with self._lock:
+                    if self._threads > self._limit + self._blocked:
+                        self._threads -= 1
+                        return
+                continue
             try:
                 run_in_slot(slot, job)
             except BaseException:
@@ -151,7 +172,7 @@ class WorkerPool:
                 logger.exception("anyfork: a worker thread's job raised")
             del job
             with self._lock:
-                if self._threads > self.max_workers + self._blocked:
+                if self._threads > self._limit + self._blocked:
                     self._threads -= 1  # a stand-in for a blocked thread: no longer needed
                     return
 
@@ -177,31 +198,3 @@ class _PoolSlot:
 
     def reacquire(self) -> None:
         self._pool._rejoin()
-
-
-class LimiterSlot:
-    """A place under an event loop's ``CapacityLimiter``, held by a sync fork in an anyio
-    worker thread on behalf of ``borrower``.
-
-    The first time the fork blocks in a wait, the place is given back through the loop.
-    The fork then finishes without taking one again, as a blocked pool worker does:
-    waiting for a place after a wait could outlast that wait's timeout, or deadlock on a
-    fork that the freed place let start (and the loop may have stopped by then).
-    """
-
-    def __init__(self, token: EventLoopToken, limiter: anyio.CapacityLimiter, borrower: object):
-        self._token = token
-        self._limiter = limiter
-        self._borrower = borrower
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            _loops.call_soon(self._token, self._release_on_loop)
-
-    def _release_on_loop(self) -> None:
-        self._limiter.release_on_behalf_of(self._borrower)
-
-    def reacquire(self) -> None:
-        pass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import sys
 import threading
 import weakref
@@ -23,12 +22,9 @@ from typing import Any, NoReturn
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import anyio.to_thread  # imported here, not lazily on a loop at the first sync fork
 from anyio.lowlevel import EventLoopToken
 
-from . import _loops, _pool
-from ._config import current_config
-from ._errors import ShutdownError
+from . import _loops
 from ._future import _CANCELLED, _FAILED, _FINISHED, Future, callback_hand_off
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
@@ -53,17 +49,9 @@ exit_join_started = threading.Event()
 class _ForkGroup:
     """A task group on one event loop, and the forks that belong to it."""
 
-    def __init__(
-        self,
-        token: EventLoopToken,
-        loop_thread: int,
-        limiter: anyio.CapacityLimiter,
-        thread_limiter: anyio.CapacityLimiter,
-    ):
+    def __init__(self, token: EventLoopToken, loop_thread: int):
         self.token = token
         self.loop_thread = loop_thread
-        self.limiter = limiter
-        self.thread_limiter = thread_limiter
         self._lock = threading.RLock()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._backlog: list[tuple[Future[Any], TaskFactory, Context | None]] = []
@@ -116,6 +104,24 @@ class _ForkGroup:
             return False
         return True
 
+    def track_sync_fork(self, future: Future[Any]) -> bool:
+        """Count a sync fork (run by the worker pool) among this group's pending forks.
+
+        :return: ``False`` if the group has closed and takes no more forks
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            self._pending[future] = None
+        future.add_done_callback(self._sync_fork_done)
+        return True
+
+    def _sync_fork_done(self, future: Future[Any]) -> None:
+        # In the thread that completed it: a worker, a waiter, or the loop's (cancel()).
+        if future._state == _FAILED:
+            self._note_failed(future)
+        self._forget(future)
+
     def pending_futures(self) -> list[Future[Any]]:
         with self._lock:
             return list(self._pending)
@@ -158,9 +164,12 @@ class _ForkGroup:
     def _forget(self, future: Future[Any]) -> None:
         with self._lock:
             self._pending.pop(future, None)
-            idle = not self._pending
-        if idle and self._idle is not None:
-            self._idle.set()
+            idle = self._idle if not self._pending else None
+        if idle is not None:
+            if threading.get_ident() == self.loop_thread:
+                idle.set()
+            else:  # a sync fork finished in its worker thread
+                _loops.call_soon(self.token, idle.set)
 
     def _lose(self, future: Future[Any], reason: str) -> None:
         """Cancel a fork whose work can no longer run, and say so."""
@@ -241,54 +250,6 @@ class _ForkGroup:
             # (f_back), which must then not hold the future the failure is stored in.
             del future
 
-    async def run_sync_fork(self, future: Future[Any], job: Callable[[], None]) -> None:
-        self._unstarted.pop(future, None)
-        try:
-            if future.done():
-                return
-            try:
-                await self._run_in_worker_thread(future, job)
-                if not future.done():
-                    # A blocking waiter stole the job and is running it in its own thread.
-                    await future._wait_done_async()
-            except anyio.get_cancelled_exc_class():
-                self._note_cancelled(future)
-                raise
-            except Exception as exc:  # no thread could be started
-                if exit_join_started.is_set() and not future._running:
-                    # Python 3.12 starts no new thread at exit. The script's worker pool
-                    # may have an idle thread for it; if not, it runs here and now, on
-                    # this loop's thread (only ever at exit), since a bounded exit join
-                    # runs nothing inline and would otherwise wait out its bound.
-                    from ._fallback import fallback
-
-                    try:
-                        fallback.submit_sync(future, job)
-                    except ShutdownError:  # the exit join is over
-                        job()
-                    await future._wait_done_async()
-                else:
-                    future._complete(_FAILED, None, _drop_own_frame(exc), unless_running=True)
-            if future._state == _FAILED:
-                self._note_failed(future)
-        finally:
-            self._forget(future)
-            del future  # as in run_coroutine_fork
-
-    async def _run_in_worker_thread(self, future: Future[Any], job: Callable[[], None]) -> None:
-        # The fork holds one of the loop's worker_threads slots while it runs, and gives it
-        # back while it blocks in a wait (managed blocking), so nested fork-and-wait never
-        # starves. anyio's own limit on the threads is lifted: the slots are the bound.
-        await self.limiter.acquire_on_behalf_of(future)
-        slot = _pool.LimiterSlot(self.token, self.limiter, future)
-        try:
-            await anyio.to_thread.run_sync(
-                _pool.run_in_slot, slot, job, limiter=self.thread_limiter
-            )
-        finally:
-            if slot.held:
-                self.limiter.release_on_behalf_of(future)
-
     def _note_cancelled(self, future: Future[Any]) -> None:
         future._complete(_CANCELLED, None, None, unless_running=True)
 
@@ -328,12 +289,7 @@ class _AmbientGroup(_ForkGroup):
     """
 
     def __init__(self, native: object, token: EventLoopToken, loop_thread: int) -> None:
-        super().__init__(
-            token,
-            loop_thread,
-            anyio.CapacityLimiter(current_config().worker_threads),
-            anyio.CapacityLimiter(math.inf),
-        )
+        super().__init__(token, loop_thread)
         self.native = native
         self._host_task: object = None
 
@@ -346,13 +302,7 @@ class _AmbientGroup(_ForkGroup):
         """Close the group and cancel its pending forks, each with a WARNING naming it."""
         _forget_ambient(self)
         for future in self._close_now():
-            if future._running and not future.done():
-                # A sync fork running in its thread completes its future from there.
-                from ._fallback import fallback
-
-                fallback.adopt(future)
-            else:
-                self._lose(future, reason)
+            self._lose(future, reason)
 
     async def _host(self) -> None:
         cancelled = anyio.get_cancelled_exc_class()  # not after its loop was closed
@@ -375,13 +325,6 @@ class _AmbientGroup(_ForkGroup):
                 self._lose(future, "its event loop shut down before it started")
 
     def _note_cancelled(self, future: Future[Any]) -> None:
-        if future._running and not future.done():
-            # A sync fork still running in its thread when the loop shut down: it will
-            # complete its future from there. Keep the interpreter's exit join waiting for it.
-            from ._fallback import fallback
-
-            fallback.adopt(future)
-            return
         if future._complete(_CANCELLED, None, None, unless_running=True):
             logger.warning(
                 "anyfork: fork %r was cancelled because its event loop shut down; use "
@@ -548,9 +491,7 @@ class Scope:
         if native is None:  # pragma: no cover - only reachable by driving __aenter__ by hand
             raise RuntimeError("anyfork.scope() must be entered in async code")
         ambient = ambient_group(native)
-        self._group = _ScopeGroup(
-            ambient.token, threading.get_ident(), ambient.limiter, ambient.thread_limiter
-        )
+        self._group = _ScopeGroup(ambient.token, threading.get_ident())
         self._task_group = anyio.create_task_group()
         self._group._open(await self._task_group.__aenter__())
         self._context_token = _current_scope.set(self)
@@ -575,6 +516,10 @@ class Scope:
             for future in group._close_now():
                 future.cancel()
             await self._task_group.__aexit__(type(join_exc), join_exc, join_exc.__traceback__)
+            # Sync forks already running in worker threads cannot be stopped: the scope
+            # still ends after them, as a task ends after its anyio.to_thread.run_sync.
+            with anyio.CancelScope(shield=True):
+                await group._wait_idle()
             raise
         if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
             await self._task_group.__aexit__(exc_type, exc, traceback)
@@ -589,14 +534,8 @@ class Scope:
 
 
 class _ScopeGroup(_ForkGroup):
-    def __init__(
-        self,
-        token: EventLoopToken,
-        loop_thread: int,
-        limiter: anyio.CapacityLimiter,
-        thread_limiter: anyio.CapacityLimiter,
-    ):
-        super().__init__(token, loop_thread, limiter, thread_limiter)
+    def __init__(self, token: EventLoopToken, loop_thread: int):
+        super().__init__(token, loop_thread)
         self._failed: list[Future[Any]] = []
 
     def _note_failed(self, future: Future[Any]) -> None:
