@@ -21,8 +21,8 @@ class Config:
         like ``torch.jit.fork`` outside TorchScript (for debugging and deterministic runs).
         Coroutine functions forked on a running event loop still become tasks, since they
         cannot finish without that loop. Environment variable: ``ANYFORK_EAGER=1``.
-    :ivar worker_threads: how many sync forks may run in worker threads at once, per event
-        loop and in the script fallback's thread pool. anyfork never uses anyio's shared
+    :ivar worker_threads: how many sync forks may run at once on anyfork's worker pool (one
+        per process, serving every event loop and scripts). anyfork never uses anyio's shared
         default limiter, so sync forks and FastAPI ``def`` endpoints cannot starve each
         other. Environment variable: ``ANYFORK_WORKER_THREADS``.
     :ivar exit_timeout: at interpreter exit, how many seconds anyfork waits in total for
@@ -114,8 +114,8 @@ def configure(
     """Change anyfork's settings for the whole process and return the settings now in force.
 
     Arguments left out keep their value, so ``anyfork.configure()`` just reads them.
-    A new worker-thread limit applies to event loops and thread pools that anyfork sets up
-    afterwards; configure it at start-up, before the first fork.
+    A new worker-thread limit applies to the sync forks queued after the call; idle worker
+    threads above a lowered limit retire.
 
     :param eager: run forks to completion at the call (see :class:`Config`)
     :param worker_threads: the most sync forks running in worker threads at once

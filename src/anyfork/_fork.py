@@ -3,11 +3,12 @@
 =============================  ===========================  ==============================
 caller                         coroutine function           sync callable
 =============================  ===========================  ==============================
-task on a running loop         task in innermost scope,     worker thread under anyfork's
-                               else the loop's ambient      own CapacityLimiter
-                               group
-anyio worker thread            the same, on that loop       the same
-no loop                        background event loop        thread pool
+task on a running loop         task in innermost scope,     the worker pool (``_pool``),
+                               else the loop's ambient      from the loop's next turn
+                               group (``_scope``)
+worker thread of a loop        the same, on that loop       the worker pool
+no loop                        the background loop          the worker pool
+                               (``_fallback``)
 eager mode                     run now, in the caller       called now, in the caller
 =============================  ===========================  ==============================
 """
@@ -53,9 +54,9 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
 
     Coroutine functions run as anyio tasks on the current event loop (in the innermost
     :func:`scope`, else in the loop's ambient task group). Sync callables — functions, bound
-    methods, builtins, callable objects such as an ``nn.Module`` — run in worker threads, off
-    the loop. Where no loop runs, coroutine functions go to a background event loop and sync
-    callables to a thread pool. The current :mod:`contextvars` are copied into the fork.
+    methods, builtins, callable objects such as an ``nn.Module`` — run on anyfork's worker
+    pool, off the loop, wherever they are forked. Where no loop runs, coroutine functions go
+    to a background event loop. The current :mod:`contextvars` are copied into the fork.
 
     Any error of the work itself is stored in the future and raised when it is waited for,
     never by ``fork``.

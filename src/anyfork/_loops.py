@@ -134,30 +134,50 @@ class WorkerThreadClaim:
 
     Inside a sync fork started from an event loop, ``anyio.from_thread.run`` /
     ``run_sync`` then reach that loop without a token, exactly as inside
-    ``anyio.to_thread.run_sync`` (anyio reads the loop from a thread-local it sets in its
-    own worker threads; anyfork's worker pool sets the same thread-local). Forks made there
-    find the loop the same way (:func:`worker_thread_token`).
+    ``anyio.to_thread.run_sync``. anyio reads the loop from a thread-local it sets in its
+    own worker threads (and on trio, trio's from a thread-local of trio's); anyfork's
+    worker pool sets the same ones. Forks made there find the loop the same way
+    (:func:`worker_thread_token`). A running fork has no cancel scope (it cannot be
+    cancelled), so ``from_thread.check_cancelled`` never raises there.
     """
 
-    __slots__ = ("_outer_scope", "_outer_token")
+    __slots__ = ("_outer", "_trio_outer")
 
     def __init__(self, token: EventLoopToken) -> None:
-        self._outer_token = getattr(threadlocals, "current_token", None)
-        self._outer_scope = getattr(threadlocals, "current_cancel_scope", None)
-        threadlocals.current_token = token
-        # anyio's asyncio backend reads it in from_thread.check_cancelled: a fork has no
-        # cancel scope once it runs (a running sync fork cannot be cancelled).
-        threadlocals.current_cancel_scope = None
+        self._outer = _swap(threadlocals, {"current_token": token, "current_cancel_scope": None})
+        self._trio_outer: dict[str, object] | None = None
+        if not isinstance(token.native_token, asyncio.AbstractEventLoop):
+            from trio._threads import PARENT_TASK_DATA
+
+            # As trio's own worker threads hold them. With abandon_on_cancel, trio runs
+            # from_thread calls in its system nursery, as for an explicit trio_token.
+            self._trio_outer = _swap(
+                PARENT_TASK_DATA,
+                {"token": token.native_token, "abandon_on_cancel": True, "cancel_register": [None]},
+            )
 
     def release(self) -> None:
-        if self._outer_token is None:
-            del threadlocals.current_token
+        _swap(threadlocals, self._outer)
+        if self._trio_outer is not None:
+            from trio._threads import PARENT_TASK_DATA
+
+            _swap(PARENT_TASK_DATA, self._trio_outer)
+
+
+_MISSING = object()
+
+
+def _swap(namespace: object, values: dict[str, object]) -> dict[str, object]:
+    """Set attributes of a thread-local (deleting those set to ``_MISSING``); return the
+    previous values in the same form."""
+    previous = {name: getattr(namespace, name, _MISSING) for name in values}
+    for name, value in values.items():
+        if value is _MISSING:
+            if hasattr(namespace, name):
+                delattr(namespace, name)
         else:
-            threadlocals.current_token = self._outer_token
-        if self._outer_scope is None:
-            del threadlocals.current_cancel_scope
-        else:
-            threadlocals.current_cancel_scope = self._outer_scope
+            setattr(namespace, name, value)
+    return previous
 
 
 def call_soon(token: EventLoopToken, func: Callable[[], object]) -> bool:

@@ -515,11 +515,13 @@ class Scope:
             # The task running the scope was cancelled while joining: cancel the forks too.
             for future in group._close_now():
                 future.cancel()
-            await self._task_group.__aexit__(type(join_exc), join_exc, join_exc.__traceback__)
-            # Sync forks already running in worker threads cannot be stopped: the scope
-            # still ends after them, as a task ends after its anyio.to_thread.run_sync.
-            with anyio.CancelScope(shield=True):
-                await group._wait_idle()
+            try:
+                await self._task_group.__aexit__(type(join_exc), join_exc, join_exc.__traceback__)
+            finally:
+                # Sync forks already running in worker threads cannot be stopped: the
+                # scope still ends after them, as a task ends after its to_thread.run_sync.
+                with anyio.CancelScope(shield=True):
+                    await group._wait_idle()
             raise
         if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
             await self._task_group.__aexit__(exc_type, exc, traceback)
