@@ -87,7 +87,7 @@ def test_a_sync_fork_running_at_exit_that_forks_its_first_coroutine_gets_its_res
     result = run_script(
         """
         import sys, anyfork
-        from anyfork._scope import exit_join_started
+        from anyfork._exit import exit_join_started
 
         async def double(x):
             return 2 * x

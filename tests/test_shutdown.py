@@ -227,7 +227,7 @@ def test_a_fork_that_never_finishes_is_abandoned_after_the_exit_bound() -> None:
 def test_ctrl_c_during_the_exit_join_exits_promptly(repeat: int) -> None:
     source = """
         import signal, threading, anyio, anyfork
-        from anyfork._scope import exit_join_started
+        from anyfork._exit import exit_join_started
         signal.signal(signal.SIGINT, signal.default_int_handler)  # see CTRL_C_RAISES
 
         def stuck():
@@ -292,7 +292,7 @@ def test_a_ctrl_c_taken_by_a_worker_thread_still_ends_the_exit_join(repeat: int)
         + textwrap.dedent(
             """
         import anyfork
-        from anyfork._scope import exit_join_started
+        from anyfork._exit import exit_join_started
 
         def stuck():
             exit_join_started.wait()

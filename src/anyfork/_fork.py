@@ -3,12 +3,13 @@
 =============================  ===========================  ==============================
 caller                         coroutine function           sync callable
 =============================  ===========================  ==============================
-task on a running loop         task in innermost scope,     the worker pool (``_pool``),
-                               else the loop's ambient      from the loop's next turn
-                               group (``_scope``)
-worker thread of a loop        the same, on that loop       the worker pool
-no loop                        the background loop          the worker pool
-                               (``_fallback``)
+task on a running loop         task in innermost scope      the worker pool (``_pool``),
+                               (``_scope``), else the       from the loop's next turn;
+                               loop's ambient group         the exit join (``_exit``)
+                               (``_groups``)                tracks it
+worker thread of a loop        the same, on that loop       the same
+no loop                        the background loop          the same
+                               (``_background``)
 eager mode                     run now, in the caller       called now, in the caller
 =============================  ===========================  ==============================
 """
@@ -27,10 +28,21 @@ from anyio.lowlevel import EventLoopToken
 from typing_extensions import ParamSpec
 
 from . import _loops
+from ._background import background
 from ._config import current_config
-from ._fallback import fallback
-from ._future import _FAILED, _FINISHED, Future, without_catching_frame
-from ._scope import TaskFactory, _ForkGroup, ambient_group, current_scope_group
+from ._exit import exit_join
+from ._future import (
+    Future,
+    Work,
+    attach,
+    claim,
+    settle,
+    settle_failed,
+    without_catching_frame,
+)
+from ._groups import ForkGroup, TaskFactory, ambient_group
+from ._pool import submit
+from ._scope import current_scope_group
 from ._torch import capture_grad_mode
 
 __all__ = ["fork"]
@@ -104,7 +116,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         _submit_sync_fork(future, func, args, kwargs, context, native)
         return future
 
-    def task_for(group: _ForkGroup) -> TaskFactory:
+    def task_for(group: ForkGroup) -> TaskFactory:
         return functools.partial(group.run_coroutine_fork, future, func, args, kwargs)
 
     group = _group_for_caller(native)
@@ -117,13 +129,13 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
             return future
         # The loop is no longer running (a sync fork outlived it): as from a thread with
         # no loop, so that the work still runs and the fork's result is kept.
-    background = fallback.loop_group()
-    if background is None:
+    loop_group = background.loop_group()
+    if loop_group is None:
         # Python 3.12 starts no thread once the interpreter is exiting, so the background
         # loop cannot start during the exit join: run the coroutine here.
         _run_now(future, func, args, kwargs, True, context)
         return future
-    if not background.spawn(future, task_for(background), context):
+    if not loop_group.spawn(future, task_for(loop_group), context):
         # The background loop is gone (it failed): run the coroutine here rather than
         # leave its future pending forever.
         _run_now(future, func, args, kwargs, True, context)
@@ -152,17 +164,18 @@ def _submit_sync_fork(
         token = _loops.token_for(native)
     else:
         token = _loops.worker_thread_token()
+    exit_join.track(future)  # the pool outlives loops: the exit join waits for the fork
     job = _SyncJob((future, func, args, kwargs, context, capture_grad_mode(), token))
-    future._steal = functools.partial(job, True)  # a waiter runs it inline
+    attach(future, job)  # a blocking waiter may run it inline
     # On a loop's thread the job reaches the pool when the loop next gets control: a
     # blocking wait before that runs it in the caller, as torch.jit.wait does.
-    fallback.submit_sync(future, job, native)
+    submit(job, native)
 
 
-def _group_for_caller(native: object | None) -> _ForkGroup | None:
-    """The group a fork made here belongs to, or None for the no-loop fallback."""
+def _group_for_caller(native: object | None) -> ForkGroup | None:
+    """The group a coroutine fork made here joins, or None where no loop runs."""
     group = current_scope_group()
-    if group is not None and not group._closed:
+    if group is not None:
         return group
     if native is not None:
         return ambient_group(native)
@@ -172,11 +185,11 @@ def _group_for_caller(native: object | None) -> _ForkGroup | None:
     return None
 
 
-def _ambient_for(group: _ForkGroup) -> _ForkGroup:
+def _ambient_for(group: ForkGroup) -> ForkGroup:
     return ambient_group(group.token.native_token, group.token)
 
 
-class _SyncJob:
+class _SyncJob(Work):
     """A sync fork's work; the first thread to call it with the future still pending runs it:
     a worker of the pool or a waiter. ``grad_mode``, when torch is imported, runs the work in
     the grad and inference mode of the thread that forked it; ``token`` is the loop the fork
@@ -188,7 +201,9 @@ class _SyncJob:
     failure's traceback keeps alive (see ``without_catching_frame``).
     """
 
-    __slots__ = ("_work",)
+    __slots__ = ("_parts",)
+
+    stealable = True
 
     def __init__(
         self,
@@ -202,7 +217,15 @@ class _SyncJob:
             EventLoopToken | None,
         ],
     ) -> None:
-        self._work: Any = work
+        self._parts: Any = work
+
+    @property
+    def taken(self) -> bool:
+        """Whether a thread has run it (or it was cancelled before anyone did)."""
+        return self._parts is None or self._parts[0].done()
+
+    def steal(self) -> None:
+        self(inline=True)
 
     def __call__(self, inline: bool = False) -> None:
         """Run the work, unless it was cancelled or another thread took it.
@@ -211,19 +234,19 @@ class _SyncJob:
             SystemExit the work raises is re-raised to that waiter (after completing the
             future with it), since it is meant for the program, not for the fork
         """
-        work = self._work
-        if work is None or not work[0]._start_running():  # cancelled, or another took it
+        parts = self._parts
+        if parts is None or not claim(parts[0]):  # cancelled, or another thread took it
             return
-        self._work = None
-        future, func, args, kwargs, context, grad_mode, token = work
-        del work
-        claim = None
+        self._parts = None
+        future, func, args, kwargs, context, grad_mode, token = parts
+        del parts
+        loop_claim = None
         if (
             token is not None
             and _loops.worker_thread_token() is not token
             and _loops.running_native_loop() is None  # not a waiter on a loop's thread
         ):
-            claim = _loops.WorkerThreadClaim(token)
+            loop_claim = _loops.WorkerThreadClaim(token)
         try:
             try:
                 if grad_mode is None:
@@ -235,42 +258,38 @@ class _SyncJob:
                 # the program may exit, and a daemon thread that frees objects (a torch
                 # tensor) while the interpreter finalizes can abort the process.
                 del func, args, kwargs, context, grad_mode
-                future._complete(_FAILED, None, without_catching_frame(exc))
+                settle_failed(future, without_catching_frame(exc))
                 if inline and isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
             else:
                 del func, args, kwargs, context, grad_mode
-                future._complete(*_sync_outcome(future, result))
+                mistake = _not_a_sync_result(future, result)
+                if mistake is None:
+                    settle(future, result)
+                else:
+                    settle_failed(future, mistake)
         finally:
-            if claim is not None:
-                claim.release()
+            if loop_claim is not None:
+                loop_claim.release()
             del future
 
 
-def _sync_outcome(future: Future[Any], result: Any) -> tuple[int, Any, BaseException | None]:
-    """How a sync fork's future completes with what its callable returned."""
+def _not_a_sync_result(future: Future[Any], result: Any) -> TypeError | None:
+    """The error for a sync fork that returned what only a task could use, else None."""
     if inspect.iscoroutine(result):
         result.close()
-        return (
-            _FAILED,
-            None,
-            TypeError(
-                f"{future.name} returned a coroutine from a worker thread; declare it with "
-                "'async def' (or fork the coroutine function itself) so that anyfork runs it "
-                "as a task"
-            ),
+        return TypeError(
+            f"{future.name} returned a coroutine from a worker thread; declare it with "
+            "'async def' (or fork the coroutine function itself) so that anyfork runs it "
+            "as a task"
         )
     if inspect.isasyncgen(result):
-        return (
-            _FAILED,
-            None,
-            TypeError(
-                f"{future.name} returned an async generator from a worker thread, which "
-                "nothing there can iterate; fork a coroutine function that consumes it "
-                "instead, e.g. 'async def collect(): return [item async for item in agen]'"
-            ),
+        return TypeError(
+            f"{future.name} returned an async generator from a worker thread, which "
+            "nothing there can iterate; fork a coroutine function that consumes it "
+            "instead, e.g. 'async def collect(): return [item async for item in agen]'"
         )
-    return _FINISHED, result, None
+    return None
 
 
 def _run_now(
@@ -288,9 +307,9 @@ def _run_now(
             else:
                 result = context.run(func, *args, **kwargs)
         except BaseException as exc:
-            future._complete(_FAILED, None, without_catching_frame(exc))
+            settle_failed(future, without_catching_frame(exc))
         else:
-            future._complete(_FINISHED, result, None)
+            settle(future, result)
     finally:
         # A failure's traceback keeps this frame and fork()'s alive (f_back).
         del future, func, args, kwargs

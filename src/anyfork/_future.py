@@ -1,9 +1,11 @@
 """``Future[T]``: a thread-safe result holder that can be waited on blocking or awaited.
 
-The future knows nothing about where its work runs. The code that runs the work (see
-``_fork.py``) may attach two hooks: ``_steal``, which lets a blocking waiter run a sync fork
-that has not started yet in its own thread, and ``_on_cancel``, which stops the work when the
-future is cancelled.
+The future knows nothing about where its work runs. The code that runs the work uses the
+small internal API at the end of this module, and nothing else of the future's: it
+:func:`attach`-es one :class:`Work` object (how a blocking waiter runs the work itself, how
+cancelling the future stops it), :func:`claim`-s the right to run it, and settles the
+future with a value, an error or a cancellation (:func:`settle`, :func:`settle_failed`,
+:func:`settle_cancelled`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,31 @@ from typing_extensions import Never
 from . import _loops, _pool
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 
-__all__ = ["Future", "without_catching_frame"]
+__all__ = [
+    "Future",
+    "Work",
+    "attach",
+    "block_until_done",
+    "callback_hand_off",
+    "check_timeout",
+    "claim",
+    "has_failed",
+    "is_finished",
+    "is_running",
+    "keep_alive",
+    "mark_retrieved",
+    "may_run_inline",
+    "run_callbacks",
+    "run_inline",
+    "settle",
+    "settle_cancelled",
+    "settle_failed",
+    "steal",
+    "take_unretrieved_error",
+    "abandon_in_child",
+    "wait_done",
+    "without_catching_frame",
+]
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -107,7 +133,8 @@ class _Dispatch(threading.local):
 _dispatch = _Dispatch()
 
 
-def _run_callbacks(future: Future[Any], callbacks: list[Callback]) -> None:
+def run_callbacks(future: Future[Any], callbacks: list[Callback]) -> None:
+    """Run a completed future's done callbacks in this thread, in order (see _drain)."""
     queue = _dispatch.queue
     if queue is not None:
         queue.append((future, callbacks))
@@ -232,13 +259,12 @@ class Future(Generic[T]):
         "_exception",
         "_keep_alive",
         "_lock",
-        "_on_cancel",
         "_result",
         "_retrieved",
         "_running",
         "_state",
-        "_steal",
         "_traceback",
+        "_work",
         "name",
     )
 
@@ -265,8 +291,7 @@ class Future(Generic[T]):
         self._running = False
         self._callbacks: list[Callback] = []
         self._blocking_event: threading.Event | None = None
-        self._steal: Callable[[], object] | None = None
-        self._on_cancel: Callable[[], object] | None = None
+        self._work: Work | None = None
         # An object that must live as long as this future (a foreign future it follows).
         self._keep_alive: object = None
 
@@ -363,19 +388,19 @@ class Future(Generic[T]):
         :raises CancelledError: if the future was cancelled
         :raises BaseException: the exception the work raised, as the same object
         """
-        timeout = _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         try:
             if self._state == _PENDING:
                 # Work stealing is done here rather than in _block_until_done, to keep the
                 # frames of each level of a fork-and-wait recursion few.
-                steal = self._steal
-                if steal is not None and timeout is None and _may_run_inline():
+                work = self._work
+                if work is not None and work.stealable and timeout is None and may_run_inline():
                     _inline.depth += 1
                     try:
-                        steal()
+                        work.steal()
                     finally:
                         _inline.depth -= 1
-                        del steal
+                        del work
                 if self._state == _PENDING:
                     self._block_until_done(timeout)
             return self._outcome()
@@ -392,10 +417,15 @@ class Future(Generic[T]):
             )
         # Only an untimed wait runs the work itself: work run inline cannot be interrupted at
         # a timeout, so a timed wait that stole could outlast its bound by the whole job.
-        steal = self._steal
-        if steal is not None and timeout is None and _inline.depth < _max_inline_depth():
-            run_inline(steal)
-        del steal
+        work = self._work
+        if (
+            work is not None
+            and work.stealable
+            and timeout is None
+            and _inline.depth < _max_inline_depth()
+        ):
+            run_inline(work)
+        del work
         _help_pending_dispatch()
         with self._lock:
             if self._state != _PENDING:
@@ -499,7 +529,7 @@ class Future(Generic[T]):
             if done._state == _CANCELLED:
                 target.set_exception(_cancelled_error(done))
             elif done._exception is not None:
-                done._mark_retrieved()
+                done._retrieved = True
                 target.set_exception(done._exception)
             else:
                 target.set_result(done._result)
@@ -574,15 +604,14 @@ class Future(Generic[T]):
         :return: ``True`` if the future is now cancelled, ``False`` if it was already done
             or its work is running and cannot be stopped
         """
-        on_cancel = self._on_cancel
+        work = self._work
         if not self._complete(_CANCELLED, None, None, unless_running=True):
             return False
-        if on_cancel is not None:
-            on_cancel()
+        if work is not None:
+            work.cancel(self)
         return True
 
     def _start_running(self) -> bool:
-        """Claim the right to run a sync fork's work; false if cancelled or already claimed."""
         with self._lock:
             if self._state != _PENDING or self._running:
                 return False
@@ -608,7 +637,7 @@ class Future(Generic[T]):
             callbacks = self._callbacks
             self._callbacks = []
             event = self._blocking_event
-        self._steal = self._on_cancel = None
+        self._work = None
         if callbacks and (hand_off := callback_hand_off.runner) is not None:
             try:
                 hand_off(self, callbacks)
@@ -620,21 +649,16 @@ class Future(Generic[T]):
         elif event is not None:
             event.set()
         if callbacks:
-            _run_callbacks(self, callbacks)
+            run_callbacks(self, callbacks)
         return True
 
-    def _mark_retrieved(self) -> None:
-        self._retrieved = True
-
     def _abandon_in_child(self) -> None:
-        """In a child made by ``os.fork``: this pending fork belongs to the parent, whose
-        threads the child does not have. Read it as cancelled; run none of its callbacks."""
         self._lock = threading.RLock()  # another thread of the parent may have held it
         if self._state == _PENDING:
             self._state = _CANCELLED
             self._callbacks = []
             self._blocking_event = None
-            self._steal = self._on_cancel = None
+            self._work = None
 
 
 # --- the cause of a cancellation --------------------------------------------------------
@@ -643,16 +667,16 @@ class Future(Generic[T]):
 # cancelled). Waiters then get it as the ``__cause__`` of their anyfork.CancelledError.
 
 
-def run_inline(steal: Callable[[], object]) -> None:
+def run_inline(work: Work) -> None:
     """Run a sync fork's work in this waiting thread (work stealing), counting the depth."""
     _inline.depth += 1
     try:
-        steal()
+        work.steal()
     finally:
         _inline.depth -= 1
 
 
-def _may_run_inline() -> bool:
+def may_run_inline() -> bool:
     """Whether a blocking wait in this thread may run a sync fork itself.
 
     On an event loop's thread it always may, as ``torch.jit.wait`` does outside
@@ -718,7 +742,7 @@ class _ThenCallback(Generic[T, S]):
             del child, callback
 
 
-def _check_timeout(timeout: float | None) -> float | None:
+def check_timeout(timeout: float | None) -> float | None:
     """Validate a wait's timeout and return the one to use: ``None`` for no bound.
 
     A timeout longer than a thread can wait (``threading.TIMEOUT_MAX``, some 292 years on
@@ -763,3 +787,127 @@ def _is_coroutine_function(callback: Callable[..., object]) -> bool:
         return True
     call = getattr(type(callback), "__call__", None)  # noqa: B004 - the method, not callable()
     return call is not None and inspect.iscoroutinefunction(call)
+
+
+# --- the internal API for the code that runs a future's work ----------------------------
+# Sibling modules (forks, groups, the pool, the exit join, foreign futures) use these, and
+# never the future's underscored attributes.
+
+
+class Work:
+    """What the code running a future's work attaches to it with :func:`attach`.
+
+    The base class does nothing: subclasses override what their kind of work can do. The
+    future drops it once done, so it must not be needed after that.
+    """
+
+    __slots__ = ()
+
+    #: Whether :meth:`steal` can run the work in a waiting thread (a sync fork's can).
+    stealable = False
+
+    def steal(self) -> None:
+        """Run the work now, in the calling (waiting) thread, unless it has started or was
+        cancelled; then do nothing."""
+
+    def cancel(self, future: Future[Any]) -> None:
+        """Stop the work of ``future``, which was just cancelled (from any thread)."""
+
+
+def attach(future: Future[Any], work: Work | None) -> None:
+    """Attach the object that runs ``future``'s work (one per future); ``None`` detaches it
+    (the work went elsewhere)."""
+    future._work = work
+
+
+def claim(future: Future[Any]) -> bool:
+    """Claim the right to run a sync fork's work now; ``False`` if it was cancelled or
+    another thread claimed it. From then on ``cancel()`` cannot stop it."""
+    return future._start_running()
+
+
+def is_running(future: Future[Any]) -> bool:
+    """Whether the future's work was claimed (and so cannot be cancelled any more)."""
+    return future._running
+
+
+def settle(future: Future[T], result: T) -> bool:
+    """Complete ``future`` with ``result``; ``False`` if it was already done."""
+    return future._complete(_FINISHED, result, None)
+
+
+def settle_failed(future: Future[Any], exception: BaseException) -> bool:
+    """Complete ``future`` with the error its work raised; ``False`` if already done."""
+    return future._complete(_FAILED, None, exception)
+
+
+def settle_cancelled(
+    future: Future[Any], cause: BaseException | None = None, *, unless_running: bool = False
+) -> bool:
+    """Cancel ``future`` without calling its work's :meth:`Work.cancel`.
+
+    :param cause: the cancellation that ended the work, when it did not come from
+        ``cancel()``: waiters get it as the ``__cause__`` of their ``CancelledError``
+    :param unless_running: leave a future whose work was claimed pending (its thread will
+        settle it)
+    :return: ``False`` if it was already done (or running, with ``unless_running``)
+    """
+    return future._complete(_CANCELLED, None, cause, unless_running=unless_running)
+
+
+def is_finished(future: Future[Any]) -> bool:
+    """Whether ``future`` completed with a value (not an error, not cancelled)."""
+    return future._state == _FINISHED
+
+
+def has_failed(future: Future[Any]) -> bool:
+    """Whether ``future`` completed with an error of its work."""
+    return future._state == _FAILED
+
+
+def mark_retrieved(future: Future[Any]) -> None:
+    """Count ``future``'s error as retrieved: it is not logged when the future is dropped
+    (for followers of foreign futures, whose source owns the error)."""
+    future._retrieved = True
+
+
+def take_unretrieved_error(future: Future[Any]) -> BaseException | None:
+    """Return the error of a failed future that nobody retrieved, now counted as retrieved
+    (a scope reports it); else ``None``."""
+    if future._state != _FAILED or future._retrieved:
+        return None
+    future._retrieved = True
+    return future._exception
+
+
+def keep_alive(future: Future[Any], obj: object) -> None:
+    """Keep ``obj`` alive as long as ``future`` (a foreign future it follows)."""
+    future._keep_alive = obj
+
+
+def steal(future: Future[Any]) -> None:
+    """Run ``future``'s work in this thread if it can be and has not started (the helping
+    done by ``wait_all`` and the exit join; untimed waits only)."""
+    work = future._work
+    if work is not None and work.stealable:
+        run_inline(work)
+
+
+def block_until_done(future: Future[Any], timeout: float | None) -> None:
+    """Block this thread until ``future`` is done, without reading its outcome.
+
+    :raises TimeoutError: if ``timeout`` elapses first
+    :raises WouldBlockError: on an event loop's thread
+    """
+    future._block_until_done(timeout)
+
+
+async def wait_done(future: Future[Any]) -> None:
+    """Wait, without blocking the loop, until ``future`` is done."""
+    await future._wait_done_async()
+
+
+def abandon_in_child(future: Future[Any]) -> None:
+    """In a child made by ``os.fork``: this pending fork belongs to the parent, whose
+    threads the child does not have. Read it as cancelled; run none of its callbacks."""
+    future._abandon_in_child()

@@ -15,14 +15,26 @@ not deadlock.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
+from . import _loops
 from ._config import current_config
 
-__all__ = ["Slot", "WorkerPool", "rejoin", "run_in_slot", "secede"]
+__all__ = [
+    "Slot",
+    "WorkerPool",
+    "hand_over_deferred",
+    "rejoin",
+    "run_in_slot",
+    "secede",
+    "submit",
+    "worker_pool",
+]
 
 logger = logging.getLogger("anyfork")
 
@@ -198,3 +210,83 @@ class _PoolSlot:
 
     def reacquire(self) -> None:
         self._pool._rejoin()
+
+
+# --- the one worker pool of the process -------------------------------------------------
+
+_lock = threading.RLock()
+_pool: WorkerPool | None = None
+# Jobs made on a loop's thread, until that loop next gets control and hands them over.
+_deferred: dict[Callable[[], object], None] = {}
+
+
+def worker_pool() -> WorkerPool:
+    """The process's worker pool, started on first use (again in a child made by os.fork)."""
+    global _pool
+    pool = _pool
+    if pool is None:
+        with _lock:
+            # A signal handler that forked while this thread was here made one already.
+            pool = _pool = _pool or WorkerPool()
+    return pool
+
+
+def submit(job: Callable[[], object], native: object | None = None) -> None:
+    """Run ``job`` on the worker pool.
+
+    :param native: the loop running in this thread, if any: the job then reaches the pool
+        when that loop next gets control, so that a blocking wait before that (a forward
+        that forks and waits, called in async code) runs it in the caller, as
+        ``torch.jit.wait`` does
+    """
+    pool = worker_pool()
+    if native is None:
+        _submit_now(pool, job)
+        return
+    with _lock:
+        _deferred[job] = None
+    _loops.call_soon_here(native, partial(_hand_over, job))
+
+
+def _hand_over(job: Callable[[], object]) -> None:
+    with _lock:
+        if _deferred.pop(job, _MISSING) is _MISSING:
+            return  # the exit join handed it over already
+    if not getattr(job, "taken", False):  # not run inline by a waiter meanwhile
+        _submit_now(worker_pool(), job)
+
+
+def hand_over_deferred() -> None:
+    """Queue the jobs made on loops that never got control again (closed right after)."""
+    with _lock:
+        jobs = list(_deferred)
+    for job in jobs:
+        _hand_over(job)
+
+
+def _submit_now(pool: WorkerPool, job: Callable[[], object]) -> None:
+    try:
+        pool.submit(job)
+    except RuntimeError:
+        # Python 3.12 starts no new thread once the interpreter is exiting, and no worker
+        # is idle. In a plain thread, run the job here and now, as eager mode would,
+        # rather than leave it queued behind a bound nobody may wait out. On a loop's
+        # thread it stays queued for the next free worker: it must not block the loop
+        # (the background loop keeps one worker for this: see ensure_a_thread).
+        if _loops.running_native_loop() is None:
+            job()  # if a worker took the queued copy first, this does nothing
+
+
+def _reset_in_child() -> None:
+    """A child made by ``os.fork`` has none of the parent's worker threads: it starts a
+    fresh pool on first use, with none of the parent's jobs."""
+    global _lock, _pool
+    _lock = threading.RLock()
+    _pool = None
+    _deferred.clear()
+
+
+_MISSING = object()
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_reset_in_child)

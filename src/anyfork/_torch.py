@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from ._future import _FAILED, _FINISHED, Future
+from ._future import Future, keep_alive, mark_retrieved, settle, settle_failed
 
 __all__ = ["TorchFuture", "capture_grad_mode", "follow_torch", "is_torch_future"]
 
@@ -54,15 +54,15 @@ def follow_torch(source: Any) -> Future[Any]:
     """
     future: Future[Any] = Future(name=f"torch.Future at {id(source):#x}")
     # The torch future owns its error; the follower must not report it again when dropped.
-    future._mark_retrieved()
+    mark_retrieved(future)
 
     def copy_outcome(done: Any) -> None:
         try:
             value = done.value()
         except BaseException as exc:  # torch re-raises the stored error here
-            future._complete(_FAILED, None, exc)
+            settle_failed(future, exc)
         else:
-            future._complete(_FINISHED, value, None)
+            settle(future, value)
 
     if type(source) is _base_future_type() and not source.done():
         # Work running in torch's own pools (torch.jit.fork, then, collect_all). torch's
@@ -72,10 +72,10 @@ def follow_torch(source: Any) -> Future[Any]:
         # waits, within its bound, until torch has released the callback.
         # For the same reason torch's Python wrapper of the future must not be freed in
         # torch's thread: the follower keeps it, so a Python thread frees it.
-        future._keep_alive = source
+        keep_alive(future, source)
         released: Future[None] = Future(name=f"{future.name} (its callback)")
-        released._mark_retrieved()
-        weakref.finalize(copy_outcome, released._complete, _FINISHED, None, None)
+        mark_retrieved(released)
+        weakref.finalize(copy_outcome, settle, released, None)
         source.add_done_callback(copy_outcome)
         del copy_outcome  # torch holds the only reference now
         _join_at_exit(released)
@@ -86,10 +86,10 @@ def follow_torch(source: Any) -> Future[Any]:
 
 def _join_at_exit(future: Future[Any]) -> None:
     from ._errors import ShutdownError
-    from ._fallback import fallback
+    from ._exit import exit_join
 
     try:
-        fallback.adopt(future)
+        exit_join.track(future)
     except (ShutdownError, RuntimeError):  # already exiting: nothing is left to join it
         pass
 

@@ -16,13 +16,18 @@ from collections.abc import Iterable
 from typing import Any, TypeVar, cast, overload
 
 from ._future import (
-    _CANCELLED,
-    _FAILED,
-    _FINISHED,
     Future,
-    _check_timeout,
-    _may_run_inline,
-    run_inline,
+    Work,
+    attach,
+    block_until_done,
+    check_timeout,
+    is_finished,
+    mark_retrieved,
+    may_run_inline,
+    settle,
+    settle_cancelled,
+    settle_failed,
+    steal,
 )
 from ._torch import TorchFuture, follow_torch, is_torch_future
 
@@ -57,19 +62,31 @@ def _follow_concurrent(source: concurrent.futures.Future[Any]) -> Future[Any]:
     future: Future[Any] = Future(name=repr(source))
     # The source future owns its errors; the adapter must not report them again when
     # garbage collected.
-    future._mark_retrieved()
+    mark_retrieved(future)
 
     def copy_outcome(done: concurrent.futures.Future[Any]) -> None:
         if done.cancelled():
-            future._complete(_CANCELLED, None, None)
+            settle_cancelled(future)
         elif (exc := done.exception()) is not None:
-            future._complete(_FAILED, None, exc)
+            settle_failed(future, exc)
         else:
-            future._complete(_FINISHED, done.result(), None)
+            settle(future, done.result())
 
-    future._on_cancel = source.cancel
+    attach(future, _CancelSource(source))
     source.add_done_callback(copy_outcome)
     return future
+
+
+class _CancelSource(Work):
+    """Cancelling the follower of a ``concurrent.futures.Future`` cancels that future."""
+
+    __slots__ = ("_source",)
+
+    def __init__(self, source: concurrent.futures.Future[Any]) -> None:
+        self._source = source
+
+    def cancel(self, future: Future[Any]) -> None:
+        self._source.cancel()
 
 
 @overload
@@ -146,7 +163,7 @@ def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
     combined: Future[list[Future[Any]]] = Future(name="collect_all")
     remaining = len(members)
     if not remaining:
-        combined._complete(_FINISHED, [], None)
+        settle(combined, [])
         return combined
     lock = threading.RLock()
 
@@ -156,7 +173,7 @@ def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
             remaining -= 1
             last = remaining == 0
         if last:
-            combined._complete(_FINISHED, members, None)
+            settle(combined, members)
 
     for member in members:
         member.add_done_callback(one_done)
@@ -181,10 +198,10 @@ def wait_all(futures: Iterable[Any], timeout: float | None = None) -> list[Any]:
     :raises TimeoutError: if the timeout elapses first
     """
     members = _as_futures(futures, "wait_all")
-    timeout = _check_timeout(timeout)
+    timeout = check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        if timeout is None and _may_run_inline():
+        if timeout is None and may_run_inline():
             _run_unstarted_from_the_back(members)
         _block_until_all_done(members, deadline)
         return _values_in_order(members)
@@ -198,26 +215,24 @@ def _run_unstarted_from_the_back(members: list[Future[Any]]) -> None:
     # while the workers take them from the front. With fewer worker threads than forks the
     # waiting thread works instead of idling on a running one.
     for member in reversed(members):
-        steal = member._steal
-        if steal is not None:
-            run_inline(steal)
+        steal(member)
 
 
 def _block_until_all_done(members: list[Future[Any]], deadline: float | None) -> None:
     for member in members:
         if not member.done():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            member._block_until_done(left)
+            block_until_done(member, left)
 
 
 def _values_in_order(members: list[Future[Any]]) -> list[Any]:
     """The values of done futures, or the first failure in input order, raised."""
-    first_not_finished = next((m for m in members if m._state != _FINISHED), None)
+    first_not_finished = next((m for m in members if not is_finished(m)), None)
     if first_not_finished is None:
-        return [member._result for member in members]
+        return [member.value() for member in members]
     del members
     try:
-        return [first_not_finished._outcome()]  # raises its exception or CancelledError
+        return [first_not_finished.value()]  # raises its exception or CancelledError
     finally:
         del first_not_finished
 

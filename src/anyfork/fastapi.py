@@ -29,16 +29,17 @@ from typing import Literal, get_args
 import anyio
 
 try:
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message, Receive, Send
+    from starlette.types import Scope as ASGIScope
 except ImportError as exc:  # tests/test_fastapi.py hides Starlette to check this message
     raise ImportError(
         "anyfork.fastapi needs FastAPI (and the Starlette it brings): "
         "pip install 'anyfork[fastapi]'"
     ) from exc
 
-from . import _loops, _scope
+from . import _loops
 from ._errors import CancelledError
-from ._scope import _ForkGroup, ambient_group
+from ._scope import Scope
 
 __all__ = [
     "AppScope",
@@ -99,13 +100,13 @@ def _check_grace(grace_period: object) -> float:
     return float(grace_period)
 
 
-class _LoggingScope(_scope.Scope):
+class _LoggingScope(Scope):
     """A scope that logs failures nobody retrieved instead of raising them at exit."""
 
     def _owner(self) -> str:
         raise NotImplementedError
 
-    def _report_failures(self, failures: list[BaseException], exc: BaseException | None) -> None:
+    def report_unretrieved(self, failures: list[BaseException], exc: BaseException | None) -> None:
         for failure in failures:
             logger.error(
                 "anyfork: a fork of %s failed and nobody retrieved the error",
@@ -136,12 +137,8 @@ class AppScope(_LoggingScope):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        group = self._group
-        assert group is not None
-        with anyio.move_on_after(self.grace_period) as drain:
-            await group._wait_idle()
-        if drain.cancelled_caught:
-            unfinished = group.pending_futures()
+        unfinished = await self.drain(self.grace_period)
+        if unfinished:
             logger.warning(
                 "anyfork: %d fork(s) did not finish within the shutdown grace period of "
                 "%s seconds; cancelling them (sync forks already running in a thread are "
@@ -193,15 +190,11 @@ class RequestScope(_LoggingScope):
         """The app scope that detached forks go to, if the app's lifespan opened one."""
         return None if self._app is None else _app_scopes.get(self._app)
 
-    def _fork_group(self) -> _ForkGroup | None:
-        group = self._group
-        if self._policy != "detach" or group is None:
-            return group
-        app_scope = self.app_scope
-        app_group = None if app_scope is None else app_scope._group
-        if app_group is not None and not app_group._closed:
-            return app_group
-        return ambient_group(group.token.native_token, group.token)
+    def forks_go_to(self) -> Scope | None:
+        if self._policy != "detach":
+            return self
+        # Detached: to the app scope while it is open, else to the loop's ambient group.
+        return self.app_scope
 
     async def __aexit__(
         self,
@@ -267,28 +260,28 @@ class ForkScopeMiddleware:
         self.policy: Policy = _check_policy(policy)
         self.cancel_on_disconnect = cancel_on_disconnect
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+    async def __call__(self, asgi_scope: ASGIScope, receive: Receive, send: Send) -> None:
+        if asgi_scope["type"] != "http":
+            await self.app(asgi_scope, receive, send)
             return
         request = RequestScope(
             policy=self.policy,
-            app=scope.get("app"),
-            label=f"{scope.get('method', '')} {scope.get('path', '')}".strip(),
+            app=asgi_scope.get("app"),
+            label=f"{asgi_scope.get('method', '')} {asgi_scope.get('path', '')}".strip(),
         )
         token = _current_request.set(request)
         try:
             async with request:
                 if self.cancel_on_disconnect:
-                    await _call_watching_disconnect(self.app, request, scope, receive, send)
+                    await _call_watching_disconnect(self.app, request, asgi_scope, receive, send)
                 else:
-                    await self.app(scope, receive, send)
+                    await self.app(asgi_scope, receive, send)
         finally:
             _current_request.reset(token)
 
 
 async def _call_watching_disconnect(
-    app: ASGIApp, request: RequestScope, scope: Scope, receive: Receive, send: Send
+    app: ASGIApp, request: RequestScope, asgi_scope: ASGIScope, receive: Receive, send: Send
 ) -> None:
     """Call ``app``, cancelling ``request``'s forks if the client goes before the response.
 
@@ -329,7 +322,7 @@ async def _call_watching_disconnect(
     async with anyio.create_task_group() as task_group, from_pump:
         task_group.start_soon(pump)
         try:
-            await app(scope, app_receive, app_send)
+            await app(asgi_scope, app_receive, app_send)
         except Exception as exc:  # re-raised below, unwrapped by the task group
             error = exc
         finally:

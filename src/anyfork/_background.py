@@ -1,0 +1,234 @@
+"""The background loop: one event loop thread per process for coroutine forks made where no
+loop runs (plain scripts, threads anyio did not start).
+
+It starts on first use, so a program that never forks a coroutine outside a loop pays
+nothing, and a process made by ``os.fork`` starts without it (the child gets a fresh one on
+first use and never runs its parent's forks). Its forks are joined at interpreter exit by
+the exit join (``_exit.py``), which then stops it. Its thread is a daemon thread: a fork
+stuck in a blocking call cannot hold the process past the exit bound.
+
+User callbacks never run on this hidden loop: the done callbacks of futures completed on it
+run on the worker pool, where they may block, wait and fork like any script code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from . import _loops, _pool
+from ._errors import ShutdownError
+from ._exit import exit_join
+from ._future import Future, Work, attach, claim, run_callbacks, settle
+from ._groups import AmbientGroup, ambient_group
+from ._loops import wakes_a_task
+
+__all__ = ["background"]
+
+logger = logging.getLogger("anyfork")
+
+# How long the background loop gets to stop at exit, once its forks have finished or been
+# given up on and cancelled. A loop stuck in a blocking call is abandoned after this (its
+# thread is a daemon), so the process exits within the exit bound plus this grace.
+_LOOP_STOP_GRACE = 0.5
+
+
+def _new_asyncio_loop() -> asyncio.AbstractEventLoop:
+    """Build asyncio's default loop class without going through the event loop policy.
+
+    The first ``asyncio.new_event_loop()`` in a process sets the policy up under a plain
+    (non-reentrant) lock. A signal handler that forks a coroutine while the interrupted code
+    holds that lock would wait for it forever, in the thread that holds it.
+    """
+    if sys.platform == "win32":  # pragma: no cover - CI runs on Linux
+        return asyncio.ProactorEventLoop()
+    return asyncio.SelectorEventLoop()
+
+
+class _BackgroundLoop:
+    """An asyncio loop for a daemon thread, running from :meth:`start` until :meth:`stop`.
+
+    The loop, its token and its ambient group exist before the thread starts, and nothing
+    here waits for the thread: forks posted meanwhile queue on the loop. So a signal
+    handler that forks while the interrupted code is starting the loop never waits for
+    that code (which cannot run until the handler returns).
+    """
+
+    def __init__(self) -> None:
+        self._loop = _new_asyncio_loop()
+        self.token = _loops.token_for(self._loop)
+        self._stopped: asyncio.Future[None] = self._loop.create_future()
+        self.thread = threading.Thread(
+            target=self._run, name="anyfork background loop", daemon=True
+        )
+
+    def _run(self) -> None:
+        async def serve() -> None:
+            await self._stopped
+
+        try:
+            anyio.run(serve, backend="asyncio", backend_options={"loop_factory": self._take_loop})
+        except BaseException:  # pragma: no cover - the loop itself failed
+            logger.exception("anyfork: the background event loop failed")
+
+    def _take_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def _set_stopped(self) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def discard(self) -> None:
+        """Close a loop whose thread was never started."""
+        self._loop.close()
+
+    def stop(self, grace: float) -> None:
+        """Ask the loop to stop without waiting on it, then give it ``grace`` seconds.
+
+        Nothing here waits for the loop to answer: a coroutine fork stuck in a blocking call
+        freezes the loop, and the exit bound must hold all the same.
+        """
+        if _loops.call_soon(self.token, self._set_stopped):
+            self.thread.join(grace)
+        if self.thread.is_alive():
+            logger.error(
+                "anyfork: the background event loop did not stop within %s seconds (a "
+                "coroutine fork is blocking it); abandoning it",
+                grace,
+            )
+
+
+class _Background:
+    """The background loop and its ambient group, started on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._loop: _BackgroundLoop | None = None
+        self._group: AmbientGroup | None = None
+
+    def loop_group(self) -> AmbientGroup | None:
+        """Return the ambient group of the background loop, starting the loop if needed.
+
+        ``None`` means no thread can start for it (Python 3.12 at interpreter exit): the
+        caller then runs the coroutine itself.
+
+        :raises ShutdownError: if the exit join is over
+        """
+        with self._lock:
+            exit_join.check_open()
+            group = self._group
+            if group is not None:
+                return group
+            loop = _BackgroundLoop()
+            if self._group is not None:  # a signal handler set one up meanwhile
+                loop.discard()
+                return self._group
+            group = ambient_group(loop.token.native_token, loop.token)
+            # User callbacks never run on the background loop: they go to the worker pool.
+            group.callback_runner = self.run_callbacks_in_worker
+            self._loop, self._group = loop, group
+            try:
+                loop.thread.start()
+            except RuntimeError:
+                self._loop = self._group = None
+                for future in group.pending_futures():  # forked by a signal handler just now
+                    future.cancel()
+                loop.discard()
+                return None
+            exit_join.add_participant(self)
+            try:
+                # Done callbacks and sync forks of the background loop's coroutines go to
+                # the worker pool, never run on the loop: keep a worker for them even while
+                # the interpreter exits, when Python 3.12 starts no new thread.
+                _pool.worker_pool().ensure_a_thread()
+            except RuntimeError:
+                pass  # already exiting: a worker that frees up takes them
+            return group
+
+    # --- as a participant of the exit join ----------------------------------------------
+
+    def pending_futures(self) -> list[Future[Any]]:
+        group = self._group
+        return [] if group is None else group.pending_futures()
+
+    def stop(self) -> None:
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.stop(_LOOP_STOP_GRACE)
+
+    # --- done callbacks -------------------------------------------------------------------
+
+    def run_callbacks_in_worker(
+        self, future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]
+    ) -> None:
+        """Run the done callbacks of ``future``, completed on the background loop, on the
+        worker pool: there they may block, wait and fork like any script code. The exit
+        join waits for them. Callbacks that only wake a task awaiting ``future`` run at once.
+        """
+        for callback in [callback for callback in callbacks if wakes_a_task(callback)]:
+            callbacks.remove(callback)
+            callback(future)
+        if not callbacks:
+            return
+        ran: Future[None] = Future(name=f"done callbacks of {future!r}")
+        job = _CallbacksJob(ran, future, callbacks)
+        attach(ran, job)  # the exit join runs them itself if no thread can start
+        try:
+            exit_join.track(ran)
+        except ShutdownError:  # the exit join is over: nothing left to hand them to
+            job()
+            return
+        _pool.submit(job)
+
+    def _reset_in_child(self) -> None:
+        """The child has no background loop thread: it starts a fresh loop on first use
+        (the loop's pending forks are abandoned with its ambient group, in ``_groups``)."""
+        self._lock = threading.RLock()
+        self._loop = None
+        self._group = None
+
+
+class _CallbacksJob(Work):
+    """Runs done callbacks on the worker pool, once; a waiter at exit may run it instead."""
+
+    __slots__ = ("_callbacks", "_future", "_ran")
+
+    stealable = True
+
+    def __init__(
+        self,
+        ran: Future[None],
+        future: Future[Any],
+        callbacks: list[Callable[[Future[Any]], object]],
+    ) -> None:
+        self._ran = ran
+        self._future = future
+        self._callbacks = callbacks
+
+    @property
+    def taken(self) -> bool:
+        return self._ran.done()
+
+    def steal(self) -> None:
+        self()
+
+    def __call__(self) -> None:
+        if claim(self._ran):
+            try:
+                run_callbacks(self._future, self._callbacks)
+            finally:
+                settle(self._ran, None)
+
+
+background = _Background()
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=background._reset_in_child)

@@ -1,0 +1,174 @@
+"""The exit join: waiting, at interpreter exit, for forks that have not finished.
+
+Every sync fork is tracked here from the moment it is forked (it runs on the worker pool,
+which outlives any event loop), and so is every fork of the background loop, through that
+loop's participation (``_background.py``). At exit, before Python joins non-daemon
+threads, :meth:`ExitJoin.join` waits for them within the exit bound, then stops the
+participants. Nothing here imports the modules that run work: they come to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Protocol
+
+from . import _pool
+from ._config import current_config
+from ._errors import ShutdownError
+from ._future import Future, abandon_in_child, block_until_done, steal
+
+__all__ = ["ExitParticipant", "exit_join", "exit_join_started"]
+
+logger = logging.getLogger("anyfork")
+
+# Set when the exit join starts (tests wait for it to interrupt the join).
+exit_join_started = threading.Event()
+
+
+class ExitParticipant(Protocol):
+    """Something with forks of its own to join at exit, stopped once the join is over."""
+
+    def pending_futures(self) -> list[Future[Any]]:
+        """The forks it still has pending."""
+        ...
+
+    def stop(self) -> None:
+        """Stop, after the join, without waiting longer than a short grace."""
+        ...
+
+
+class ExitJoin:
+    """What must finish before the interpreter exits, and the join that waits for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        # Insertion-ordered (a dict used as a set): the join goes through forks in order.
+        self._pending: dict[Future[Any], None] = {}
+        self._participants: list[ExitParticipant] = []
+        self._hook_registered = False
+        self._over = False
+
+    def check_open(self) -> None:
+        """Raise :class:`ShutdownError` if nothing would wait for new work at exit any more;
+        else make sure the join will run."""
+        if self._over:
+            raise ShutdownError(
+                "anyfork cannot start new work: the interpreter is shutting down and "
+                "anyfork's exit join has ended. Fork before the end of the script, or wait "
+                "for the fork inside the work that makes it."
+            )
+        if not self._hook_registered:
+            with self._lock:
+                if self._hook_registered:
+                    return
+                # Runs before threads are joined at exit, unlike atexit.register.
+                try:
+                    threading._register_atexit(self.join)  # type: ignore[attr-defined]
+                except RuntimeError:
+                    raise ShutdownError(
+                        "anyfork cannot start new work: the interpreter is already shutting "
+                        "down (forking from an atexit handler or a finalizer), so nothing "
+                        "would wait for it to finish. Fork before the end of the script, or "
+                        "call the function directly."
+                    ) from None
+                self._hook_registered = True
+
+    def track(self, future: Future[Any]) -> None:
+        """Have the join wait for ``future`` until it is done.
+
+        :raises ShutdownError: if the join is over (see :meth:`check_open`)
+        """
+        with self._lock:
+            self.check_open()
+            self._pending[future] = None
+        future.add_done_callback(self._discard)
+
+    def add_participant(self, participant: ExitParticipant) -> None:
+        with self._lock:
+            self.check_open()
+            if participant not in self._participants:
+                self._participants.append(participant)
+
+    def _discard(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.pop(future, None)
+
+    def _unfinished(self) -> list[Future[Any]]:
+        with self._lock:
+            unfinished = list(self._pending)
+            participants = list(self._participants)
+        for participant in participants:
+            unfinished.extend(participant.pending_futures())
+        return [future for future in unfinished if not future.done()]
+
+    def join(self) -> None:
+        """Wait (within the exit bound) for every unfinished fork, then stop the participants.
+
+        With a bound, the join only waits: it runs no fork inline, since a fork run inline
+        cannot be stopped at the bound. Without one, it runs queued sync forks itself.
+        """
+        bound = current_config().exit_timeout
+        deadline = None if bound is None else time.monotonic() + bound
+        try:
+            # Inside the try: a Ctrl-C that lands right after this still ends the join.
+            exit_join_started.set()
+            # Sync forks made on a loop that never got control again: queue them now.
+            _pool.hand_over_deferred()
+            if deadline is None:
+                # Without a bound, help first: run the sync forks no worker has started yet,
+                # from the last one back, as wait_all does.
+                for future in reversed(self._unfinished()):
+                    steal(future)
+            while unfinished := self._unfinished():
+                for future in unfinished:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    # Only wait: reading the outcome would hide a failure nobody retrieved.
+                    block_until_done(future, None if remaining is None else max(remaining, 0))
+        except TimeoutError:
+            self._give_up(
+                f"did not finish within the exit bound of {bound} seconds "
+                "(anyfork.configure(exit_timeout=...), ANYFORK_EXIT_TIMEOUT)"
+            )
+        except KeyboardInterrupt:
+            self._give_up("were interrupted at exit (Ctrl-C)")
+        except SystemExit:
+            self._give_up("were interrupted at exit (SystemExit raised by a fork the join ran)")
+        finally:
+            with self._lock:
+                self._over = True
+                participants, self._participants = self._participants, []
+            for participant in participants:
+                try:
+                    participant.stop()
+                except KeyboardInterrupt:
+                    pass
+
+    def _give_up(self, why: str) -> None:
+        unfinished = self._unfinished()
+        logger.error(
+            "anyfork: %d fork(s) %s; cancelling those that can be, abandoning the rest: %s",
+            len(unfinished),
+            why,
+            ", ".join(repr(future) for future in unfinished),
+        )
+        for future in unfinished:
+            future.cancel()
+
+    def _reset_in_child(self) -> None:
+        """In a child made by ``os.fork``: the parent's forks are not the child's to join
+        (their threads are not there); they read as cancelled in the child."""
+        inherited = list(self._pending)
+        self._lock = threading.RLock()
+        self._pending = {}
+        self._participants = []
+        for future in inherited:
+            abandon_in_child(future)
+
+
+exit_join = ExitJoin()
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=exit_join._reset_in_child)

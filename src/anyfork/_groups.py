@@ -1,0 +1,450 @@
+"""Fork groups: an anyio task group on one event loop plus the forks that belong to it.
+
+A **fork group** holds the forks of one :class:`~anyfork.Scope` (see ``_scope.py``) or of
+one loop's **ambient group**, the home of forks made outside any scope, created per loop on
+first use. Coroutine forks are tasks of the group's task group; sync forks run on the
+worker pool and are only counted here (a scope joins them). Forks may be added from any
+thread; a coroutine fork's task runs on the group's loop.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Coroutine
+from contextvars import Context, copy_context
+from functools import partial
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+from anyio.lowlevel import EventLoopToken
+
+from . import _loops
+from ._future import (
+    Future,
+    Work,
+    abandon_in_child,
+    attach,
+    callback_hand_off,
+    has_failed,
+    settle,
+    settle_cancelled,
+    settle_failed,
+)
+
+__all__ = [
+    "AmbientGroup",
+    "ForkGroup",
+    "TaskFactory",
+    "ambient_group",
+    "report_forks_of_stopped_loops",
+]
+
+logger = logging.getLogger("anyfork")
+
+TaskFactory = Callable[[], Coroutine[Any, Any, None]]
+
+
+class ForkGroup:
+    """A task group on one event loop, and the forks that belong to it."""
+
+    def __init__(self, token: EventLoopToken, loop_thread: int):
+        self.token = token
+        self.loop_thread = loop_thread
+        self._lock = threading.RLock()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._backlog: list[tuple[Future[Any], TaskFactory, Context | None]] = []
+        self._pending: dict[Future[Any], anyio.TaskHandle[None] | None] = {}
+        # The coroutines of forks whose task has not started: closed if it never does, so
+        # that Python prints no "coroutine ... was never awaited" next to anyfork's warning.
+        self._unstarted: dict[Future[Any], Coroutine[Any, Any, None]] = {}
+        self._closed = False
+        self._idle: anyio.Event | None = None
+        # Set for the background loop's group: runs the done callbacks of futures completed
+        # on its loop elsewhere (user callbacks never run on the background loop).
+        self.callback_runner: Callable[[Future[Any], list[Callable[..., object]]], None] | None = (
+            None
+        )
+
+    # --- any thread -------------------------------------------------------------------
+
+    def spawn(self, future: Future[Any], factory: TaskFactory, context: Context | None) -> bool:
+        """Run ``factory()`` as a task of this group, from any thread.
+
+        :return: ``False`` if the group has closed and takes no more forks, or its loop is
+            no longer running
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            self._pending[future] = None
+        attach(future, _TaskWork(self))
+        if (
+            threading.get_ident() == self.loop_thread
+            and self._task_group is not None
+            and _loops.in_task()
+        ):
+            self._start(future, factory, context)
+            return True
+        # Post the start from within the fork's context: anyio copies the posting context
+        # (adding its note of which async library runs), so the task inherits both.
+        start = partial(self._start, future, factory, None)
+        posted = (
+            context.run(_loops.call_soon, self.token, start)
+            if context is not None
+            else _loops.call_soon(self.token, start)
+        )
+        if not posted:
+            # The loop is gone (a sync fork that outlived it is forking): the caller runs
+            # the fork as from a thread with no loop.
+            with self._lock:
+                self._pending.pop(future, None)
+            attach(future, None)
+            return False
+        return True
+
+    def track_sync_fork(self, future: Future[Any]) -> bool:
+        """Count a sync fork (run by the worker pool) among this group's pending forks.
+
+        :return: ``False`` if the group has closed and takes no more forks
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            self._pending[future] = None
+        future.add_done_callback(self._sync_fork_done)
+        return True
+
+    def _sync_fork_done(self, future: Future[Any]) -> None:
+        # In the thread that completed it: a worker, a waiter, or the loop's (cancel()).
+        if has_failed(future):
+            self._note_failed(future)
+        self._forget(future)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the group takes no more forks."""
+        return self._closed
+
+    def pending_futures(self) -> list[Future[Any]]:
+        with self._lock:
+            return list(self._pending)
+
+    def _cancel_task(self, future: Future[Any]) -> None:
+        if threading.get_ident() == self.loop_thread:
+            self._cancel_task_now(future)
+        else:
+            _loops.call_soon(self.token, partial(self._cancel_task_now, future))
+
+    # --- the loop's thread ------------------------------------------------------------
+
+    def _start(self, future: Future[Any], factory: TaskFactory, context: Context | None) -> None:
+        task_group = self._task_group
+        if task_group is None:
+            self._backlog.append((future, factory, context or copy_context()))
+            return
+        coroutine = self._unstarted[future] = factory()
+        try:
+            if context is None:
+                handle = task_group.create_task(coroutine, name=future.name)
+            else:
+                handle = context.run(task_group.create_task, coroutine, name=future.name)
+        except RuntimeError:  # the task group is no longer active
+            self._lose(future, "its task group has already shut down")
+            return
+        with self._lock:
+            if future in self._pending:
+                self._pending[future] = handle
+
+    def _cancel_task_now(self, future: Future[Any]) -> None:
+        if future in self._unstarted:
+            # Its task starts, sees the cancelled future and returns; cancelling the task
+            # could stop it before it starts, and its coroutine would never be awaited.
+            return
+        handle = self._pending.get(future)
+        if handle is not None:
+            handle.cancel()
+
+    def _forget(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.pop(future, None)
+            idle = self._idle if not self._pending else None
+        if idle is not None:
+            if threading.get_ident() == self.loop_thread:
+                idle.set()
+            else:  # a sync fork finished in its worker thread
+                _loops.call_soon(self.token, idle.set)
+
+    def _lose(self, future: Future[Any], reason: str) -> None:
+        """Cancel a fork whose work can no longer run, and say so."""
+        self._forget(future)
+        coroutine = self._unstarted.pop(future, None)
+        if coroutine is not None:
+            coroutine.close()
+        if settle_cancelled(future, unless_running=True):
+            logger.warning("anyfork: fork %r was cancelled because %s", future, reason)
+
+    def open(self, task_group: anyio.abc.TaskGroup) -> None:
+        self._task_group = task_group
+        backlog, self._backlog = self._backlog, []
+        for item in backlog:
+            self._start(*item)
+
+    async def wait_idle(self, *, close: bool = False) -> None:
+        """Wait until no fork is pending; with ``close``, then refuse new ones (atomically)."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._closed = self._closed or close
+                    return
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
+    def close_now(self) -> list[Future[Any]]:
+        with self._lock:
+            self._closed = True
+            return list(self._pending)
+
+    # --- the fork's task ----------------------------------------------------------------
+
+    async def run_coroutine_fork(
+        self,
+        future: Future[Any],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self._unstarted.pop(future, None)
+        if self.callback_runner is not None:
+            callback_hand_off.runner = self.callback_runner
+        try:
+            if future.done():  # cancelled before its task started
+                return
+            try:
+                result = await func(*args, **kwargs)
+            except anyio.get_cancelled_exc_class() as exc:
+                _drop_own_frame(exc)
+                try:
+                    # Raises if an enclosing anyio cancel scope was cancelled: the fork's own
+                    # cancel(), its scope or task group, or (on trio) the loop's shutdown.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    natively = _loops.task_cancelled_natively()  # asyncio.run's shutdown
+                    if not natively:
+                        # Python 3.10 counts no native cancellations: give the loop one step,
+                        # in which a shutdown cancels this fork's group (and so this task).
+                        await anyio.lowlevel.checkpoint()
+                except anyio.get_cancelled_exc_class():
+                    self._note_cancelled(future)
+                    raise
+                if natively:
+                    self._note_cancelled(future)
+                    raise
+                # A stray cancellation: the work awaited something that somebody else
+                # cancelled. Re-raising it would make the task group cancel every sibling
+                # (and a scope's body), so it ends this fork alone.
+                self._note_stray_cancellation(future, exc)
+            except BaseException as exc:
+                settle_failed(future, _drop_own_frame(exc))
+                self._note_failed(future)
+            else:
+                settle(future, result)
+        finally:
+            self._forget(future)
+            # On Python 3.12+ the frames of a failure's traceback link back to this one
+            # (f_back), which must then not hold the future the failure is stored in.
+            del future
+
+    def _note_cancelled(self, future: Future[Any]) -> None:
+        settle_cancelled(future, unless_running=True)
+
+    def _note_failed(self, future: Future[Any]) -> None:
+        pass
+
+    def _note_stray_cancellation(self, future: Future[Any], cancellation: BaseException) -> None:
+        # The cancellation becomes the cause of the anyfork.CancelledError waiters get.
+        if settle_cancelled(future, cancellation):
+            logger.warning(
+                "anyfork: fork %r ended with a cancellation that came from neither its "
+                "future, its scope nor its event loop (it awaited something that was "
+                "cancelled?); only this fork is cancelled, its siblings keep running. The "
+                "cancellation is the __cause__ of the anyfork.CancelledError its waiters get",
+                future,
+            )
+
+
+class _TaskWork(Work):
+    """Cancelling a coroutine fork's future cancels its task, on the group's loop."""
+
+    __slots__ = ("_group",)
+
+    def __init__(self, group: ForkGroup) -> None:
+        self._group = group
+
+    def cancel(self, future: Future[Any]) -> None:
+        self._group._cancel_task(future)
+
+
+def _drop_own_frame(exc: BaseException) -> BaseException:
+    """Drop the caller's frame from the top of ``exc``'s traceback, and return ``exc``.
+
+    That frame is anyfork's, not the user's, and it holds the future (and the group) the
+    exception is stored in: keeping it would put every failed future in a reference cycle,
+    freed only by a garbage collection pass instead of when its last reference goes.
+    """
+    traceback = exc.__traceback__
+    if traceback is not None and traceback.tb_frame is sys._getframe(1):
+        exc.with_traceback(traceback.tb_next)
+    return exc
+
+
+class AmbientGroup(ForkGroup):
+    """The task group of forks made outside any scope, one per event loop.
+
+    It lives in a task owned by the loop itself, started on first use. When the loop shuts
+    down, its pending forks are cancelled, each with a WARNING naming the fork.
+    """
+
+    def __init__(self, native: object, token: EventLoopToken, loop_thread: int) -> None:
+        super().__init__(token, loop_thread)
+        self.native = native
+        self._host_task: object = None
+
+    def start_host(self) -> None:
+        self.loop_thread = threading.get_ident()
+        self._host_task = _loops.spawn_detached(self.native, self._host)
+        _loops.call_when_closed(self.native, partial(_on_loop_closed, weakref.ref(self)))
+
+    def lose_pending(self, reason: str) -> None:
+        """Close the group and cancel its pending forks, each with a WARNING naming it."""
+        _forget_ambient(self)
+        for future in self.close_now():
+            self._lose(future, reason)
+
+    async def _host(self) -> None:
+        cancelled = anyio.get_cancelled_exc_class()  # not after its loop was closed
+        try:
+            async with anyio.create_task_group() as task_group:
+                self.open(task_group)
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    # The loop is shutting down: take no more forks. Those made from now
+                    # on (by sync forks still running in threads) run as where no loop
+                    # runs, instead of being cancelled as soon as they start.
+                    with self._lock:
+                        self._closed = True
+        except cancelled:
+            pass  # the loop is shutting down; a trio system task must not raise
+        finally:
+            _forget_ambient(self)
+            for future in self.close_now():
+                self._lose(future, "its event loop shut down before it started")
+
+    def _note_cancelled(self, future: Future[Any]) -> None:
+        if settle_cancelled(future, unless_running=True):
+            logger.warning(
+                "anyfork: fork %r was cancelled because its event loop shut down; use "
+                "'async with anyfork.scope()' (or the app's lifespan) for work that must "
+                "finish",
+                future,
+            )
+
+
+_ambient_lock = threading.RLock()
+_exit_report_registered = False
+# Weak: a loop keeps its ambient group alive (asyncio holds the host task's sleep in its
+# timers, trio its system tasks), never the other way round. A loop closed without
+# cancelling its tasks (loop.run_until_complete, then loop.close()) must not be kept
+# forever by this table.
+_ambient_groups: weakref.WeakValueDictionary[int, AmbientGroup] = weakref.WeakValueDictionary()
+
+
+def _forget_ambient_groups_in_child() -> None:
+    """In a child made by ``os.fork``: forget every loop's ambient group (their loops and
+    tasks are the parent's); their pending forks read as cancelled there."""
+    global _ambient_lock
+    _ambient_lock = threading.RLock()
+    inherited = [future for group in list(_ambient_groups.values()) for future in group._pending]
+    _ambient_groups.clear()
+    for future in inherited:
+        abandon_in_child(future)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_forget_ambient_groups_in_child)
+
+
+def ambient_group(native: object, token: EventLoopToken | None = None) -> AmbientGroup:
+    """Return the ambient group of the loop ``native``, creating it on first use.
+
+    Called on the loop's thread (``token`` is None) or from a worker thread of that loop.
+    """
+    group = _ambient_groups.get(id(native))
+    if group is not None and group.native is native:
+        return group
+    with _ambient_lock:
+        group = _ambient_groups.get(id(native))
+        if group is not None and group.native is native:
+            return group
+        if token is None:
+            group = AmbientGroup(native, _loops.token_for(native), threading.get_ident())
+            group.start_host()
+        else:
+            # The loop's thread is learnt when the host starts; until then every fork is
+            # handed to the loop with call_soon, in order, and queued until the host is up.
+            group = AmbientGroup(native, token, 0)
+            if not _loops.call_soon(token, group.start_host):
+                # The loop is no longer running (a sync fork outlived it): a closed group,
+                # which takes no forks, so that they go where no loop runs.
+                group._closed = True
+                return group
+        _ambient_groups[id(native)] = group
+        global _exit_report_registered
+        if not _exit_report_registered:
+            # Python runs atexit hooks after the exit join (a threading at-exit hook), which
+            # is registered only once a fork has run outside any loop.
+            atexit.register(report_forks_of_stopped_loops)
+            _exit_report_registered = True
+        return group
+
+
+def _on_loop_closed(group_ref: weakref.ref[AmbientGroup]) -> None:
+    """The loop of an ambient group was closed; its host task ended first, unless the loop
+    was closed without cancelling its tasks (``loop.run_until_complete``, then ``close``)."""
+    group = group_ref()
+    if group is None:
+        return
+    group.lose_pending(
+        "its event loop was closed with the fork still pending (the loop's tasks were "
+        "never cancelled; asyncio.run cancels them)"
+    )
+    _loops.forget_tasks_of_closed_loop(group.native, group._host_task)
+
+
+def report_forks_of_stopped_loops() -> None:
+    """At interpreter exit, report (and cancel) the forks still pending in the ambient
+    group of a loop that is no longer running.
+
+    Their work will never run: the loop stopped without cancelling its tasks (nest_asyncio's
+    ``asyncio.run``, or ``loop.run_until_complete`` with no ``close``), so nothing else
+    would report them.
+    """
+    for group in list(_ambient_groups.values()):
+        if _loops.is_stopped(group.native) and group.pending_futures():
+            group.lose_pending(
+                "its event loop stopped with the fork unfinished and never ran again (the "
+                "loop's tasks were never cancelled: asyncio.run cancels them, nest_asyncio's "
+                "asyncio.run and loop.run_until_complete do not)"
+            )
+
+
+def _forget_ambient(group: AmbientGroup) -> None:
+    with _ambient_lock:
+        if _ambient_groups.get(id(group.native)) is group:
+            del _ambient_groups[id(group.native)]
