@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import opentelemetry.context
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -51,6 +52,9 @@ class Spans:
 
 @pytest.fixture
 def spans() -> Iterator[Spans]:
+    # OpenTelemetry loads its context implementation on first use, through package
+    # metadata (file reads); do that here, off the loop, where blocking is allowed.
+    opentelemetry.context.get_current()
     recorded = Spans()
     yield recorded
     recorded.exporter.shutdown()
