@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+import weakref
 from typing import Any
 
 import anyio
@@ -19,7 +20,8 @@ import pytest
 import anyfork
 from anyfork import Future
 
-from .conftest import run_in_thread
+from .conftest import garbage_collector_disabled, run_in_thread
+from .test_wait import a_failed_future
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -489,6 +491,45 @@ def test_async_for_in_a_loop_of_another_thread_while_a_script_completes() -> Non
         futures[1].set_result(1)
         futures[0].set_result(0)
         assert result.result(10) == [1, 0]
+
+
+# --- lifetimes ------------------------------------------------------------------------------
+
+
+def test_a_failed_future_read_in_a_for_is_freed_with_its_last_reference() -> None:
+    with garbage_collector_disabled():
+        late: Future[int] = Future()
+        failed = [a_failed_future(), late]
+        refs = [weakref.ref(f) for f in failed]
+        iterator = anyfork.as_completed(failed)
+        late.set_exception(ValueError("late"))
+        for future in iterator:
+            try:
+                future.value()
+            except ValueError:
+                pass
+        del future, failed, late, iterator
+        freed = all(ref() is None for ref in refs)
+    assert freed
+
+
+@pytest.mark.anyio
+async def test_a_failed_future_read_in_an_async_for_is_freed_with_its_last_reference() -> None:
+    with garbage_collector_disabled():
+        late: Future[int] = Future()
+        failed = [a_failed_future(), late]
+        refs = [weakref.ref(f) for f in failed]
+        iterator = anyfork.as_completed(failed)
+        threading.Thread(target=late.set_exception, args=(ValueError("late"),)).start()
+        with anyio.fail_after(10):
+            async for future in iterator:
+                try:
+                    future.value()
+                except ValueError:
+                    pass
+        del future, failed, late, iterator
+        freed = all(ref() is None for ref in refs)
+    assert freed
 
 
 # --- bad input -----------------------------------------------------------------------------
