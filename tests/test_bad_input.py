@@ -108,6 +108,7 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
             ("wait", lambda bad: lambda: anyfork.wait(bad)),
             ("wait_all", lambda bad: lambda: anyfork.wait_all([done(), bad])),
             ("collect_all", lambda bad: lambda: anyfork.collect_all([bad])),
+            ("as_completed", lambda bad: lambda: anyfork.as_completed([done(), bad])),
         ]
         for label, bad, got in [
             ("None", None, "NoneType None: did the function that should return the future"),
@@ -128,6 +129,12 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         lambda: anyfork.collect_all(done()),
         TypeError,
         "takes a list of futures",
+    ),
+    (
+        "as_completed a single future",
+        lambda: anyfork.as_completed(done()),
+        TypeError,
+        "as_completed() takes a list of futures",
     ),
     # completion
     ("set_result twice", lambda: done().set_result(2), anyfork.AlreadyCompletedError, "once"),
@@ -196,6 +203,7 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
             ("Future.wait", lambda: pending().wait(timeout=-1)),
             ("wait", lambda: anyfork.wait(pending(), timeout=-0.5)),
             ("wait_all", lambda: anyfork.wait_all([pending()], timeout=-1)),
+            ("as_completed", lambda: anyfork.as_completed([pending()], timeout=-1)),
         ]
     ),
     (

@@ -10,7 +10,7 @@ import anyio
 from typing_extensions import assert_type
 
 import anyfork
-from anyfork import Future
+from anyfork import AsCompleted, Future
 
 
 async def scale(x: int, *, factor: float = 1.0) -> float:
@@ -60,6 +60,32 @@ def test_awaiting_gives_the_result_type() -> None:
         return assert_type(await anyfork.fork(scale, 2), float)
 
     assert anyio.run(main) == 2.0
+
+
+def test_as_completed_yields_the_futures_it_was_given_typed() -> None:
+    first = anyfork.fork(label, 1)
+    iterator = assert_type(anyfork.as_completed([first]), AsCompleted[Future[str]])
+    for future in iterator:
+        assert assert_type(future.value(), str) == "1"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        foreign = pool.submit(label, 2)
+        foreigns = anyfork.as_completed([foreign], timeout=10)
+        assert_type(foreigns, AsCompleted[concurrent.futures.Future[str]])
+        assert [assert_type(f, concurrent.futures.Future[str]) for f in foreigns] == [foreign]
+        mixed = [anyfork.fork(label, 3), pool.submit(len, "ab")]
+        # (mypy types the mixed list's items object, pyright their union: each picks an
+        # overload that accepts it)
+        assert len(list(anyfork.as_completed(mixed))) == 2
+
+
+def test_async_for_over_as_completed_is_typed() -> None:
+    async def main() -> list[float]:
+        futures = [anyfork.fork(scale, n) for n in range(3)]
+        return sorted(
+            [assert_type(f, Future[float]).value() async for f in anyfork.as_completed(futures)]
+        )
+
+    assert anyio.run(main) == [0.0, 1.0, 2.0]
 
 
 def test_the_fastapi_integration_is_typed() -> None:

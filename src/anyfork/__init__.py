@@ -19,11 +19,12 @@ from ._errors import (
 from ._fork import fork
 from ._future import Future
 from ._scope import Scope, scope
-from ._wait import collect_all, wait, wait_all, wait_async
+from ._wait import AsCompleted, as_completed, collect_all, wait, wait_all, wait_async
 
 __all__ = [
     "AlreadyCompletedError",
     "AnyforkError",
+    "AsCompleted",
     "CancelledError",
     "Config",
     "Future",
@@ -31,6 +32,7 @@ __all__ = [
     "Scope",
     "ShutdownError",
     "WouldBlockError",
+    "as_completed",
     "collect_all",
     "configure",
     "fork",
