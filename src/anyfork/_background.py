@@ -188,7 +188,7 @@ class _Background:
             return
         _pool.submit(job)
 
-    def _reset_in_child(self) -> None:
+    def reset_in_child(self) -> None:
         """The child has no background loop thread: it starts a fresh loop on first use
         (the loop's pending forks are abandoned with its ambient group, in ``_groups``)."""
         self._lock = threading.RLock()
@@ -231,4 +231,4 @@ class _CallbacksJob(Work):
 background = _Background()
 
 if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=background._reset_in_child)
+    os.register_at_fork(after_in_child=background.reset_in_child)

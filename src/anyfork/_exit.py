@@ -157,7 +157,7 @@ class ExitJoin:
         for future in unfinished:
             future.cancel()
 
-    def _reset_in_child(self) -> None:
+    def reset_in_child(self) -> None:
         """In a child made by ``os.fork``: the parent's forks are not the child's to join
         (their threads are not there); they read as cancelled in the child."""
         inherited = list(self._pending)
@@ -171,4 +171,4 @@ class ExitJoin:
 exit_join = ExitJoin()
 
 if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=exit_join._reset_in_child)
+    os.register_at_fork(after_in_child=exit_join.reset_in_child)

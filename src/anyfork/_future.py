@@ -8,6 +8,10 @@ future with a value, an error or a cancellation (:func:`settle`, :func:`settle_f
 :func:`settle_cancelled`).
 """
 
+# The internal API below is this module's own access to Future's state, on behalf of the
+# modules that run work: pyright's class-based privacy check does not fit it here.
+# pyright: reportPrivateUsage=false
+
 from __future__ import annotations
 
 import functools
@@ -48,6 +52,7 @@ __all__ = [
     "settle_cancelled",
     "settle_failed",
     "steal",
+    "stealable",
     "take_unretrieved_error",
     "abandon_in_child",
     "wait_done",
@@ -118,7 +123,7 @@ def without_catching_frame(exc: E) -> E:
     ``self = None``).
     """
     top = exc.__traceback__
-    if top is not None and top.tb_frame is sys._getframe(1):
+    if top is not None and top.tb_frame is sys._getframe(1):  # pyright: ignore[reportPrivateUsage]
         exc.__traceback__ = top.tb_next
     return exc
 
@@ -883,6 +888,13 @@ def take_unretrieved_error(future: Future[Any]) -> BaseException | None:
 def keep_alive(future: Future[Any], obj: object) -> None:
     """Keep ``obj`` alive as long as ``future`` (a foreign future it follows)."""
     future._keep_alive = obj
+
+
+def stealable(future: Future[Any]) -> bool:
+    """Whether ``future`` has work a waiter could run itself (a sync fork not yet done;
+    :func:`steal` does nothing if a worker has started it meanwhile)."""
+    work = future._work
+    return work is not None and work.stealable
 
 
 def steal(future: Future[Any]) -> None:

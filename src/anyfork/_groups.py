@@ -136,7 +136,7 @@ class ForkGroup:
         with self._lock:
             return list(self._pending)
 
-    def _cancel_task(self, future: Future[Any]) -> None:
+    def cancel_task(self, future: Future[Any]) -> None:
         if threading.get_ident() == self.loop_thread:
             self._cancel_task_now(future)
         else:
@@ -287,7 +287,7 @@ class _TaskWork(Work):
         self._group = group
 
     def cancel(self, future: Future[Any]) -> None:
-        self._group._cancel_task(future)
+        self._group.cancel_task(future)
 
 
 def _drop_own_frame(exc: BaseException) -> BaseException:
@@ -298,7 +298,7 @@ def _drop_own_frame(exc: BaseException) -> BaseException:
     freed only by a garbage collection pass instead of when its last reference goes.
     """
     traceback = exc.__traceback__
-    if traceback is not None and traceback.tb_frame is sys._getframe(1):
+    if traceback is not None and traceback.tb_frame is sys._getframe(1):  # pyright: ignore[reportPrivateUsage]
         exc.with_traceback(traceback.tb_next)
     return exc
 
@@ -313,11 +313,11 @@ class AmbientGroup(ForkGroup):
     def __init__(self, native: object, token: EventLoopToken, loop_thread: int) -> None:
         super().__init__(token, loop_thread)
         self.native = native
-        self._host_task: object = None
+        self.host_task: object = None
 
     def start_host(self) -> None:
         self.loop_thread = threading.get_ident()
-        self._host_task = _loops.spawn_detached(self.native, self._host)
+        self.host_task = _loops.spawn_detached(self.native, self._host)
         _loops.call_when_closed(self.native, partial(_on_loop_closed, weakref.ref(self)))
 
     def lose_pending(self, reason: str) -> None:
@@ -370,7 +370,7 @@ def _forget_ambient_groups_in_child() -> None:
     tasks are the parent's); their pending forks read as cancelled there."""
     global _ambient_lock
     _ambient_lock = threading.RLock()
-    inherited = [future for group in list(_ambient_groups.values()) for future in group._pending]
+    inherited = [f for group in list(_ambient_groups.values()) for f in group.pending_futures()]
     _ambient_groups.clear()
     for future in inherited:
         abandon_in_child(future)
@@ -402,7 +402,7 @@ def ambient_group(native: object, token: EventLoopToken | None = None) -> Ambien
             if not _loops.call_soon(token, group.start_host):
                 # The loop is no longer running (a sync fork outlived it): a closed group,
                 # which takes no forks, so that they go where no loop runs.
-                group._closed = True
+                group.close_now()
                 return group
         _ambient_groups[id(native)] = group
         global _exit_report_registered
@@ -424,7 +424,7 @@ def _on_loop_closed(group_ref: weakref.ref[AmbientGroup]) -> None:
         "its event loop was closed with the fork still pending (the loop's tasks were "
         "never cancelled; asyncio.run cancels them)"
     )
-    _loops.forget_tasks_of_closed_loop(group.native, group._host_task)
+    _loops.forget_tasks_of_closed_loop(group.native, group.host_task)
 
 
 def report_forks_of_stopped_loops() -> None:

@@ -188,7 +188,8 @@ class WorkerPool:
                     self._threads -= 1  # a stand-in for a blocked thread: no longer needed
                     return
 
-    def _secede(self) -> None:
+    def worker_blocked(self) -> None:
+        """A worker thread blocks in a wait: its place may go to a stand-in."""
         with self._lock:
             self._blocked += 1
         try:
@@ -196,7 +197,7 @@ class WorkerPool:
         except RuntimeError:  # no new thread at interpreter exit: nothing to hand over to
             pass
 
-    def _rejoin(self) -> None:
+    def worker_resumed(self) -> None:
         with self._lock:
             self._blocked -= 1
 
@@ -206,10 +207,10 @@ class _PoolSlot:
         self._pool = pool
 
     def release(self) -> None:
-        self._pool._secede()
+        self._pool.worker_blocked()
 
     def reacquire(self) -> None:
-        self._pool._rejoin()
+        self._pool.worker_resumed()
 
 
 # --- the one worker pool of the process -------------------------------------------------

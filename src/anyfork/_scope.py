@@ -40,7 +40,7 @@ def current_scope_group() -> ForkGroup | None:
     if active is None:
         return None
     target = active.forks_go_to()
-    group = None if target is None else target._group
+    group = None if target is None else target._group  # pyright: ignore[reportPrivateUsage]
     if group is None or group.closed:
         return None
     return group

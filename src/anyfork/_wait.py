@@ -35,6 +35,7 @@ from ._future import (
     settle_cancelled,
     settle_failed,
     steal,
+    stealable,
 )
 from ._torch import TorchFuture, follow_torch, is_torch_future
 
@@ -384,13 +385,13 @@ class AsCompleted(Generic[F_co]):
     def __init__(self, futures: Iterable[Any], timeout: float | None) -> None:
         originals = _unique(futures)
         members = [as_future(original, "as_completed") for original in originals]
-        self._timeout = _check_timeout(timeout)
+        self._timeout = check_timeout(timeout)
         self._deadline = None if self._timeout is None else time.monotonic() + self._timeout
         self._total = len(members)
         # Sync forks a blocking iteration may run itself, tried from the last one back.
         # With a timeout nothing runs inline (work run inline cannot stop at a deadline).
         untimed = self._timeout is None
-        self._unstarted = [m for m in members if m._steal is not None] if untimed else []
+        self._unstarted = [m for m in members if stealable(m)] if untimed else []
         self._arrivals = _Arrivals(len(members))
         for original, member in zip(originals, members, strict=True):
             member.add_done_callback(functools.partial(self._arrivals.arrived, original))
@@ -428,7 +429,7 @@ class AsCompleted(Generic[F_co]):
             arrival: Future[None] = Future(name="as_completed arrival")
 
             def wake(_: object, arrival: Future[None] = arrival) -> None:
-                arrival._complete(_FINISHED, None, None)
+                settle(arrival, None)
 
             found = arrivals.take(wake)
             if found is _EXHAUSTED:  # pragma: no cover - nothing yielded in between
@@ -436,7 +437,7 @@ class AsCompleted(Generic[F_co]):
             if found is not _NOTHING_YET:
                 return cast("F_co", found)
             try:
-                arrival._block_until_done(left)
+                block_until_done(arrival, left)
             except TimeoutError:
                 pass  # the next round raises the deadline's own error
             finally:
@@ -445,12 +446,10 @@ class AsCompleted(Generic[F_co]):
     def _run_one_unstarted(self) -> bool:
         """Run one sync fork that no worker has started yet in this thread, if the waits of
         this thread may; ``False`` if none is left to try."""
-        while self._unstarted and _may_run_inline():
+        while self._unstarted and may_run_inline():
             member = self._unstarted.pop()
-            steal = member._steal
-            del member
-            if steal is not None:  # it may already run in a worker: then this does nothing
-                run_inline(steal)
+            if stealable(member):  # it may already run in a worker: then this does nothing
+                steal(member)
                 return True
         return False
 
