@@ -1,6 +1,6 @@
 """Release metadata stays in step: the version has one home, ``anyfork.__version__``, which
-the installed distribution reports, and the LICENSE file is the license the metadata declares
-(``nox -s build`` checks the built sdist and wheel themselves)."""
+the installed distribution reports and the changelog records; the LICENSE file is the license
+the metadata declares (``nox -s build`` checks the built sdist and wheel themselves)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def test_version_is_written_in_one_place() -> None:
     assert '\n[tool.hatch.version]\npath = "src/anyfork/__init__.py"\n' in pyproject
     init = (ROOT / "src" / "anyfork" / "__init__.py").read_text()
     assert len(re.findall(r"^__version__ = ", init, re.MULTILINE)) == 1
+
+
+def test_changelog_has_an_entry_for_the_current_version() -> None:
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog
+    assert re.search(
+        rf"^## \[{re.escape(anyfork.__version__)}\] - \d{{4}}-\d\d-\d\d$", changelog, re.M
+    )
 
 
 def test_license_file_matches_the_declared_license_and_authors() -> None:
