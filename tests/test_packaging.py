@@ -44,3 +44,10 @@ def test_license_file_matches_the_declared_license_and_authors() -> None:
     holder = re.search(r'authors = \[\{ name = "([^"]+)" \}\]', pyproject)
     assert holder is not None
     assert f"Copyright (c) 2026 {holder.group(1)}\n" in license_text
+
+
+def test_ci_builds_and_smoke_tests_the_distributions() -> None:
+    noxfile = (ROOT / "noxfile.py").read_text()
+    assert '"build"' in noxfile.split("nox.options.sessions =")[1].splitlines()[0]
+    assert "def build(session" in noxfile
+    assert (ROOT / "tests" / "smoke_installed.py").is_file()
