@@ -84,8 +84,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict and pyright on src and examples."""
-    install(session, "typecheck")
+    """mypy --strict and pyright on src, examples and the docs tooling (docs/_ext)."""
+    install(session, "typecheck", "docs")  # docs/_ext is a griffe extension
     install_torch(session)  # examples/torch_inference.py is checked against real torch
     session.run("mypy")
     session.run("pyright")
