@@ -93,7 +93,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
-    """Build the documentation site strictly."""
+    """Build the documentation site strictly, then fail on any reST it shows as text."""
     install(session, "docs")
     session.run(
         "mkdocs",
@@ -103,6 +103,7 @@ def docs(session: nox.Session) -> None:
         str(ROOT / "site"),
         env={"NO_MKDOCS_2_WARNING": "1"},
     )
+    session.run("python", str(ROOT / "docs" / "_ext" / "check_site.py"), str(ROOT / "site"))
 
 
 @nox.session(python="3.11")
