@@ -109,7 +109,7 @@ def docs(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def build(session: nox.Session) -> None:
     """Build the sdist and wheel, check them, and smoke-test the wheel in a fresh venv."""
-    session.install("uv", "twine")
+    session.install("uv", "twine>=6.1")  # 6.1: checks Metadata-Version 2.4 (License-Expression)
     tmp = Path(session.create_tmp()).resolve()
     dist = tmp / "dist"
     shutil.rmtree(dist, ignore_errors=True)
