@@ -1,9 +1,13 @@
-"""Development sessions: ``nox`` runs tests, lint, typecheck and docs; see README."""
+"""Development sessions: ``nox`` runs tests, lint, typecheck, docs and build; see README."""
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tarfile
+import tempfile
+import zipfile
 from pathlib import Path
 
 import nox
@@ -12,7 +16,7 @@ ROOT = Path(__file__).parent
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["tests", "tests_lowest", "stress", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "tests_lowest", "stress", "lint", "typecheck", "docs", "build"]
 nox.options.reuse_venv = "yes"
 
 # Interpreters installed with pyenv but not on PATH still count as installed.
@@ -80,8 +84,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict and pyright on src and examples."""
-    install(session, "typecheck")
+    """mypy --strict and pyright on src, examples and the docs tooling (docs/_ext)."""
+    install(session, "typecheck", "docs")  # docs/_ext is a griffe extension
     install_torch(session)  # examples/torch_inference.py is checked against real torch
     session.run("mypy")
     session.run("pyright")
@@ -89,7 +93,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
-    """Build the documentation site strictly."""
+    """Build the documentation site strictly, then fail on any reST it shows as text."""
     install(session, "docs")
     session.run(
         "mkdocs",
@@ -99,6 +103,61 @@ def docs(session: nox.Session) -> None:
         str(ROOT / "site"),
         env={"NO_MKDOCS_2_WARNING": "1"},
     )
+    session.run("python", str(ROOT / "docs" / "_ext" / "check_site.py"), str(ROOT / "site"))
+
+
+@nox.session(python="3.11")
+def build(session: nox.Session) -> None:
+    """Build the sdist and wheel, check them, and smoke-test the wheel in a fresh venv."""
+    session.install("uv", "twine>=6.1")  # 6.1: checks Metadata-Version 2.4 (License-Expression)
+    tmp = Path(session.create_tmp()).resolve()
+    dist = tmp / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    # uv builds the wheel from the sdist, so a file missing from the sdist fails here too.
+    session.run("uv", "build", "--quiet", "--out-dir", str(dist), str(ROOT))
+    (sdist,) = dist.glob("*.tar.gz")
+    (wheel,) = dist.glob("*.whl")
+    session.run("twine", "check", "--strict", str(sdist), str(wheel))
+    version = wheel.name.split("-")[1]
+    if problems := distribution_problems(sdist, wheel, version):
+        session.error("; ".join(problems))
+    session.log(f"{sdist.name} and {wheel.name} hold what a release needs")
+
+    # Install the wheel alone (no editable install) in a new venv outside the source tree, and
+    # run the smoke script there in isolated mode (-I: neither it nor the cwd is on sys.path).
+    with tempfile.TemporaryDirectory(prefix="anyfork-smoke-") as outside:
+        venv = Path(outside) / "venv"
+        session.run("uv", "venv", "--quiet", "--python", f"{session.bin}/python", str(venv))
+        python = str(venv / "bin" / "python")
+        session.run("uv", "pip", "install", "--quiet", "--python", python, str(wheel))
+        smoke = shutil.copy(ROOT / "tests" / "smoke_installed.py", outside)
+        with session.chdir(outside):
+            session.run(python, "-I", smoke, version, external=True)
+
+
+def distribution_problems(sdist: Path, wheel: Path, version: str) -> list[str]:
+    """What the sdist and wheel lack, or hold, that a release must not."""
+    problems: list[str] = []
+    if sdist.name != f"anyfork-{version}.tar.gz":
+        problems.append(f"{sdist.name} is not version {version}, as {wheel.name} is")
+    with tarfile.open(sdist) as archive:
+        in_sdist = {member.split("/", 1)[-1] for member in archive.getnames()}
+    needed = {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "src/anyfork/py.typed"}
+    if missing := sorted(needed - in_sdist):
+        problems.append(f"{sdist.name} lacks {missing}")
+    info = f"anyfork-{version}.dist-info"
+    with zipfile.ZipFile(wheel) as archive:
+        in_wheel = set(archive.namelist())
+        metadata = archive.read(f"{info}/METADATA").decode()
+    needed = {"anyfork/__init__.py", "anyfork/py.typed", f"{info}/licenses/LICENSE"}
+    if missing := sorted(needed - in_wheel):
+        problems.append(f"{wheel.name} lacks {missing}")
+    if strays := sorted(n for n in in_wheel if not n.startswith(("anyfork/", f"{info}/"))):
+        problems.append(f"{wheel.name} holds files outside the package: {strays}")
+    for line in ("License-Expression: MIT", "License-File: LICENSE", f"Version: {version}"):
+        if f"\n{line}\n" not in metadata:
+            problems.append(f"{wheel.name}'s METADATA lacks {line!r}")
+    return problems
 
 
 @nox.session(python="3.11")

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,3 +85,61 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     demo, test = commands
     assert demo.endswith("nox -s demo")
     assert test in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def _site_check() -> Any:
+    # docs/_ext is build tooling, not a package: load the check (stdlib only) from its file.
+    spec = importlib.util.spec_from_file_location("check_site", ROOT / "docs/_ext/check_site.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FIELD_ROW = (
+    '<table><tbody><tr class="doc-section-item"><td><code>ShutdownError</code></td>'
+    '<td><div class="doc-md-description"><p>if called at exit</p>{}</div></td></tr>'
+    "</tbody></table>"
+)
+
+
+@pytest.mark.parametrize(
+    ("html", "problem"),
+    [
+        ("<p>return a :class:<code>Future</code> at once</p>", "Sphinx role shown as text"),
+        ("<p>see :py:meth:<code>Future.wait</code></p>", "Sphinx role shown as text"),
+        ("<p>as with :mod:`contextvars`</p>", "Sphinx role shown as text"),
+        ("<p>Example::</p><pre><code>fork(f)</code></pre>", "literal-block marker"),
+        ("<p>.. versionadded:: 0.2</p>", "reST directive shown as text"),
+        (
+            FIELD_ROW.format('<div class="highlight"><pre><code>fork(f)</code></pre></div>'),
+            "code block in a docstring table row",
+        ),
+    ],
+    ids=["role", "domain-role", "role-backticks", "literal-block", "directive", "field-example"],
+)
+def test_the_site_check_reports_rest_shown_as_text(html: str, problem: str) -> None:
+    problems = _site_check().problems_in_html(html)
+    assert len(problems) == 1, problems
+    assert problem in problems[0]
+
+
+def test_the_site_check_passes_links_code_and_rest_shown_as_code() -> None:
+    html = (
+        '<p>return a <a class="autorefs" href="#anyfork.Future"><code>Future</code></a>,'
+        ' as with <span title="contextvars"><code>contextvars</code></span>.</p>'
+        "<p>Write <code>:class:`Future`</code> in a docstring; <code>Example::</code> too.</p>"
+        "<pre><code>.. versionadded:: 0.2\nExample::</code></pre>"
+        "<p>Note: fields end at a blank line; std::vector is C++.</p>"
+        "<script>var role = ':class:`x`';</script>"
+        + FIELD_ROW.format("<p>and <code>fork</code> inline</p>")
+    )
+    assert _site_check().problems_in_html(html) == []
+
+
+def test_the_docs_session_checks_the_built_site() -> None:
+    docs_session = (ROOT / "noxfile.py").read_text().split("def docs(", 1)[1].split("@nox", 1)[0]
+    assert '"--strict"' in docs_session
+    assert '"check_site.py"' in docs_session
+    mkdocs = (ROOT / "mkdocs.yml").read_text()
+    assert "- docs/_ext/sphinx_docstrings.py" in mkdocs
