@@ -12,6 +12,9 @@ no loop                        the background loop          the same
                                (``_background``)
 eager mode                     run now, in the caller       called now, in the caller
 =============================  ===========================  ==============================
+
+A new place for work to run is one new module (like ``_pool`` or ``_background``) plus one
+row here.
 """
 
 from __future__ import annotations
