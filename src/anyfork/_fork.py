@@ -44,7 +44,7 @@ from ._future import (
     without_catching_frame,
 )
 from ._groups import ForkGroup, TaskFactory, ambient_group
-from ._pool import submit
+from ._pool import hand_over, submit
 from ._scope import current_scope_group
 from ._torch import capture_grad_mode
 
@@ -229,6 +229,9 @@ class _SyncJob(Work):
 
     def steal(self) -> None:
         self(inline=True)
+
+    def awaited(self) -> None:
+        hand_over(self)
 
     def __call__(self, inline: bool = False) -> None:
         """Run the work, unless it was cancelled or another thread took it.

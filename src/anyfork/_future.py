@@ -473,6 +473,10 @@ class Future(Generic[T]):
         """
         wake, wait = _loops.loop_waiter()
         self.add_done_callback(wake)
+        work = self._work
+        if work is not None:
+            work.awaited()
+            del work
         try:
             await wait()
         finally:
@@ -817,6 +821,10 @@ class Work:
 
     def cancel(self, future: Future[Any]) -> None:
         """Stop the work of ``future``, which was just cancelled (from any thread)."""
+
+    def awaited(self) -> None:
+        """A task is about to await the future, giving its loop control: work that waits
+        for the loop's next turn to start may start now (one loop iteration sooner)."""
 
 
 def attach(future: Future[Any], work: Work | None) -> None:

@@ -28,6 +28,7 @@ from ._config import current_config
 __all__ = [
     "Slot",
     "WorkerPool",
+    "hand_over",
     "hand_over_deferred",
     "rejoin",
     "run_in_slot",
@@ -246,13 +247,17 @@ def submit(job: Callable[[], object], native: object | None = None) -> None:
         return
     with _lock:
         _deferred[job] = None
-    _loops.call_soon_here(native, partial(_hand_over, job))
+    _loops.call_soon_here(native, partial(hand_over, job))
 
 
-def _hand_over(job: Callable[[], object]) -> None:
+def hand_over(job: Callable[[], object]) -> None:
+    """Queue a job that :func:`submit` deferred to the loop's next turn, now (a task awaits
+    its future: the loop gets control anyway); nothing if it was queued already."""
+    if job not in _deferred:
+        return
     with _lock:
         if _deferred.pop(job, _MISSING) is _MISSING:
-            return  # the exit join handed it over already
+            return  # queued already (by the loop's turn, an awaiting task or the exit join)
     if not getattr(job, "taken", False):  # not run inline by a waiter meanwhile
         _submit_now(worker_pool(), job)
 
@@ -262,7 +267,7 @@ def hand_over_deferred() -> None:
     with _lock:
         jobs = list(_deferred)
     for job in jobs:
-        _hand_over(job)
+        hand_over(job)
 
 
 def _submit_now(pool: WorkerPool, job: Callable[[], object]) -> None:
