@@ -55,6 +55,8 @@ def _restore_config() -> Iterator[None]:
         eager=before.eager,
         worker_threads=before.worker_threads,
         exit_timeout=before.exit_timeout,
+        debug=before.debug,
+        slow_fork_warning=before.slow_fork_warning,
     )
 
 

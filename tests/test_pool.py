@@ -187,3 +187,24 @@ def test_after_a_large_batch_blocked_workers_still_get_help() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "{'open'}\n"
+
+
+@pytest.mark.parametrize("repeat", range(20))
+def test_a_job_queued_as_a_worker_takes_another_still_gets_a_thread(repeat: int) -> None:
+    # A worker that has just taken a job is not idle any more: counting it as idle until it
+    # said so left the next job queued with every thread busy (seen on 3.13: the third
+    # party of a barrier never started). Idle workers from earlier work make the window.
+    async def warm_up() -> None:
+        for i in range(3):
+            await anyfork.fork(abs, -i)
+
+    async def meet() -> list[int]:
+        barrier = threading.Barrier(3, timeout=10)
+        futures = [anyfork.fork(barrier.wait) for _ in range(3)]
+        return sorted([await future for future in futures])
+
+    def script() -> list[int]:
+        anyio.run(warm_up)
+        return anyio.run(meet)
+
+    assert run_in_thread(script) == [0, 1, 2]

@@ -8,6 +8,7 @@ tasks, sync callables in worker threads, and plain scripts work without any even
 from __future__ import annotations
 
 from ._config import Config, configure
+from ._debug import PendingFork, pending
 from ._errors import (
     AlreadyCompletedError,
     AnyforkError,
@@ -29,6 +30,7 @@ __all__ = [
     "Config",
     "Future",
     "NotReadyError",
+    "PendingFork",
     "Scope",
     "ShutdownError",
     "WouldBlockError",
@@ -36,6 +38,7 @@ __all__ = [
     "collect_all",
     "configure",
     "fork",
+    "pending",
     "scope",
     "wait",
     "wait_all",

@@ -11,6 +11,7 @@ __all__ = ["Config", "configure", "current_config"]
 
 DEFAULT_WORKER_THREADS = 40
 DEFAULT_EXIT_TIMEOUT = 60.0
+DEFAULT_SLOW_FORK_WARNING = 10.0
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,20 @@ class Config:
         cancels those that can be cancelled and lets the process exit. ``None`` waits for
         as long as it takes. Environment variable: ``ANYFORK_EXIT_TIMEOUT`` (``none`` for
         no bound).
+    :ivar debug: record where each fork is made, name that place in ``repr``, in
+        :func:`anyfork.pending` and in "exception was never retrieved" logs, and log a
+        WARNING once for each fork pending longer than ``slow_fork_warning`` seconds. It
+        costs a few microseconds per fork; off, it costs nothing. Environment variable:
+        ``ANYFORK_DEBUG=1``.
+    :ivar slow_fork_warning: in debug mode, how many seconds a fork may stay pending
+        before a WARNING names it and where it was made.
     """
 
     eager: bool = False
     worker_threads: int = DEFAULT_WORKER_THREADS
     exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT
+    debug: bool = False
+    slow_fork_warning: float = DEFAULT_SLOW_FORK_WARNING
 
 
 def _from_environment() -> Config:
@@ -73,10 +83,17 @@ def _from_environment() -> Config:
                 f"{exit_text!r}: set it to e.g. 30, or unset it for the default of "
                 f"{DEFAULT_EXIT_TIMEOUT:g} seconds"
             )
+    debug_text = os.environ.get("ANYFORK_DEBUG", "").strip().lower()
+    if debug_text not in ("", "0", "1", "false", "true", "no", "yes"):
+        raise ValueError(
+            f"ANYFORK_DEBUG must be 0 or 1 (or false/true, no/yes), got {debug_text!r}: set it "
+            "to one of those, or unset it to keep debug mode off"
+        )
     return Config(
         eager=eager_text in ("1", "true", "yes"),
         worker_threads=threads,
         exit_timeout=exit_timeout,
+        debug=debug_text in ("1", "true", "yes"),
     )
 
 
@@ -91,6 +108,11 @@ def _validated(config: Config) -> Config:
         isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound >= 0
     ):
         raise ValueError(f"exit_timeout must be None or a number of seconds >= 0, got {bound!r}")
+    if not isinstance(config.debug, bool):
+        raise TypeError(f"debug must be True or False, got {config.debug!r}")
+    after = config.slow_fork_warning
+    if isinstance(after, bool) or not isinstance(after, (int, float)) or not after > 0:
+        raise ValueError(f"slow_fork_warning must be a number of seconds > 0, got {after!r}")
     return config
 
 
@@ -110,6 +132,8 @@ def configure(
     eager: bool | None = None,
     worker_threads: int | None = None,
     exit_timeout: float | None = _UNSET,
+    debug: bool | None = None,
+    slow_fork_warning: float | None = None,
 ) -> Config:
     """Change anyfork's settings for the whole process and return the settings now in force.
 
@@ -121,9 +145,14 @@ def configure(
     :param worker_threads: the most sync forks running in worker threads at once
     :param exit_timeout: seconds to wait for unfinished forks at interpreter exit, or
         ``None`` for no bound
-    :raises ValueError: if ``worker_threads`` is not a whole number >= 1, or
-        ``exit_timeout`` is neither ``None`` nor a number >= 0
-    :raises TypeError: if ``eager`` is not a bool
+    :param debug: record where forks are made and warn about slow ones (see
+        :class:`Config`); it applies to forks made from then on
+    :param slow_fork_warning: in debug mode, the seconds after which a pending fork is
+        named in a WARNING
+    :raises ValueError: if ``worker_threads`` is not a whole number >= 1,
+        ``exit_timeout`` is neither ``None`` nor a number >= 0, or ``slow_fork_warning``
+        is not a number > 0
+    :raises TypeError: if ``eager`` or ``debug`` is not a bool
 
     Example::
 
@@ -138,5 +167,9 @@ def configure(
             changes["worker_threads"] = worker_threads
         if exit_timeout is not _UNSET:
             changes["exit_timeout"] = exit_timeout
+        if debug is not None:
+            changes["debug"] = debug
+        if slow_fork_warning is not None:
+            changes["slow_fork_warning"] = slow_fork_warning
         _config = _validated(replace(_config, **changes))  # type: ignore[arg-type]
         return _config

@@ -86,6 +86,10 @@ class ExitJoin:
             self._pending[future] = None
         future.add_done_callback(self._discard)
 
+    def tracked(self) -> list[Future[Any]]:
+        """The futures the join would wait for now, its participants' included (a snapshot)."""
+        return self._unfinished()
+
     def add_participant(self, participant: ExitParticipant) -> None:
         with self._lock:
             self.check_open()

@@ -33,12 +33,14 @@ from typing_extensions import ParamSpec
 from . import _loops
 from ._background import background
 from ._config import current_config
+from ._debug import fork_site, watch_slow_forks
 from ._exit import exit_join
 from ._future import (
     Future,
     Work,
     attach,
     claim,
+    note_forked,
     settle,
     settle_failed,
     without_catching_frame,
@@ -105,11 +107,17 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     _reject_generator_kinds(func)
 
     future: Future[Any] = Future(name=_name_of(func))
+    config = current_config()
+    if config.debug:
+        note_forked(future, fork_site())
+        watch_slow_forks()
+    else:
+        note_forked(future, None)
     context = contextvars.copy_context()
     is_async = _is_coroutine_function(func)
     native = _loops.running_native_loop()
 
-    if current_config().eager and not (is_async and native is not None):
+    if config.eager and not (is_async and native is not None):
         _run_now(future, func, args, kwargs, is_async, context)
         try:
             return future
@@ -207,6 +215,7 @@ class _SyncJob(Work):
     __slots__ = ("_parts",)
 
     stealable = True
+    kind = "worker thread"
 
     def __init__(
         self,

@@ -40,6 +40,8 @@ __all__ = [
     "callback_hand_off",
     "check_timeout",
     "claim",
+    "fork_record",
+    "note_forked",
     "has_failed",
     "is_finished",
     "is_running",
@@ -262,11 +264,13 @@ class Future(Generic[T]):
         "_blocking_event",
         "_callbacks",
         "_exception",
+        "_forked_at",
         "_keep_alive",
         "_lock",
         "_result",
         "_retrieved",
         "_running",
+        "_site",
         "_state",
         "_traceback",
         "_work",
@@ -297,6 +301,9 @@ class Future(Generic[T]):
         self._callbacks: list[Callback] = []
         self._blocking_event: threading.Event | None = None
         self._work: Work | None = None
+        # Set for forks (see note_forked): when, and in debug mode where, it was made.
+        self._forked_at: float | None = None
+        self._site: str | None = None
         # An object that must live as long as this future (a foreign future it follows).
         self._keep_alive: object = None
 
@@ -305,7 +312,8 @@ class Future(Generic[T]):
         state = _STATE_NAMES[self._state]
         if self._state == _PENDING and self._running:
             state = "running"
-        return f"<anyfork.Future{label} {state}>"
+        site = f" forked at {self._site}" if self._site else ""
+        return f"<anyfork.Future{label} {state}{site}>"
 
     def __reduce__(self) -> NoReturn:
         raise TypeError(
@@ -819,8 +827,15 @@ class Work:
         """Run the work now, in the calling (waiting) thread, unless it has started or was
         cancelled; then do nothing."""
 
+    #: What runs the work, as :func:`anyfork.pending` reports it.
+    kind = "work"
+
     def cancel(self, future: Future[Any]) -> None:
         """Stop the work of ``future``, which was just cancelled (from any thread)."""
+
+    def state(self, future: Future[Any]) -> str:
+        """``"queued"`` or ``"running"``, for the pending ``future``."""
+        return "running" if future._running else "queued"
 
     def awaited(self) -> None:
         """A task is about to await the future, giving its loop control: work that waits
@@ -831,6 +846,21 @@ def attach(future: Future[Any], work: Work | None) -> None:
     """Attach the object that runs ``future``'s work (one per future); ``None`` detaches it
     (the work went elsewhere)."""
     future._work = work
+
+
+def note_forked(future: Future[Any], site: str | None) -> None:
+    """Record that ``future`` is a fork's, made now at ``site`` (debug mode, else None)."""
+    future._forked_at = time.monotonic()
+    future._site = site
+
+
+def fork_record(future: Future[Any]) -> tuple[float, str | None, Work | None] | None:
+    """When and where a pending fork was made and the work attached to it; ``None`` for a
+    future that is done or was not made by ``fork``."""
+    forked_at, work = future._forked_at, future._work
+    if forked_at is None or future._state != _PENDING:
+        return None
+    return forked_at, future._site, work
 
 
 def claim(future: Future[Any]) -> bool:

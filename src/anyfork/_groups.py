@@ -43,6 +43,7 @@ __all__ = [
     "ForkGroup",
     "TaskFactory",
     "ambient_group",
+    "live_groups",
     "report_forks_of_stopped_loops",
 ]
 
@@ -58,6 +59,7 @@ class ForkGroup:
         self.token = token
         self.loop_thread = loop_thread
         self._lock = threading.RLock()
+        _live_groups.add(self)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._backlog: list[tuple[Future[Any], TaskFactory, Context | None]] = []
         self._pending: dict[Future[Any], anyio.TaskHandle[None] | None] = {}
@@ -126,6 +128,12 @@ class ForkGroup:
         if has_failed(future):
             self._note_failed(future)
         self._forget(future)
+
+    def task_state(self, future: Future[Any]) -> str:
+        """``"running"`` once a coroutine fork's task has started, else ``"queued"``."""
+        with self._lock:
+            handle = self._pending.get(future)
+        return "running" if handle is not None and future not in self._unstarted else "queued"
 
     @property
     def closed(self) -> bool:
@@ -283,11 +291,30 @@ class _TaskWork(Work):
 
     __slots__ = ("_group",)
 
+    kind = "task"
+
+    def state(self, future: Future[Any]) -> str:
+        return self._group.task_state(future)
+
     def __init__(self, group: ForkGroup) -> None:
         self._group = group
 
     def cancel(self, future: Future[Any]) -> None:
         self._group.cancel_task(future)
+
+
+# Every fork group alive, for anyfork.pending(); a group goes with its scope or loop.
+_live_groups: weakref.WeakSet[ForkGroup] = weakref.WeakSet()
+
+
+def live_groups() -> list[ForkGroup]:
+    """The fork groups alive now (a snapshot)."""
+    for _ in range(10):  # another thread may add one while we copy
+        try:
+            return list(_live_groups)
+        except RuntimeError:  # pragma: no cover - "changed size during iteration"
+            continue
+    return []  # pragma: no cover
 
 
 def _drop_own_frame(exc: BaseException) -> BaseException:

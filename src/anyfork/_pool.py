@@ -90,11 +90,16 @@ class WorkerPool:
     """The worker pool every sync fork runs on: daemon threads fed by one queue, at most
     ``worker_threads`` of them running jobs.
 
-    Threads start on demand: when a job is queued and fewer threads wait for one than jobs
-    are queued. A thread blocked in a wait does not count against the limit, so the pool
-    may start one more in its place; when the blocked thread resumes, it finishes its job
-    without waiting for a place (so resuming never deadlocks), and the extra threads retire
-    after their job once the limit holds again.
+    Threads start on demand. Every queued item is promised to one thread, under the lock,
+    when it is queued: to an idle thread, to a thread started for it, or (at the limit) to
+    the backlog, which the next thread to come back for work takes over. A thread counts as
+    idle only while nothing is promised to it, so a job is never left queued behind a
+    thread that is about to run another one.
+
+    A thread blocked in a wait does not count against the limit, so the pool may start one
+    more in its place; when the blocked thread resumes, it finishes its job without waiting
+    for a place (so resuming never deadlocks), and the extra threads retire after their job
+    once the limit holds again.
     """
 
     def __init__(self) -> None:
@@ -103,7 +108,8 @@ class WorkerPool:
         self._limit = current_config().worker_threads
         self._lock = threading.RLock()
         self._threads = 0  # alive worker threads
-        self._waiting = 0  # threads parked in the queue's get(), ready for a job
+        self._idle = 0  # threads waiting for work with nothing promised to them
+        self._backlog = 0  # queued items promised to no thread yet
         self._blocked = 0  # worker threads blocked in a wait (their place given back)
 
     @property
@@ -117,11 +123,12 @@ class WorkerPool:
         return self._threads
 
     def submit(self, job: Callable[[], object]) -> None:
-        """Queue ``job``; raises RuntimeError if a needed thread cannot start (it stays queued)."""
+        """Queue ``job``; raises RuntimeError if a needed thread cannot start (it stays
+        queued, in the backlog)."""
         if current_config().worker_threads != self._limit:
             self._apply_new_limit()
         self._jobs.put(job)
-        self._start_thread_if_needed()
+        self._promise_an_item()
 
     def ensure_a_thread(self) -> None:
         """Start one thread now if there is none, so that work queued while the
@@ -129,7 +136,8 @@ class WorkerPool:
         with self._lock:
             if self._threads:
                 return
-        self._start_thread()
+            self._threads += 1
+        self._start_thread(promised=False)
 
     def _apply_new_limit(self) -> None:
         with self._lock:
@@ -138,39 +146,46 @@ class WorkerPool:
         # Idle threads take these before the jobs queued after them, and retire.
         for _ in range(excess):
             self._jobs.put(None)
+            self._promise_an_item()
 
-    def _start_thread_if_needed(self) -> None:
-        # Queued jobs a waiting thread will not take (stolen jobs left in the queue count
-        # too, which at worst starts a thread early).
+    def _promise_an_item(self) -> None:
+        """Promise the item just queued to a thread: an idle one, a new one, or the backlog."""
         with self._lock:
-            if self._jobs.qsize() <= self._waiting:
+            if self._idle:
+                self._idle -= 1
                 return
             if self._threads >= self._limit + self._blocked:
+                self._backlog += 1
                 return
-        self._start_thread()
-
-    def _start_thread(self) -> None:
-        with self._lock:
             self._threads += 1
+        self._start_thread(promised=True)
+
+    def _start_thread(self, *, promised: bool) -> None:
+        with self._lock:
             number = self._threads
-        thread = threading.Thread(target=self._work, name=f"anyfork-worker-{number}", daemon=True)
+        thread = threading.Thread(
+            target=self._work, args=(promised,), name=f"anyfork-worker-{number}", daemon=True
+        )
         try:
             thread.start()
         except RuntimeError:
             with self._lock:
                 self._threads -= 1
+                if promised:
+                    self._backlog += 1  # the next thread back for work takes it
             raise
 
-    def _work(self) -> None:
+    def _work(self, promised: bool) -> None:
         slot = _PoolSlot(self)
         while True:
-            with self._lock:
-                self._waiting += 1
-            try:
-                job = self._jobs.get()
-            finally:
+            if not promised:
                 with self._lock:
-                    self._waiting -= 1
+                    if self._backlog:
+                        self._backlog -= 1
+                    else:
+                        self._idle += 1
+            promised = False
+            job = self._jobs.get()
             if job is None:
                 with self._lock:
                     if self._threads > self._limit + self._blocked:
@@ -190,11 +205,15 @@ class WorkerPool:
                     return
 
     def worker_blocked(self) -> None:
-        """A worker thread blocks in a wait: its place may go to a stand-in."""
+        """A worker thread blocks in a wait: its place goes to a stand-in if work is waiting."""
         with self._lock:
             self._blocked += 1
+            if not self._backlog or self._threads >= self._limit + self._blocked:
+                return
+            self._backlog -= 1
+            self._threads += 1
         try:
-            self._start_thread_if_needed()
+            self._start_thread(promised=True)
         except RuntimeError:  # no new thread at interpreter exit: nothing to hand over to
             pass
 

@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 
 from . import _loops
+from ._debug import PendingFork, describe
 from ._future import Future, take_unretrieved_error
 from ._groups import ForkGroup, ambient_group
 
@@ -73,9 +74,10 @@ class Scope:
         return f"<anyfork.Scope pending={len(self.pending)}>"
 
     @property
-    def pending(self) -> list[Future[Any]]:
-        """The forks of this scope that have not finished yet, oldest first (a snapshot)."""
-        return [] if self._group is None else self._group.pending_futures()
+    def pending(self) -> list[PendingFork]:
+        """The forks of this scope that have not finished yet, oldest first, described as
+        :func:`anyfork.pending` describes them (a snapshot)."""
+        return [] if self._group is None else describe(self._group.pending_futures())
 
     @property
     def closed(self) -> bool:
@@ -84,8 +86,9 @@ class Scope:
 
     def cancel(self) -> None:
         """Cancel every fork of this scope that is still pending."""
-        for future in self.pending:
-            future.cancel()
+        if self._group is not None:
+            for future in self._group.pending_futures():
+                future.cancel()
 
     # --- the extension surface (for integrations that subclass Scope) -------------------
 
@@ -115,10 +118,11 @@ class Scope:
         It cancels nothing: the caller decides what to do with the rest (``cancel()``, or
         ``cancel_pending = True`` before exiting).
         """
-        if self._group is not None:
-            with anyio.move_on_after(timeout):
-                await self._group.wait_idle()
-        return self.pending
+        if self._group is None:
+            return []
+        with anyio.move_on_after(timeout):
+            await self._group.wait_idle()
+        return self._group.pending_futures()
 
     # --- entering and exiting -----------------------------------------------------------
 
