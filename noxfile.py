@@ -112,8 +112,8 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Print µs per fork+wait and ratios against asyncio, anyio and ThreadPoolExecutor."""
-    install(session, "test")
+    """Print µs per fork+wait and ratios against asyncio, anyio, asyncer and ThreadPoolExecutor."""
+    install(session, "test", "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench_fork.py"), *session.posargs)
 
 
@@ -130,5 +130,5 @@ def bench_torch(session: nox.Session) -> None:
 @nox.session(name="bench_fastapi", python="3.11")
 def bench_fastapi(session: nox.Session) -> None:
     """Load a FastAPI fan-out endpoint under uvicorn: anyfork against anyio and asyncio."""
-    install(session, "test")
+    install(session, "test", "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench_fastapi.py"), *session.posargs)
