@@ -112,7 +112,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Print µs per fork+wait and ratios against asyncio, anyio, asyncer and ThreadPoolExecutor."""
+    """µs per fork+wait against asyncio, anyio, asyncer and ThreadPoolExecutor; import time."""
     install(session, "test", "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench_fork.py"), *session.posargs)
 

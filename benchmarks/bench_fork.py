@@ -15,7 +15,8 @@ latency) and *fan-out* (fork 1,000, then wait for each: throughput).
   ``ThreadPoolExecutor.submit`` + ``result()``; fan-out once more with ``anyfork.wait_all``.
 
 The loop is plain asyncio (no uvloop, no debug mode); a full run repeats the loop cases on
-uvloop and trio (where the alternative runs there). Then a targets block.
+uvloop and trio (where the alternative runs there). Then a targets block, and the cumulative
+import time of ``import anyfork``, from ``python -X importtime`` in fresh processes.
 
 Method: every contender does the same work (the forked function returns 1; the caller sums
 what it gets back) and runs on the same loop as its rivals. Each is warmed up with two
@@ -31,6 +32,7 @@ import asyncio
 import gc
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +52,7 @@ ROUNDS = 7 if QUICK else 11
 ONE_AT_A_TIME = 500 if QUICK else 2000  # forks per sample, waited for one by one
 FAN_OUT = 1000  # forks made before the first wait
 FAN_OUTS_PER_SAMPLE = 1 if QUICK else 3
+IMPORT_RUNS = 5
 SHAPES = ("one at a time", "fan-out")
 
 
@@ -331,6 +334,53 @@ def measure_script() -> list[Row]:
     return rows
 
 
+# --- import time ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImportTime:
+    cumulative: float  # ms, the whole ``import anyfork``
+    own: float  # ms spent in anyfork's own modules
+    anyio: float  # ms spent in anyio's modules
+    rest: float  # ms spent in every other module it imports (the standard library...)
+
+
+def import_time() -> ImportTime:
+    """What ``import anyfork`` costs in a fresh interpreter (medians, ms)."""
+
+    def once() -> ImportTime:
+        # -X importtime prints "import time: self [us] | cumulative | name" on stderr for
+        # each module, nested ones indented under their importer. anyio imports its parts
+        # lazily, so they need not be nested under "anyio": add up self times by package.
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "import anyfork"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        cumulative = 0.0
+        self_ms = {"anyfork": 0.0, "anyio": 0.0, "rest": 0.0}
+        for line in done.stderr.splitlines():
+            parts = line.removeprefix("import time:").split("|")
+            if not line.startswith("import time:") or not parts[0].strip().isdigit():
+                continue  # the header line
+            name = parts[2].strip()
+            package = name.partition(".")[0]
+            self_ms[package if package in self_ms else "rest"] += int(parts[0]) / 1000
+            if name == "anyfork":
+                cumulative = int(parts[1]) / 1000
+        return ImportTime(cumulative, self_ms["anyfork"], self_ms["anyio"], self_ms["rest"])
+
+    once()  # byte-compiles what is not compiled yet
+    runs = [once() for _ in range(IMPORT_RUNS)]
+    return ImportTime(
+        *(
+            statistics.median(getattr(run, name) for run in runs)
+            for name in ("cumulative", "own", "anyio", "rest")
+        )
+    )
+
+
 # --- report ---------------------------------------------------------------------------------
 
 # (case without the loop, anyfork's contender, alternative, highest ratio that meets it)
@@ -385,6 +435,10 @@ def print_noise(rows: list[Row]) -> None:
     )
 
 
+def load_average() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
+
+
 async def default_thread_limit() -> float:
     return anyio.to_thread.current_default_thread_limiter().total_tokens
 
@@ -401,16 +455,21 @@ def main() -> None:
         loops.append(("trio", "trio", {}))
 
     started = time.perf_counter()
+    load_before = load_average()
     rows: list[Row] = []
     for label, backend, options in loops:
         rows += measure_loop(label, backend, options)
     rows += measure_script()
+    imports = import_time()
 
     versions = ", ".join(
         f"{name} {metadata.version(name)}" for name in ("anyio", "asyncer", "anyfork")
     )
-    print(f"Python {sys.version.split()[0]}, {versions}; {os.cpu_count()} cores", end="")
-    print(f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+    print(
+        f"Python {sys.version.split()[0]}, {versions}; {os.cpu_count()} cores, 1-minute load "
+        f"average {load_before} before, {load_average()} after (other work on the machine "
+        "competes for the cores: see the noise line)"
+    )
     print(
         f"{ROUNDS} rounds, medians; one at a time: {ONE_AT_A_TIME} forks a sample; fan-out: "
         f"{FAN_OUT} forks, then the waits, {FAN_OUTS_PER_SAMPLE} a sample"
@@ -423,6 +482,11 @@ def main() -> None:
     print_table(rows)
     print_noise(rows)
     print_targets(rows)
+    print(
+        f"import anyfork: {imports.cumulative:.1f} ms cumulative (python -X importtime, median "
+        f"of {IMPORT_RUNS} fresh processes); self time in anyfork's modules "
+        f"{imports.own:.1f} ms, anyio's {imports.anyio:.1f} ms, the rest {imports.rest:.1f} ms"
+    )
     if QUICK:
         print("(--quick: asyncio only; the full run adds uvloop and trio)")
     print(f"({time.perf_counter() - started:.0f} s)")
