@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -129,6 +130,11 @@ def bench_torch(session: nox.Session) -> None:
 
 @nox.session(name="bench_fastapi", python="3.11")
 def bench_fastapi(session: nox.Session) -> None:
-    """Load a FastAPI fan-out endpoint under uvicorn: anyfork against anyio and asyncio."""
+    """Load FastAPI fan-out endpoints under uvicorn with wrk: anyfork against anyio and asyncio."""
+    if shutil.which("wrk") is None:
+        session.skip(
+            "wrk is not installed: install it (Debian/Ubuntu: 'apt-get install -y wrk'; "
+            "macOS: 'brew install wrk') and run this again"
+        )
     install(session, "test", "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench_fastapi.py"), *session.posargs)
