@@ -6,7 +6,9 @@ Each case is timed in two shapes: *one at a time* (fork, then wait for it, again
 latency) and *fan-out* (fork 1,000, then wait for each: throughput).
 
 - sync callable, on a loop: ``anyfork.fork(f)`` + ``await`` against ``asyncio.to_thread``,
-  ``anyio.to_thread.run_sync`` and ``asyncer.asyncify``;
+  ``anyio.to_thread.run_sync`` and ``asyncer.asyncify``; also against what
+  ``asyncio.to_thread`` does, ``loop.run_in_executor`` in a copy of the context, on an
+  executor with as many threads as anyfork's pool (the default executor has fewer);
 - coroutine function, on a loop: ``anyfork.fork(f)`` + ``await`` against
   ``asyncio.create_task``, anyio's ``start_soon`` (awaiting the task handle it returns) and
   asyncer's ``soonify`` in an ``asyncer.create_task_group()``; a soon value can only be read
@@ -29,6 +31,8 @@ collector stays on. Ratio = anyfork / alternative: below 1.00, anyfork is faster
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import gc
 import os
 import statistics
@@ -54,6 +58,8 @@ FAN_OUT = 1000  # forks made before the first wait
 FAN_OUTS_PER_SAMPLE = 1 if QUICK else 3
 IMPORT_RUNS = 5
 SHAPES = ("one at a time", "fan-out")
+# The ThreadPoolExecutors compared with anyfork get as many threads as its worker pool.
+POOL_THREADS = anyfork.configure().worker_threads
 
 
 def sync_work() -> int:
@@ -85,6 +91,26 @@ async def asyncio_to_thread(n: int, fan: bool) -> int:
     total = 0
     for _ in range(n):
         total += await asyncio.to_thread(sync_work)
+    return total
+
+
+# asyncio.to_thread with as many threads as anyfork and anyio use, rather than the default
+# executor's min(32, cores + 4): shows how much of a gap is the number of threads.
+_loop_pool = ThreadPoolExecutor(max_workers=POOL_THREADS)
+
+
+def _in_context(func: Callable[[], int]) -> Callable[[], int]:
+    return functools.partial(contextvars.copy_context().run, func)
+
+
+async def asyncio_executor(n: int, fan: bool) -> int:
+    loop = asyncio.get_running_loop()
+    if fan:  # the futures of run_in_executor start at once, as tasks would
+        futures = [loop.run_in_executor(_loop_pool, _in_context(sync_work)) for _ in range(n)]
+        return sum([await future for future in futures])
+    total = 0
+    for _ in range(n):
+        total += await loop.run_in_executor(_loop_pool, _in_context(sync_work))
     return total
 
 
@@ -159,8 +185,6 @@ async def asyncer_soonify(n: int, fan: bool) -> int:
 
 # --- scripts, no event loop -----------------------------------------------------------------
 
-# As many threads as anyfork's worker pool, so that both run the same number at once.
-POOL_THREADS = anyfork.configure().worker_threads
 _pool = ThreadPoolExecutor(max_workers=POOL_THREADS)
 
 
@@ -203,6 +227,7 @@ class Contender:
 SYNC_ON_A_LOOP = [
     Contender("fork + await", anyfork_sync, ours=True),
     Contender("asyncio.to_thread", asyncio_to_thread, asyncio_only=True),
+    Contender(f"run_in_executor, {POOL_THREADS} thr", asyncio_executor, asyncio_only=True),
     Contender("anyio.to_thread.run_sync", anyio_to_thread),
     Contender("asyncer.asyncify", asyncer_asyncify),
 ]
@@ -277,12 +302,13 @@ def time_in_script(contenders: list[Contender], shape: str) -> dict[str, list[fl
 @dataclass(frozen=True)
 class Figure:
     median: float
-    spread: float  # (max - min) / median over the rounds
+    spread: float  # interquartile range / median over the rounds
 
 
 def figure(samples: list[float]) -> Figure:
     median = statistics.median(samples)
-    return Figure(median, (max(samples) - min(samples)) / median)
+    first, _, third = statistics.quantiles(samples, n=4)
+    return Figure(median, (third - first) / median)
 
 
 @dataclass(frozen=True)
@@ -429,7 +455,7 @@ def print_noise(rows: list[Row]) -> None:
     spreads = sorted((f.spread, f"{case}, {who}") for (case, who), f in figures.items())
     worst, where = spreads[-1]
     print(
-        f"noise: (max - min) / median over the {ROUNDS} rounds is "
+        f"noise: interquartile range / median over the {ROUNDS} rounds is "
         f"{statistics.median(s for s, _ in spreads):.0%} for the typical figure, "
         f"{worst:.0%} at worst ({where})"
     )
@@ -475,9 +501,9 @@ def main() -> None:
         f"{FAN_OUT} forks, then the waits, {FAN_OUTS_PER_SAMPLE} a sample"
     )
     print(
-        f"threads: anyfork and ThreadPoolExecutor {POOL_THREADS}; asyncio.to_thread the loop's "
-        f"default executor ({min(32, (os.cpu_count() or 1) + 4)}); anyio and asyncer anyio's "
-        f"default limiter ({anyio.run(default_thread_limit):g})"
+        f"threads: anyfork, ThreadPoolExecutor, run_in_executor {POOL_THREADS}; "
+        f"asyncio.to_thread the loop's default executor ({min(32, (os.cpu_count() or 1) + 4)}); "
+        f"anyio and asyncer anyio's default limiter ({anyio.run(default_thread_limit):g})"
     )
     print_table(rows)
     print_noise(rows)
