@@ -12,10 +12,11 @@ forwards then backwards (A B C, C B A, ...), so that a drift in the machine's lo
 each alike. With two or more cores the server is pinned to one CPU and wrk to another, so
 that they do not take turns on one core; other work on the machine still competes with both.
 
-Prints, per variant, requests/s (best and median of the rounds), p50 and p99 latency
-(medians of the rounds), the server's CPU use during the load (100% = one core busy) and
-errors; then anyfork's throughput as a ratio of each hand-written version's, with the
-targets of issue 11. Nothing is asserted: these are measurements.
+Prints, per variant, requests/s (best and median of the rounds, and each round's), p50 and
+p99 latency (medians of the rounds), the CPU the server used during the load and the CPU
+everything else on the machine but wrk used meanwhile (in cores: contention), and errors;
+then anyfork's throughput as a ratio of each hand-written version's, with the targets of
+issue 11. Nothing is asserted: these are measurements.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -88,6 +90,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     server_cpu: float  # CPU seconds the server used per second of load (1.0 = one core)
+    other_cpu: float  # the same for everything else on the machine but wrk
     errors: int  # socket errors and non-2xx responses
 
 
@@ -145,6 +148,22 @@ def run_wrk(url: str, args: argparse.Namespace, seconds: float, cpu: int | None)
 
 
 # --- the server -----------------------------------------------------------------------------
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (Linux), else 0."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(field) for field in stat.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal, not guests
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_seconds(pid: int) -> float:
@@ -263,12 +282,17 @@ def measure(variant: Variant, args: argparse.Namespace) -> Run:
                 continue  # most likely another process took the port first: another one
             url = server.url(variant.path)
             run_wrk(url, args, args.warmup, args.wrk_cpu)
-            cpu_before, started = cpu_seconds(server.process.pid), time.monotonic()
+            server_before = cpu_seconds(server.process.pid)
+            wrk_before, busy_before = children_cpu_seconds(), machine_busy_seconds()
+            started = time.monotonic()
             output = run_wrk(url, args, args.duration, args.wrk_cpu)
             elapsed = time.monotonic() - started
-            server_cpu = (cpu_seconds(server.process.pid) - cpu_before) / elapsed
+            busy = machine_busy_seconds() - busy_before
+            served = cpu_seconds(server.process.pid) - server_before
+            loaded = children_cpu_seconds() - wrk_before  # wrk has been reaped, the server not
         requests_per_second, p50, p99, errors = parse_wrk(output)
-        return Run(requests_per_second, p50, p99, server_cpu, errors)
+        other = max(0.0, busy - served - loaded) / elapsed
+        return Run(requests_per_second, p50, p99, served / elapsed, other, errors)
     raise AssertionError("unreachable")
 
 
@@ -300,6 +324,10 @@ def print_header(args: argparse.Namespace, load_before: str) -> None:
         f"average {load_before} before, {load_average()} after)"
     )
     print(
+        "server / others: CPU cores used during the load by the server and by everything else "
+        "but wrk (medians); others above ~0.1 means the figures are disturbed"
+    )
+    print(
         f"worker threads: anyfork {anyfork.configure().worker_threads}, asyncio.to_thread the "
         f"loop's default "
         f"executor ({min(32, cores + 4)}), anyio.to_thread anyio's default limiter (40)"
@@ -311,19 +339,21 @@ def print_results(results: dict[str, list[Run]]) -> None:
         print()
         print(title)
         print(
-            f"  {'variant':30} {'req/s best':>10} {'median':>8} {'p50 ms':>7} {'p99 ms':>7} "
-            f"{'srv CPU':>7} {'errors':>6}"
+            f"  {'variant':30} {'req/s best':>10} {'median':>7} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'server':>6} {'others':>6} {'errors':>6}  req/s of each round"
         )
         for variant in (v for v in VARIANTS if v.group == group):
             runs = results[variant.label]
             throughputs = [run.requests_per_second for run in runs]
             print(
                 f"  {variant.label:30} {max(throughputs):10.0f} "
-                f"{statistics.median(throughputs):8.0f} "
+                f"{statistics.median(throughputs):7.0f} "
                 f"{statistics.median(run.p50_ms for run in runs):7.1f} "
                 f"{statistics.median(run.p99_ms for run in runs):7.1f} "
-                f"{statistics.median(run.server_cpu for run in runs):7.0%} "
-                f"{sum(run.errors for run in runs):6d}"
+                f"{statistics.median(run.server_cpu for run in runs):6.2f} "
+                f"{statistics.median(run.other_cpu for run in runs):6.2f} "
+                f"{sum(run.errors for run in runs):6d}  "
+                + " ".join(f"{throughput:.0f}" for throughput in throughputs)
             )
 
 
