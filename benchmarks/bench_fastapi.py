@@ -14,7 +14,7 @@ that they do not take turns on one core; other work on the machine still compete
 
 Prints, per variant, requests/s (best and median of the rounds, and each round's), p50 and
 p99 latency (medians of the rounds), the CPU the server used during the load and the CPU
-everything else on the machine but wrk used meanwhile (in cores: contention), and errors;
+other processes used meanwhile on the server's core (contention), and errors;
 then anyfork's throughput as a ratio of each hand-written version's, with the targets of
 issue 11. Nothing is asserted: these are measurements.
 """
@@ -90,7 +90,8 @@ class Run:
     p50_ms: float
     p99_ms: float
     server_cpu: float  # CPU seconds the server used per second of load (1.0 = one core)
-    other_cpu: float  # the same for everything else on the machine but wrk
+    other_cpu: float  # the same for other processes on the server's core (or, unpinned,
+    # on all cores, but wrk)
     errors: int  # socket errors and non-2xx responses
 
 
@@ -150,13 +151,15 @@ def run_wrk(url: str, args: argparse.Namespace, seconds: float, cpu: int | None)
 # --- the server -----------------------------------------------------------------------------
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (Linux), else 0."""
+def busy_seconds(cpu: int | None) -> float:
+    """CPU seconds that core ``cpu`` (None: all cores) has spent busy since boot (Linux)."""
+    name = "cpu" if cpu is None else f"cpu{cpu}"
     try:
         with open("/proc/stat") as stat:
-            fields = [int(field) for field in stat.readline().split()[1:]]
-    except OSError:
+            line = next(line for line in stat if line.split()[0] == name)
+    except (OSError, StopIteration):
         return 0.0
+    fields = [int(field) for field in line.split()[1:]]
     idle = fields[3] + fields[4]  # idle, iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal, not guests
 
@@ -283,15 +286,18 @@ def measure(variant: Variant, args: argparse.Namespace) -> Run:
             url = server.url(variant.path)
             run_wrk(url, args, args.warmup, args.wrk_cpu)
             server_before = cpu_seconds(server.process.pid)
-            wrk_before, busy_before = children_cpu_seconds(), machine_busy_seconds()
+            wrk_before, busy_before = children_cpu_seconds(), busy_seconds(args.server_cpu)
             started = time.monotonic()
             output = run_wrk(url, args, args.duration, args.wrk_cpu)
             elapsed = time.monotonic() - started
-            busy = machine_busy_seconds() - busy_before
+            busy = busy_seconds(args.server_cpu) - busy_before
             served = cpu_seconds(server.process.pid) - server_before
             loaded = children_cpu_seconds() - wrk_before  # wrk has been reaped, the server not
         requests_per_second, p50, p99, errors = parse_wrk(output)
-        other = max(0.0, busy - served - loaded) / elapsed
+        if args.server_cpu is None:
+            other = max(0.0, busy - served - loaded) / elapsed
+        else:  # what else ran on the server's core: all the server's threads are pinned there
+            other = max(0.0, busy - served) / elapsed
         return Run(requests_per_second, p50, p99, served / elapsed, other, errors)
     raise AssertionError("unreachable")
 
@@ -323,9 +329,10 @@ def print_header(args: argparse.Namespace, load_before: str) -> None:
         f"CPU: {contention}; other work on the machine competes with both (1-minute load "
         f"average {load_before} before, {load_average()} after)"
     )
+    where = "on the server's core" if args.server_cpu is not None else "on any core, but wrk"
     print(
-        "server / others: CPU cores used during the load by the server and by everything else "
-        "but wrk (medians); others above ~0.1 means the figures are disturbed"
+        f"server / others: CPU cores used during the load by the server, and by other processes "
+        f"{where} (medians); others above ~0.1 means the server had to share its CPU"
     )
     print(
         f"worker threads: anyfork {anyfork.configure().worker_threads}, asyncio.to_thread the "
