@@ -171,9 +171,10 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Print µs per fork+wait and ratios against asyncio, anyio and ThreadPoolExecutor."""
-    install(session, "test")
+    """µs per fork+wait against asyncio, anyio, asyncer and ThreadPoolExecutor; import time."""
+    install(session, "test", "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench_fork.py"), *session.posargs)
+    session.run("python", str(ROOT / "benchmarks" / "bench_debug.py"))
 
 
 @nox.session(name="bench_torch", python="3.11")
@@ -188,6 +189,11 @@ def bench_torch(session: nox.Session) -> None:
 
 @nox.session(name="bench_fastapi", python="3.11")
 def bench_fastapi(session: nox.Session) -> None:
-    """Load a FastAPI fan-out endpoint under uvicorn: anyfork against anyio and asyncio."""
-    install(session, "test")
+    """Load FastAPI fan-out endpoints under uvicorn with wrk: anyfork against anyio and asyncio."""
+    if shutil.which("wrk") is None:
+        session.skip(
+            "wrk is not installed: install it (Debian/Ubuntu: 'apt-get install -y wrk'; "
+            "macOS: 'brew install wrk') and run this again"
+        )
+    install(session, "test", "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench_fastapi.py"), *session.posargs)
