@@ -282,6 +282,27 @@ def test_awaiting_sync_forks_in_a_cell_runs_them_side_by_side(notebook: Notebook
     assert notebook.run(AWAIT_SIDE_BY_SIDE).printed() == ("left", "right", 3)
 
 
+FORKED_FORWARD = """
+meeting = threading.Barrier(3)
+
+def meet_the_others(x):
+    meeting.wait(timeout=10)  # returns only once all three branches run at the same time
+    return x
+
+def forward_side_by_side(xs):  # an unchanged forward: fork, then wait
+    futures = [anyfork.fork(meet_the_others, x) for x in xs]
+    return sum(anyfork.wait(future) for future in futures)
+
+print(repr(await anyfork.fork(forward_side_by_side, [1, 2, 3])))
+"""
+
+
+def test_awaiting_a_forked_forward_runs_its_branches_side_by_side(notebook: Notebook) -> None:
+    # In the worker thread the forward runs in, its forks start on the pool at once and its
+    # waits block that thread only.
+    assert notebook.run(FORKED_FORWARD).printed() == 6
+
+
 # --- (c) across cells --------------------------------------------------------------------------
 
 
