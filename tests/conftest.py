@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -93,6 +94,20 @@ def run_script(
         text=True,
         timeout=timeout,
         env=full_env,
+    )
+
+
+NOTEBOOK_KERNEL = Path(__file__).resolve().parent / "notebook_kernel.py"
+
+
+def run_notebook_cells(cells: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run notebook cells in order, as a kernel would, in a fresh interpreter (dev mode,
+    warnings as errors) and return what they printed; see tests/notebook_kernel.py."""
+    return subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", str(NOTEBOOK_KERNEL), *cells],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -1,4 +1,9 @@
-"""Every Python example in the README and the docs, and every program in examples/, runs."""
+"""Every Python example in the README and the docs, and every program in examples/, runs.
+
+An example fenced as ```python runs as a program. One fenced as ```python title="Cell N"
+is a notebook cell: the cells of a page are one notebook, run in order in a stand-in
+kernel (tests/notebook_kernel.py), so they may ``await`` at the top level as in Jupyter.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,12 @@ from typing import Any
 
 import pytest
 
-from .conftest import without_slow_steps_under_the_bound
+from .conftest import run_notebook_cells, without_slow_steps_under_the_bound
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+CELL = re.compile(r'^```python title="Cell (\d+)"\n(.*?)^```', re.DOTALL | re.MULTILINE)
 NEEDS_TORCH = re.compile(r"^(import torch|from torch)\b", re.MULTILINE)
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -31,6 +37,15 @@ def _blocks() -> list[object]:
     for page in PAGES:
         for index, match in enumerate(FENCE.finditer(page.read_text())):
             params.append(pytest.param(match.group(1), id=f"{page.relative_to(ROOT)}[{index}]"))
+    return params
+
+
+def _notebooks() -> list[object]:
+    params = []
+    for page in PAGES:
+        cells = [match.group(2) for match in CELL.finditer(page.read_text())]
+        if cells:
+            params.append(pytest.param(cells, id=f"{page.relative_to(ROOT)}[cells]"))
     return params
 
 
@@ -51,6 +66,16 @@ def test_docs_example_runs(source: str) -> None:
     result = _run(["-c", source])
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("cells", _notebooks())
+def test_docs_notebook_cells_run_in_order(cells: list[str]) -> None:
+    _skip_without_torch("".join(cells))
+    result = run_notebook_cells(cells)
+    assert result.returncode == 0, result.stderr
+    # Cells that block the loop for a while (as notebooks do) are let through.
+    assert without_slow_steps_under_the_bound(result.stderr) == ""
 
 
 @pytest.mark.timeout(90)
@@ -76,6 +101,17 @@ def test_only_slow_steps_under_the_bound_are_let_through() -> None:
 
 def test_docs_have_examples_to_run() -> None:
     assert len(_blocks()) >= 10
+    assert _notebooks()
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_python_example_is_run(page: Path) -> None:
+    text = page.read_text()
+    fences = re.findall(r"^```python.*$", text, re.MULTILINE)
+    programs, cells = FENCE.findall(text), CELL.findall(text)
+    assert len(fences) == len(programs) + len(cells), "a ```python fence neither test runs"
+    # Numbered from 1 in page order: what a reader runs is what the test runs.
+    assert [int(number) for number, _ in cells] == list(range(1, len(cells) + 1))
 
 
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
