@@ -113,30 +113,31 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         watch_slow_forks()
     else:
         note_forked(future, None)
-    context = contextvars.copy_context()
     is_async = _is_coroutine_function(func)
     native = _loops.running_native_loop()
 
     if config.eager and not (is_async and native is not None):
-        _run_now(future, func, args, kwargs, is_async, context)
+        _run_now(future, func, args, kwargs, is_async, contextvars.copy_context())
         try:
             return future
         finally:
             del future  # a failure's traceback keeps this frame alive (see _run_now)
     if not is_async:
-        _submit_sync_fork(future, func, args, kwargs, context, native)
+        _submit_sync_fork(future, func, args, kwargs, contextvars.copy_context(), native)
         return future
+    # A coroutine fork's task copies the context itself, when it is created here or when
+    # its start is posted to the loop (anyio copies the posting context): no copy needed.
 
     def task_for(group: ForkGroup) -> TaskFactory:
         return functools.partial(group.run_coroutine_fork, future, func, args, kwargs)
 
     group = _group_for_caller(native)
     if group is not None:
-        if group.spawn(future, task_for(group), context):
+        if group.spawn(future, task_for(group)):
             return future
         # The scope captured in this context has closed: use the loop's ambient group.
         group = _ambient_for(group)
-        if group.spawn(future, task_for(group), context):
+        if group.spawn(future, task_for(group)):
             return future
         # The loop is no longer running (a sync fork outlived it): as from a thread with
         # no loop, so that the work still runs and the fork's result is kept.
@@ -144,12 +145,12 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     if loop_group is None:
         # Python 3.12 starts no thread once the interpreter is exiting, so the background
         # loop cannot start during the exit join: run the coroutine here.
-        _run_now(future, func, args, kwargs, True, context)
+        _run_now(future, func, args, kwargs, True, contextvars.copy_context())
         return future
-    if not loop_group.spawn(future, task_for(loop_group), context):
+    if not loop_group.spawn(future, task_for(loop_group)):
         # The background loop is gone (it failed): run the coroutine here rather than
         # leave its future pending forever.
-        _run_now(future, func, args, kwargs, True, context)
+        _run_now(future, func, args, kwargs, True, contextvars.copy_context())
     return future
 
 

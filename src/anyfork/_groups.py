@@ -76,8 +76,9 @@ class ForkGroup:
 
     # --- any thread -------------------------------------------------------------------
 
-    def spawn(self, future: Future[Any], factory: TaskFactory, context: Context | None) -> bool:
-        """Run ``factory()`` as a task of this group, from any thread.
+    def spawn(self, future: Future[Any], factory: TaskFactory) -> bool:
+        """Run ``factory()`` as a task of this group, from any thread, in the caller's
+        context (copied).
 
         :return: ``False`` if the group has closed and takes no more forks, or its loop is
             no longer running
@@ -92,17 +93,11 @@ class ForkGroup:
             and self._task_group is not None
             and _loops.in_task()
         ):
-            self._start(future, factory, context)
+            self._start(future, factory, None)  # the task copies this context
             return True
-        # Post the start from within the fork's context: anyio copies the posting context
-        # (adding its note of which async library runs), so the task inherits both.
-        start = partial(self._start, future, factory, None)
-        posted = (
-            context.run(_loops.call_soon, self.token, start)
-            if context is not None
-            else _loops.call_soon(self.token, start)
-        )
-        if not posted:
+        # anyio copies the posting context (adding its note of which async library runs)
+        # for the posted call, so the task inherits both.
+        if not _loops.call_soon(self.token, partial(self._start, future, factory, None)):
             # The loop is gone (a sync fork that outlived it is forking): the caller runs
             # the fork as from a thread with no loop.
             with self._lock:
