@@ -43,6 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -52,6 +53,12 @@ import asyncer
 import anyfork
 
 QUICK = "--quick" in sys.argv
+# The chart the docs page "Where work runs" shows; --no-chart leaves it as it is.
+CHART = (
+    None
+    if "--no-chart" in sys.argv
+    else Path(__file__).parent.parent / "docs" / "img" / "bench_fork.png"
+)
 ROUNDS = 7 if QUICK else 11
 ONE_AT_A_TIME = 500 if QUICK else 2000  # forks per sample, waited for one by one
 FAN_OUT = 1000  # forks made before the first wait
@@ -469,6 +476,32 @@ async def default_thread_limit() -> float:
     return anyio.to_thread.current_default_thread_limiter().total_tokens
 
 
+def write_chart(rows: list[Row], path: Path, title: str) -> None:
+    """Draw each case's ratios (anyfork / alternative) as bars, with 1.0 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{row.case} · {row.ours} / {row.theirs}" for row in rows]
+    ratios = [row.ratio for row in rows]
+    height = max(3.0, 0.28 * len(rows) + 1.2)
+    fig, axes = plt.subplots(figsize=(10, height))
+    colors = ["#2e7d32" if ratio <= 1.0 else "#c62828" for ratio in ratios]
+    positions = list(range(len(rows)))[::-1]
+    axes.barh(positions, ratios, color=colors)
+    axes.set_yticks(positions, labels, fontsize=7)
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    axes.set_xlabel("time per fork, anyfork / alternative (below 1: anyfork is faster)")
+    axes.set_title(title, fontsize=9)
+    for position, ratio in zip(positions, ratios, strict=True):
+        axes.text(ratio, position, f" {ratio:.2f}", va="center", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     loops: list[tuple[str, str, dict[str, object]]] = [("asyncio", "asyncio", {})]
     if not QUICK:
@@ -513,6 +546,13 @@ def main() -> None:
         f"of {IMPORT_RUNS} fresh processes); self time in anyfork's modules "
         f"{imports.own:.1f} ms, anyio's {imports.anyio:.1f} ms, the rest {imports.rest:.1f} ms"
     )
+    if CHART is not None:
+        title = (
+            f"nox -s bench{' -- --quick' if QUICK else ''}: Python {sys.version.split()[0]}, "
+            f"{versions}, {os.cpu_count()} cores, load {load_before}"
+        )
+        write_chart(rows, CHART, title)
+        print(f"chart: {CHART.relative_to(Path(__file__).parent.parent)}")
     if QUICK:
         print("(--quick: asyncio only; the full run adds uvloop and trio)")
     print(f"({time.perf_counter() - started:.0f} s)")
