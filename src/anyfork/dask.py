@@ -31,8 +31,8 @@ from typing import Any, Generic, TypeVar, overload
 import cloudpickle  # type: ignore[import-untyped]
 import dask.config
 import distributed
-from distributed.threadpoolexecutor import thread_state as pool_thread_state
-from distributed.utils import thread_state as task_thread_state
+import distributed.threadpoolexecutor
+import distributed.utils
 from typing_extensions import ParamSpec
 
 from . import _pool
@@ -44,6 +44,17 @@ from ._remote import RemoteCallable
 from ._torch import GradMode, grad_mode_flags, run_in_grad_mode
 
 __all__ = ["RemoteFunction", "RemoteImportError", "close", "connect", "remote"]
+
+# distributed is only partly typed: its calls go through these untyped handles.
+_Client: Any = distributed.Client
+_LocalCluster: Any = distributed.LocalCluster
+_secede: Any = distributed.secede
+_get_client: Any = getattr(distributed, "get_client")  # noqa: B009
+_config_get: Any = getattr(dask.config, "get")  # noqa: B009
+_rejoin: Any = distributed.rejoin
+# A task's thread: the worker's pool marks it (proceed), the worker its task (key).
+_pool_thread_state: Any = getattr(distributed.threadpoolexecutor, "thread_state")  # noqa: B009
+_task_thread_state: Any = getattr(distributed.utils, "thread_state")  # noqa: B009
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -66,6 +77,7 @@ class RemoteFunction(RemoteCallable, Generic[P, T]):
 
     def __init__(self, func: Callable[P, T], options: dict[str, Any]) -> None:
         functools.update_wrapper(self, func)
+        self._name: str = getattr(func, "__qualname__", repr(func))
         self._func = func
         self._options = options
         self._payload: bytes | None = None  # the function pickled, on first fork
@@ -74,7 +86,7 @@ class RemoteFunction(RemoteCallable, Generic[P, T]):
         return self._func(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"<anyfork.dask.remote {getattr(self, '__qualname__', self._func)!r}>"
+        return f"<anyfork.dask.remote {self._name!r}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
         module = getattr(self, "__module__", None)
@@ -93,8 +105,9 @@ class RemoteFunction(RemoteCallable, Generic[P, T]):
         self, future: Future[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         if self._payload is None:
-            self._payload = _dumps(self._func, f"the function {self.__qualname__}")
-        call = _dumps((args, kwargs), f"the arguments of {self.__qualname__}")
+            # By module and name where that finds it, as pickle does (see __reduce__).
+            self._payload = _dumps(self, f"the function {self._name}")
+        call = _dumps((args, kwargs), f"the arguments of {self._name}")
         _submit(future, self._payload, call, grad_mode_flags(), self._options)
 
 
@@ -232,7 +245,7 @@ class _Connection:
         self._lock = threading.RLock()
         self._target = target
         self._cluster_options = cluster_options
-        self.client: distributed.Client | None = None
+        self.client: Any = None  # a distributed.Client once connected
         self._cluster: Any = None
         self._owns_client = not isinstance(target, distributed.Client)
         self._error: BaseException | None = None
@@ -264,6 +277,16 @@ class _Connection:
                 error
                 or RuntimeError(
                     "anyfork.dask is closed: call anyfork.dask.connect() to connect again"
+                ),
+            )
+            return
+        if client.status in ("closing", "closed"):
+            settle_failed(
+                future,
+                RuntimeError(
+                    f"the Dask client of anyfork.dask is {client.status} (it lost its "
+                    "scheduler and could not reconnect in time?): call anyfork.dask.close(), "
+                    "then anyfork.dask.connect(), to connect again"
                 ),
             )
             return
@@ -323,9 +346,9 @@ def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.
     else an embedded LocalCluster)."""
     if isinstance(target, distributed.Client):
         return target, None
-    address = target if target is not None else dask.config.get("scheduler-address", None)
+    address = target if target is not None else _config_get("scheduler-address", None)
     if address is not None:
-        return distributed.Client(address, set_as_default=False), None
+        return _Client(address, set_as_default=False), None
     options: dict[str, Any] = {
         "processes": True,
         "host": "127.0.0.1",
@@ -334,9 +357,9 @@ def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.
     options.update(cluster_options)
     if options["processes"]:
         _check_main_guard()
-    cluster = distributed.LocalCluster(**options)
+    cluster = _LocalCluster(**options)
     try:
-        return distributed.Client(cluster, set_as_default=False), cluster
+        return _Client(cluster, set_as_default=False), cluster
     except BaseException:
         cluster.close()
         raise
@@ -462,12 +485,13 @@ def _submit(
         _current_connection().submit(future, func, call, grad_mode, options)
 
 
-def _worker_client() -> distributed.Client | None:
+def _worker_client() -> Any:
+    """The worker's own client (a distributed.Client) inside a Dask task, else None."""
     try:
         distributed.get_worker()
     except ValueError:
         return None
-    return distributed.get_client()
+    return _get_client()
 
 
 def _check_not_importing_main() -> None:
@@ -481,7 +505,7 @@ def _check_not_importing_main() -> None:
 
 
 def _submit_to(
-    client: distributed.Client,
+    client: Any,  # a distributed.Client
     future: Future[Any],
     func: bytes,
     call: bytes,
@@ -504,7 +528,7 @@ class _DaskWork(Work):
 
     __slots__ = ("_client", "_dask_future")
 
-    def __init__(self, client: distributed.Client, dask_future: distributed.Future[Any]) -> None:
+    def __init__(self, client: Any, dask_future: distributed.Future[Any]) -> None:
         self._client = client
         self._dask_future = dask_future
 
@@ -517,9 +541,7 @@ class _DaskWork(Work):
             pass
 
 
-async def _follow(
-    client: distributed.Client, dask_future: distributed.Future[Any], future: Future[Any]
-) -> None:
+async def _follow(client: Any, dask_future: distributed.Future[Any], future: Future[Any]) -> None:
     """On the client's loop: wait for the task, then complete ``future`` on anyfork's
     worker pool, so that its callbacks (and forks made in them) never run on Dask's loop."""
     try:
@@ -546,10 +568,11 @@ async def _follow(
 def _secede_from_dask_task() -> Callable[[], object] | None:
     """A blocking wait in a Dask task's thread leaves the worker's thread pool while it
     waits, as ``distributed.secede`` documents, so nested fork-and-wait cannot deadlock."""
-    if not getattr(pool_thread_state, "proceed", False) or not hasattr(task_thread_state, "key"):
+    if not getattr(_pool_thread_state, "proceed", False) or not hasattr(_task_thread_state, "key"):
         return None  # not running a task in a worker's pool, or seceded already
-    distributed.secede()
-    return distributed.rejoin
+    _secede()
+    rejoin: Callable[[], object] = _rejoin
+    return rejoin
 
 
 _pool.add_blocking_wait_hook(_secede_from_dask_task)
