@@ -22,7 +22,9 @@ import asyncio
 import functools
 import inspect
 import multiprocessing
+import shutil
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -94,6 +96,11 @@ class RemoteFunction(RemoteCallable, Generic[P, T]):
         if module not in (None, "__main__") and _find(module, name) is self:
             return (_find, (module, name))
         return (RemoteFunction, (self._func, self._options))
+
+    @property
+    def func(self) -> Callable[P, T]:
+        """The plain function: fork it to run it on this machine's worker pool instead."""
+        return self._func
 
     @property
     def options(self) -> dict[str, Any]:
@@ -357,12 +364,40 @@ def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.
     options.update(cluster_options)
     if options["processes"]:
         _check_main_guard()
-    cluster = _LocalCluster(**options)
+    scratch = None
+    if "local_directory" not in options and _config_get("temporary-directory", None) is None:
+        # Dask would leave a dask-scratch-space directory in the working directory.
+        scratch = options["local_directory"] = tempfile.mkdtemp(prefix="anyfork-dask-")
     try:
-        return _Client(cluster, set_as_default=False), cluster
+        cluster = _LocalCluster(**options)
     except BaseException:
-        cluster.close()
+        _remove(scratch)
         raise
+    cluster_and_scratch = _OwnedCluster(cluster, scratch)
+    try:
+        return _Client(cluster, set_as_default=False), cluster_and_scratch
+    except BaseException:
+        cluster_and_scratch.close(timeout=10)
+        raise
+
+
+class _OwnedCluster:
+    """A LocalCluster anyfork started, and the scratch directory it made for it."""
+
+    def __init__(self, cluster: Any, scratch: str | None) -> None:
+        self._cluster = cluster
+        self._scratch = scratch
+
+    def close(self, timeout: float) -> None:
+        try:
+            self._cluster.close(timeout=timeout)
+        finally:
+            _remove(self._scratch)
+
+
+def _remove(directory: str | None) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _check_main_guard() -> None:
