@@ -95,7 +95,7 @@ def test_remote_rejects_a_coroutine_function_saying_why() -> None:
 
 
 def test_remote_rejects_unknown_options_and_wrong_types() -> None:
-    with pytest.raises(TypeError, match="unknown option 'gpus'"):
+    with pytest.raises(TypeError, match="gpus"):
         remote(gpus=1)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="retries="):
         remote(retries="3")  # type: ignore[call-overload]

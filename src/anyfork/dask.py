@@ -177,11 +177,19 @@ def remote(
     resources: dict[str, float] | None = None,
     retries: int | None = None,
     workers: str | Sequence[str] | None = None,
-    priority: int = 0,
+    priority: int | None = None,
 ) -> Callable[[Callable[P, T]], RemoteFunction[P, T]]: ...
 
 
-def remote(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+def remote(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    resources: dict[str, float] | None = None,
+    retries: int | None = None,
+    workers: str | Sequence[str] | None = None,
+    priority: int | None = None,
+) -> Any:
     """Mark a sync function to run on the Dask cluster when forked.
 
     Used as a decorator, with or without options. Calling the result runs the function
@@ -198,20 +206,21 @@ def remote(func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     :param priority: Dask's priority; higher runs first
     :return: a :class:`RemoteFunction`, or a decorator making one
     :raises TypeError: for a coroutine function (a Dask task runs in a thread with no
-        event loop), a non-callable, or an unknown option
+        event loop), a non-callable, or an option of the wrong type
 
     Example::
 
         @anyfork.dask.remote(resources={"GPU": 1}, retries=2)
         def embed(texts: list[str]) -> list[list[float]]: ...
     """
+    options = {
+        "resources": resources,
+        "retries": retries,
+        "workers": workers,
+        "priority": priority,
+    }
     for name, value in options.items():
-        allowed = _OPTION_TYPES.get(name)
-        if allowed is None:
-            raise TypeError(
-                f"remote() got an unknown option {name!r}; it takes resources=, retries=, "
-                "workers= and priority="
-            )
+        allowed = _OPTION_TYPES[name]
         if value is not None and not isinstance(value, allowed):
             raise TypeError(f"remote(): {name}= got {type(value).__name__} {value!r}")
     options = {name: value for name, value in options.items() if value is not None}
