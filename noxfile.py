@@ -197,3 +197,10 @@ def bench_fastapi(session: nox.Session) -> None:
         )
     install(session, "test", "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench_fastapi.py"), *session.posargs)
+
+
+@nox.session(name="bench_dask", python="3.11")
+def bench_dask(session: nox.Session) -> None:
+    """Remote fork+wait latency and a fan-out of 200 against raw Dask, same LocalCluster."""
+    install(session, "test")
+    session.run("python", str(ROOT / "benchmarks" / "bench_dask.py"), *session.posargs)

@@ -98,3 +98,16 @@ def test_the_fastapi_integration_is_typed() -> None:
     assert_type(anyfork.fastapi.current_request_scope(), "RequestScope | None")
     dependency = anyfork.fastapi.fork_policy("cancel")
     assert callable(dependency)
+
+
+def test_a_remote_function_keeps_its_signature_for_fork() -> None:
+    import anyfork.dask
+    from anyfork.dask import RemoteFunction
+
+    remote_label = anyfork.dask.remote(label)
+    with_options = anyfork.dask.remote(retries=1)(label)
+    assert isinstance(with_options, RemoteFunction)
+    assert assert_type(remote_label(3), str) == "3"  # called: runs here
+    anyfork.configure(eager=True)  # forked in eager mode it runs here: no cluster needed
+    assert assert_type(anyfork.wait(anyfork.fork(remote_label, 3)), str) == "3"
+    assert assert_type(anyfork.fork(with_options, x=3), Future[str]).value() == "3"

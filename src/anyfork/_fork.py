@@ -11,6 +11,9 @@ worker thread of a loop        the same, on that loop       the same
 no loop                        the background loop          the same
                                (``_background``)
 eager mode                     run now, in the caller       called now, in the caller
+any caller, a remote callable  (not allowed)                its cluster (``anyfork.dask``,
+(``_remote.RemoteCallable``)                                through ``_remote``); scopes
+                                                            and the exit join track it
 =============================  ===========================  ==============================
 
 A new place for work to run is one new module (like ``_pool`` or ``_background``) plus one
@@ -47,6 +50,7 @@ from ._future import (
 )
 from ._groups import ForkGroup, TaskFactory, ambient_group
 from ._pool import hand_over, submit
+from ._remote import RemoteCallable
 from ._scope import current_scope_group
 from ._torch import capture_grad_mode
 
@@ -123,7 +127,11 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         finally:
             del future  # a failure's traceback keeps this frame alive (see _run_now)
     if not is_async:
-        _submit_sync_fork(future, func, args, kwargs, contextvars.copy_context(), native)
+        remote = _remote_call(func, args, kwargs)
+        if remote is not None:
+            _submit_remote_fork(future, *remote)
+        else:
+            _submit_sync_fork(future, func, args, kwargs, contextvars.copy_context(), native)
         return future
     # A coroutine fork's task copies the context itself, when it is created here or when
     # its start is posted to the loop (anyio copies the posting context): no copy needed.
@@ -182,6 +190,37 @@ def _submit_sync_fork(
     # On a loop's thread the job reaches the pool when the loop next gets control: a
     # blocking wait before that runs it in the caller, as torch.jit.wait does.
     submit(job, native)
+
+
+def _remote_call(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[RemoteCallable, tuple[Any, ...], dict[str, Any]] | None:
+    """The remote callable behind ``func`` (itself, or under partials) with the arguments
+    of the whole call; None for work that runs in this process."""
+    if isinstance(func, RemoteCallable):
+        return func, args, kwargs
+    if not isinstance(func, functools.partial):
+        return None
+    while isinstance(func, functools.partial):
+        args = (*func.args, *args)
+        kwargs = {**func.keywords, **kwargs}
+        func = func.func
+    return (func, args, kwargs) if isinstance(func, RemoteCallable) else None
+
+
+def _submit_remote_fork(
+    future: Future[Any], remote: RemoteCallable, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Send a fork of a remote callable away, counted by its scope and the exit join.
+
+    Nothing is tracked if sending fails (arguments that cannot be sent): ``fork`` raises.
+    """
+    exit_join.check_open()  # no work goes out that nothing would wait for
+    remote.fork_remotely(future, args, kwargs)
+    group = current_scope_group()
+    if group is not None:
+        group.track_sync_fork(future)
+    exit_join.track(future)
 
 
 def _group_for_caller(native: object | None) -> ForkGroup | None:

@@ -5,7 +5,9 @@ Managed blocking is what keeps nested fork-and-wait from deadlocking at any
 as it waits (as fork-join pools and Dask's ``secede``/``rejoin`` do), so the work it waits
 for, or the work that work waits for, always finds a slot. A worker thread registers its
 slot with :func:`run_in_slot`; every blocking wait goes through :func:`secede` and
-:func:`rejoin`.
+:func:`rejoin`. Threads of other pools (a Dask worker's) take part through a blocking-wait
+hook (:func:`add_blocking_wait_hook`), registered by their integration, so that the core
+never imports them.
 
 The locks here are reentrant and the job queue is a ``SimpleQueue``, whose ``put`` is
 reentrant: a signal handler that forks while the interrupted code is inside the pool does
@@ -26,8 +28,11 @@ from . import _loops
 from ._config import current_config
 
 __all__ = [
+    "BlockingWaitHook",
+    "Departure",
     "Slot",
     "WorkerPool",
+    "add_blocking_wait_hook",
     "hand_over",
     "hand_over_deferred",
     "rejoin",
@@ -67,8 +72,33 @@ def run_in_slot(slot: Slot, job: Callable[[], object]) -> None:
         _current.slot = outer
 
 
-def secede() -> Slot | None:
-    """Before a blocking wait: a worker thread gives its slot back; returns it, else None.
+#: Called before a blocking wait in any thread: returns the function to call once the wait
+#: is over if this thread left a pool of its own (a Dask worker's task thread secedes),
+#: else ``None``. It must be cheap where it does nothing: every blocking wait calls it.
+BlockingWaitHook = Callable[[], "Callable[[], object] | None"]
+
+_blocking_wait_hooks: list[BlockingWaitHook] = []
+
+
+def add_blocking_wait_hook(hook: BlockingWaitHook) -> None:
+    """Have every blocking wait call ``hook`` first (once per hook; see BlockingWaitHook)."""
+    if hook not in _blocking_wait_hooks:
+        _blocking_wait_hooks.append(hook)
+
+
+class Departure:
+    """What :func:`secede` gave back, for :func:`rejoin` to take again."""
+
+    __slots__ = ("rejoins", "slot")
+
+    def __init__(self, slot: Slot | None, rejoins: list[Callable[[], object]]) -> None:
+        self.slot = slot
+        self.rejoins = rejoins
+
+
+def secede() -> Slot | Departure | None:
+    """Before a blocking wait: a worker thread gives its slot back, and a thread of another
+    pool leaves it through its hook; returns what :func:`rejoin` takes back, else None.
 
     Pair every call with :func:`rejoin` in a ``finally``.
     """
@@ -76,11 +106,18 @@ def secede() -> Slot | None:
     if slot is not None:
         _current.slot = None  # a nested wait inside this one (a signal handler's) holds none
         slot.release()
-    return slot
+    if not _blocking_wait_hooks:
+        return slot
+    rejoins = [rejoin for hook in _blocking_wait_hooks if (rejoin := hook()) is not None]
+    return Departure(slot, rejoins) if rejoins else slot
 
 
-def rejoin(slot: Slot | None) -> None:
-    """After the wait: take the slot given back by :func:`secede` again."""
+def rejoin(slot: Slot | Departure | None) -> None:
+    """After the wait: take back what :func:`secede` gave (a slot, another pool's place)."""
+    if isinstance(slot, Departure):
+        departure, slot = slot, slot.slot
+        for rejoin_pool in reversed(departure.rejoins):
+            rejoin_pool()
     if slot is not None:
         _current.slot = slot
         slot.reacquire()

@@ -13,7 +13,15 @@ from typing import Any, Protocol, TypeVar
 
 from ._future import Future, keep_alive, mark_retrieved, settle, settle_failed
 
-__all__ = ["TorchFuture", "capture_grad_mode", "follow_torch", "is_torch_future"]
+__all__ = [
+    "GradMode",
+    "TorchFuture",
+    "capture_grad_mode",
+    "follow_torch",
+    "grad_mode_flags",
+    "is_torch_future",
+    "run_in_grad_mode",
+]
 
 T_co = TypeVar("T_co", covariant=True)
 
@@ -125,3 +133,40 @@ def capture_grad_mode() -> GradModeRunner | None:
             return func(*args, **kwargs)
 
     return run_in_mode
+
+
+#: torch's grad and inference mode as two booleans: what travels to another process.
+GradMode = tuple[bool, bool]
+
+
+def grad_mode_flags() -> GradMode | None:
+    """The calling thread's (grad enabled, inference mode) if torch is imported, else None.
+
+    Plain booleans, so they pickle: a remote fork takes them to a Dask worker, where
+    :func:`run_in_grad_mode` applies them.
+    """
+    torch = _torch()
+    if torch is None:
+        return None
+    try:
+        return bool(torch.is_grad_enabled()), bool(torch.is_inference_mode_enabled())
+    except AttributeError:  # a module named torch that is not PyTorch, or one half imported
+        return None
+
+
+def run_in_grad_mode(
+    flags: GradMode | None, func: Callable[..., Any], args: Any, kwargs: Any
+) -> Any:
+    """Call ``func(*args, **kwargs)`` in the grad mode ``flags`` (None: as the thread is).
+
+    Imports torch when the flags say it was imported where the fork was made: the worker
+    process may not have imported it yet.
+    """
+    if flags is None:
+        return func(*args, **kwargs)
+    import importlib
+
+    torch: Any = importlib.import_module("torch")
+    grad, inference = flags
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        return func(*args, **kwargs)
