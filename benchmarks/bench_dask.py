@@ -47,7 +47,12 @@ def timed(run: Callable[[], object]) -> float:
 
 def main() -> None:
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+        scheduler_kwargs={"dashboard": False},
     )
     client = distributed.Client(cluster, set_as_default=False)
     anyfork.dask.connect(client).wait(60)

@@ -49,7 +49,8 @@ def dask_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",  # its HTTP server (health, metrics): a free port
+            scheduler_kwargs={"dashboard": False},
         )
         client = distributed.Client(cluster, set_as_default=False)
         try:
@@ -270,7 +271,8 @@ async def test_a_scope_cancels_its_remote_forks(
     release = tmp_path / "release"
     async with anyfork.scope(cancel_pending=True) as scope:
         held = anyfork.fork(tasks.hold_until, str(release))
-        assert scope.pending == [held]
+        [pending] = scope.pending
+        assert (pending.future, pending.kind, pending.state) == (held, "remote", "running")
     assert held.cancelled()
     await anyio.Path(release).write_text("go")
 

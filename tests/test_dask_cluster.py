@@ -70,7 +70,16 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClust
     env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = "0"
     common = ["--scheduler-file", str(scheduler_file), "--no-dashboard"]
     scheduler = _dask(
-        "scheduler", "--host", "127.0.0.1", "--port", "0", *common, directory=directory, env=env
+        "scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--dashboard-address",  # its HTTP server (health, metrics) too: a free port
+        ":0",
+        *common,
+        directory=directory,
+        env=env,
     )
     workers: dict[str, subprocess.Popen[bytes]] = {}
     try:

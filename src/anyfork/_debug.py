@@ -40,7 +40,8 @@ class PendingFork:
     future: Future[Any]
     #: The fork's name (its function's qualified name).
     name: str
-    #: ``"task"`` for a coroutine fork, ``"worker thread"`` for a sync fork.
+    #: ``"task"`` for a coroutine fork, ``"worker thread"`` for a sync fork, ``"remote"``
+    #: for a fork sent to a cluster (``anyfork.dask``).
     kind: str
     #: ``"queued"`` until its work starts, then ``"running"``.
     state: Literal["queued", "running"]

@@ -368,7 +368,11 @@ def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.
     options: dict[str, Any] = {
         "processes": True,
         "host": "127.0.0.1",
-        "dashboard_address": None,
+        # The scheduler serves HTTP (health, metrics) even with no dashboard, on port 8787
+        # unless told otherwise: a second cluster, or anything else there, would make it
+        # warn and move. Port 0 takes a free one; dashboard=False keeps the dashboard off.
+        "dashboard_address": ":0",
+        "scheduler_kwargs": {"dashboard": False},
     }
     options.update(cluster_options)
     if options["processes"]:
@@ -571,6 +575,12 @@ class _DaskWork(Work):
     never runs; running work finishes on its worker and its result is discarded."""
 
     __slots__ = ("_client", "_dask_future")
+
+    kind = "remote"
+
+    def state(self, future: Future[Any]) -> str:
+        # Sent to the cluster: when it starts there is the scheduler's business.
+        return "running"
 
     def __init__(self, client: Any, dask_future: distributed.Future[Any]) -> None:
         self._client = client
