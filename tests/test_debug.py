@@ -59,26 +59,47 @@ def test_pending_lists_queued_and_running_sync_forks_oldest_first() -> None:
 
 async def test_pending_lists_coroutine_forks_and_scopes_list_their_own() -> None:
     release = anyio.Event()
+    both_started = anyio.Event()
+    started = 0
 
     async def waits() -> str:
+        nonlocal started
+        started += 1
+        if started == 2:
+            both_started.set()
         await release.wait()
         return "done"
 
-    outside = anyfork.fork(waits)
-    async with anyfork.scope() as scope:
-        inside = anyfork.fork(waits)
-        await anyio.sleep(0)
-        await anyio.sleep(0)
-        records = _ours([outside, inside])
-        assert {(r.future, r.kind, r.state) for r in records} == {
-            (outside, "task", "running"),
-            (inside, "task", "running"),
-        }
-        assert [r.future for r in scope.pending] == [inside]
-        release.set()
-    assert await outside == "done"
+    try:
+        with anyio.fail_after(30):
+            outside = anyfork.fork(waits)
+            async with anyfork.scope() as scope:
+                inside = anyfork.fork(waits)
+                await both_started.wait()
+                records = _ours([outside, inside])
+                assert {(r.future, r.kind, r.state) for r in records} == {
+                    (outside, "task", "running"),
+                    (inside, "task", "running"),
+                }
+                assert [r.future for r in scope.pending] == [inside]
+                release.set()
+            assert await outside == "done"
+    finally:
+        release.set()  # a failed assertion must not leave the scope waiting forever
     assert scope.pending == []
     assert _ours([outside, inside]) == []
+
+
+async def test_pending_says_a_coroutine_fork_is_queued_until_its_task_starts() -> None:
+    release = anyio.Event()
+    try:
+        future = anyfork.fork(release.wait)
+        [record] = _ours([future])  # forked in this step: its task has not run yet
+        assert (record.kind, record.state) == ("task", "queued")
+    finally:
+        release.set()
+    with anyio.fail_after(30):
+        await future
 
 
 def test_debug_mode_records_where_each_fork_was_made() -> None:
