@@ -151,6 +151,22 @@ def test_an_error_that_cannot_be_pickled_arrives_as_a_plain_exception(dask: Any)
     assert type(caught.value) is not tasks.Unpicklable
 
 
+def test_a_fan_out_mixing_values_and_errors_gives_each_fork_its_own_outcome(dask: Any) -> None:
+    # Forks finishing together are gathered in one batch: an error must not leak into the
+    # other forks of its batch, nor hold them back.
+    futures = [
+        anyfork.fork(tasks.fail, f"boom {i}") if i % 3 == 0 else anyfork.fork(tasks.add, i, i)
+        for i in range(60)
+    ]
+    outcomes = anyfork.collect_all(futures).wait(60)
+    for i, future in enumerate(outcomes):
+        if i % 3 == 0:
+            with pytest.raises(ValueError, match=f"^boom {i}$"):
+                future.value()
+        else:
+            assert future.value() == 2 * i
+
+
 def test_unpicklable_arguments_fail_at_the_call(dask: Any) -> None:
     with pytest.raises(TypeError, match="cannot send the arguments of add"):
         anyfork.fork(tasks.add, threading.Lock(), 1)  # type: ignore[arg-type]

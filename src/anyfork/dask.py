@@ -26,7 +26,9 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar, overload
 
@@ -54,6 +56,7 @@ _secede: Any = distributed.secede
 _get_client: Any = getattr(distributed, "get_client")  # noqa: B009
 _config_get: Any = getattr(dask.config, "get")  # noqa: B009
 _rejoin: Any = distributed.rejoin
+_as_completed: Any = distributed.as_completed
 # A task's thread: the worker's pool marks it (proceed), the worker its task (key).
 _pool_thread_state: Any = getattr(distributed.threadpoolexecutor, "thread_state")  # noqa: B009
 _task_thread_state: Any = getattr(distributed.utils, "thread_state")  # noqa: B009
@@ -566,8 +569,7 @@ def _submit_to(
         run_on_worker, func, call, grad_mode, key=key, pure=False, **options
     )
     attach(future, _DaskWork(client, dask_future))
-    # Dropping the last reference to a Dask future releases its task: _follow holds it.
-    client.loop.add_callback(_follow, client, dask_future, future)
+    _follower(client).follow(dask_future, future)
 
 
 class _DaskWork(Work):
@@ -595,18 +597,134 @@ class _DaskWork(Work):
             pass
 
 
+# --- following remote forks to their end ------------------------------------------------
+
+
+# While other forks still run, a finished one waits for more to gather with it for this
+# many gathers' time, and never longer than _MOST_WAITED seconds.
+_GATHERS_WAITED = 4
+_MOST_WAITED = 0.02
+
+
+class _Follower:
+    """The remote forks of one client, followed to their end on the client's loop in
+    batches: each turn takes every task that finished since the last one and gathers their
+    results in one ``client.gather`` (one round trip to the scheduler per batch, not per
+    fork). Each fork is then completed on anyfork's worker pool, so that its callbacks (and
+    forks made in them) never run on Dask's loop. A failed or cancelled task, and a batch
+    whose gather fails, are followed one by one (:func:`_follow`), so that each fork gets
+    its own error."""
+
+    def __init__(self, loop: Any) -> None:
+        self._lock = threading.Lock()
+        # Dropping the last reference to a Dask future releases its task: held here until
+        # its fork is completed.
+        self._forks: dict[object, tuple[Any, Future[Any]]] = {}
+        self._finished: Any = _as_completed(loop=loop)  # a distributed.as_completed
+        self._loop = loop
+        self._running = False
+        self._gather_time = 0.0  # seconds: a moving average of the last gathers
+
+    def follow(self, dask_future: Any, future: Future[Any]) -> None:
+        """Follow ``dask_future`` (any thread) and complete ``future`` with its outcome."""
+        with self._lock:
+            self._forks[dask_future.key] = (dask_future, future)
+            self._finished.add(dask_future)
+            start, self._running = not self._running, True
+        if start:
+            self._loop.add_callback(self._run)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if not self._forks:  # follow() starts another run for the next fork
+                        self._running = False
+                        return
+                # Never StopAsyncIteration here: every fork followed is still in it.
+                first = await self._finished.__anext__()
+                await self._complete(await self._more([first]))
+        except BaseException as exc:
+            with self._lock:
+                forks, self._forks, self._running = self._forks, {}, False
+            if isinstance(exc, asyncio.CancelledError):  # the client's loop is closing
+                for _, future in forks.values():
+                    _pool.submit(functools.partial(settle_failed, future, _closed(future)))
+            else:  # a bug here must not leave the forks pending forever
+                for _, future in forks.values():
+                    _pool.submit(functools.partial(settle_failed, future, exc))
+            raise
+
+    async def _more(self, batch: list[Any]) -> list[Any]:
+        """Add to ``batch`` the tasks that finish within a short window, while others are
+        still running. Each gather costs the scheduler (and, for a LocalCluster, this
+        process) a round trip, which slows the tasks still running: the window is a few
+        gathers long (at most ``_MOST_WAITED``), so that gathering takes a small share of a
+        fan-out. The last fork of a fan-out, or one call at a time, is never held back."""
+        batch += self._finished.next_batch(block=False)
+        deadline = time.monotonic() + min(_GATHERS_WAITED * self._gather_time, _MOST_WAITED)
+        while len(batch) < len(self._forks):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._finished.__anext__(), remaining))
+            except asyncio.TimeoutError:
+                break
+            batch += self._finished.next_batch(block=False)
+        return batch
+
+    async def _complete(self, batch: list[Any]) -> None:
+        with self._lock:
+            forks = [self._forks.pop(dask_future.key) for dask_future in batch]
+        finished = [(d, f) for d, f in forks if d.status == "finished"]
+        one_by_one = [(d, f) for d, f in forks if d.status != "finished"]
+        if finished:
+            client = finished[0][0].client
+            try:
+                started = time.monotonic()
+                values = await client.gather([d for d, _ in finished], asynchronous=True)
+                # A moving average: what one more gather would cost.
+                self._gather_time += (time.monotonic() - started - self._gather_time) / 4
+            except asyncio.CancelledError:
+                for _, future in finished:
+                    _pool.submit(functools.partial(settle_failed, future, _closed(future)))
+                raise
+            except Exception:  # e.g. a result lost with its worker, and then its task
+                one_by_one += finished
+            else:
+                for (_, future), value in zip(finished, values, strict=True):
+                    _pool.submit(functools.partial(settle, future, value))
+        for dask_future, future in one_by_one:  # each on its own, so none waits for another
+            self._loop.add_callback(_follow, dask_future.client, dask_future, future)
+
+
+_followers_lock = threading.Lock()
+_followers: weakref.WeakKeyDictionary[Any, _Follower] = weakref.WeakKeyDictionary()
+
+
+def _follower(client: Any) -> _Follower:
+    """The follower of ``client``'s remote forks (a client: anyfork's, or a worker's)."""
+    with _followers_lock:
+        follower = _followers.get(client)
+        if follower is None:
+            follower = _followers[client] = _Follower(client.loop)
+        return follower
+
+
+def _closed(future: Future[Any]) -> RuntimeError:
+    return RuntimeError(f"the Dask client closed before {future.name} finished")
+
+
 async def _follow(client: Any, dask_future: distributed.Future[Any], future: Future[Any]) -> None:
-    """On the client's loop: wait for the task, then complete ``future`` on anyfork's
-    worker pool, so that its callbacks (and forks made in them) never run on Dask's loop."""
+    """On the client's loop: wait for one task, then complete ``future`` on anyfork's
+    worker pool. A fork's error comes from here: the task's own exception (or a plain one
+    if its type could not be loaded here), ``KilledWorker``, or ``FutureCancelledError``
+    for a lost scheduler, which fails the fork rather than cancelling it."""
     try:
         value = await client.gather(dask_future, asynchronous=True)
     except asyncio.CancelledError:
-        job = functools.partial(
-            settle_failed,
-            future,
-            RuntimeError(f"the Dask client closed before {future.name} finished"),
-        )
-        _pool.submit(job)
+        _pool.submit(functools.partial(settle_failed, future, _closed(future)))
         raise
     except BaseException as exc:  # the task's error, a lost scheduler, a killed worker
         job = functools.partial(settle_failed, future, exc)
