@@ -68,6 +68,11 @@ class Burst:
         ]
         self.runs = [0] * forks
         self.done_calls = [0] * forks
+        # Done callbacks run in the completing thread after the future's waiters wake (as
+        # concurrent.futures does), so finish() waits until every fork's callback has run.
+        self.done_call_total = 0
+        self.done_lock = threading.Lock()
+        self.all_called_back = threading.Event()
         self.cancel_returned: list[bool | None] = [None] * forks
         self.live = 0
         self.live_lock = threading.Lock()
@@ -121,7 +126,11 @@ class Burst:
         return future
 
     def _count_done(self, index: int, future: anyfork.Future[Any]) -> None:
-        self.done_calls[index] += 1
+        with self.done_lock:
+            self.done_calls[index] += 1
+            self.done_call_total += 1
+            if self.done_call_total >= len(self.plans):
+                self.all_called_back.set()
 
     # -- checking --------------------------------------------------------------------
 
@@ -146,6 +155,7 @@ class Burst:
 
     def finish(self) -> None:
         assert self.checked == len(self.plans), (self.checked, len(self.plans))
+        assert self.all_called_back.wait(60), "done callbacks still missing after 60 s"
         bad = [i for i, calls in enumerate(self.done_calls) if calls != 1]
         assert not bad, f"futures not completed exactly once: {bad[:10]}"
 

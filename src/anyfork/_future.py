@@ -497,7 +497,8 @@ class Future(Generic[T]):
         """Call ``callback(self)`` once the future is done.
 
         Callbacks run once each, first in first out, in the thread that completes the
-        future, or at once in the calling thread if the future is already done. For forked
+        future, or at once in the calling thread if the future is already done. Waiters
+        may wake before the callbacks have run, as with :mod:`concurrent.futures`. For forked
         work that thread is usually the event loop's: keep callbacks short, and fork
         anything heavy. The exception is a coroutine fork made in a script, which runs on
         anyfork's background loop: its callbacks run in a worker thread instead, never on

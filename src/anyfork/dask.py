@@ -42,7 +42,7 @@ from typing_extensions import ParamSpec
 from . import _pool
 from ._errors import WouldBlockError
 from ._exit import exit_join
-from ._future import Future, Work, attach, settle, settle_failed
+from ._future import Future, Work, attach, block_until_done, settle, settle_failed
 from ._loops import running_native_loop
 from ._remote import RemoteCallable
 from ._torch import GradMode, grad_mode_flags, run_in_grad_mode
@@ -256,6 +256,27 @@ def _is_coroutine_function(func: object) -> bool:
 # --- the connection ----------------------------------------------------------------------
 
 
+def _no_op() -> None:
+    pass
+
+
+def _warm_up(client: Any, *, embedded: bool) -> None:
+    """Start now the threads that would otherwise start on first use: for an embedded
+    cluster, with one round trip through it (its in-process scheduler's offload thread),
+    and a worker of anyfork's pool (to complete forks).
+
+    On Python 3.12+ no thread can start once a script has ended, so a script's last forks,
+    joined at exit, would find them missing: the task never runs, and the exit join waits
+    out its bound. A real cluster's scheduler runs elsewhere, and may have no workers yet.
+    """
+    if embedded:
+        client.submit(_no_op, pure=False).result(timeout=60)
+    try:
+        _pool.worker_pool().ensure_a_thread()
+    except RuntimeError:  # already exiting: nothing more to prepare
+        pass
+
+
 class _Connection:
     """The client that remote forks go to, connected in a thread of its own: forks made
     meanwhile wait in line, and no event loop ever waits for the connection."""
@@ -285,6 +306,11 @@ class _Connection:
         grad_mode: GradMode | None,
         options: dict[str, Any],
     ) -> None:
+        if self.client is None and running_native_loop() is None:
+            # A thread with no running loop (a script) waits for the connection here, while
+            # it may: on Python 3.12+ no thread can start once the script has ended, so a
+            # script that forked just before its end would find its cluster unable to start.
+            block_until_done(self.ready, None)
         with self._lock:
             client, error = self.client, self._error
             if client is None and error is None and not self.closed:
@@ -314,6 +340,7 @@ class _Connection:
     def _connect(self) -> None:
         try:
             client, cluster = _open(self._target, self._cluster_options)
+            _warm_up(client, embedded=cluster is not None)
         except BaseException as exc:
             with self._lock:
                 self._error = exc
