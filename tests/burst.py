@@ -289,12 +289,12 @@ def run(runner: str, forks: int, seed: int) -> dict[str, Any]:
         return elapsed
 
     threads_before = threading.active_count()
-    # A script keeps its pool threads (up to worker_threads) and the background loop's
-    # thread for the life of the process; a loop's worker threads go when they idle.
+    # anyfork's worker pool keeps its threads (up to worker_threads) for the life of the
+    # process, as ThreadPoolExecutor does, whichever runner forked; a script also keeps the
+    # background loop's thread. Nothing else may stay.
+    threads_bound = threads_before + anyfork.configure().worker_threads
     if runner == "script":
-        threads_bound = threads_before + anyfork.configure().worker_threads + 1
-    else:
-        threads_bound = threads_before
+        threads_bound += 1
     one(WAVE * 2, seed + 1)  # warm-up: imports, caches, thread pools
     rss_baseline = rss_mib()
     elapsed = one(forks, seed)
