@@ -44,7 +44,6 @@ __all__ = [
     "note_forked",
     "has_failed",
     "is_finished",
-    "is_running",
     "keep_alive",
     "mark_retrieved",
     "may_run_inline",
@@ -57,7 +56,6 @@ __all__ = [
     "stealable",
     "take_unretrieved_error",
     "abandon_in_child",
-    "wait_done",
     "without_catching_frame",
 ]
 
@@ -870,11 +868,6 @@ def claim(future: Future[Any]) -> bool:
     return future._start_running()
 
 
-def is_running(future: Future[Any]) -> bool:
-    """Whether the future's work was claimed (and so cannot be cancelled any more)."""
-    return future._running
-
-
 def settle(future: Future[T], result: T) -> bool:
     """Complete ``future`` with ``result``; ``False`` if it was already done."""
     return future._complete(_FINISHED, result, None)
@@ -951,11 +944,6 @@ def block_until_done(future: Future[Any], timeout: float | None) -> None:
     :raises WouldBlockError: on an event loop's thread
     """
     future._block_until_done(timeout)
-
-
-async def wait_done(future: Future[Any]) -> None:
-    """Wait, without blocking the loop, until ``future`` is done."""
-    await future._wait_done_async()
 
 
 def abandon_in_child(future: Future[Any]) -> None:
