@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from . import _pool
 from ._config import current_config
 from ._errors import ShutdownError
-from ._future import Future, abandon_in_child, block_until_done, steal
+from ._future import Future, abandon_in_child, block_until_done, on_done, steal
 
 __all__ = ["ExitParticipant", "exit_join", "exit_join_started"]
 
@@ -81,10 +81,12 @@ class ExitJoin:
 
         :raises ShutdownError: if the join is over (see :meth:`check_open`)
         """
-        with self._lock:
+        if self._over or not self._hook_registered:
             self.check_open()
-            self._pending[future] = None
-        future.add_done_callback(self._discard)
+        # Every sync fork comes through here, so no lock: one dict operation is atomic, and
+        # copies of the dict are made in one step too (list(), under the GIL).
+        self._pending[future] = None
+        on_done(future, self._discard)
 
     def tracked(self) -> list[Future[Any]]:
         """The futures the join would wait for now, its participants' included (a snapshot)."""
@@ -97,13 +99,12 @@ class ExitJoin:
                 self._participants.append(participant)
 
     def _discard(self, future: Future[Any]) -> None:
-        with self._lock:
-            self._pending.pop(future, None)
+        self._pending.pop(future, None)
 
     def _unfinished(self) -> list[Future[Any]]:
         with self._lock:
-            unfinished = list(self._pending)
             participants = list(self._participants)
+        unfinished = list(self._pending)
         for participant in participants:
             unfinished.extend(participant.pending_futures())
         return [future for future in unfinished if not future.done()]

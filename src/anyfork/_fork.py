@@ -48,7 +48,7 @@ from ._future import (
     settle_failed,
     without_catching_frame,
 )
-from ._groups import ForkGroup, TaskFactory, ambient_group
+from ._groups import ForkGroup, ambient_group
 from ._pool import hand_over, submit
 from ._remote import RemoteCallable
 from ._scope import current_scope_group
@@ -135,17 +135,13 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         return future
     # A coroutine fork's task copies the context itself, when it is created here or when
     # its start is posted to the loop (anyio copies the posting context): no copy needed.
-
-    def task_for(group: ForkGroup) -> TaskFactory:
-        return functools.partial(group.run_coroutine_fork, future, func, args, kwargs)
-
     group = _group_for_caller(native)
     if group is not None:
-        if group.spawn(future, task_for(group)):
+        if group.spawn(future, func, args, kwargs):
             return future
         # The scope captured in this context has closed: use the loop's ambient group.
         group = _ambient_for(group)
-        if group.spawn(future, task_for(group)):
+        if group.spawn(future, func, args, kwargs):
             return future
         # The loop is no longer running (a sync fork outlived it): as from a thread with
         # no loop, so that the work still runs and the fork's result is kept.
@@ -155,7 +151,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         # loop cannot start during the exit join: run the coroutine here.
         _run_now(future, func, args, kwargs, True, contextvars.copy_context())
         return future
-    if not loop_group.spawn(future, task_for(loop_group)):
+    if not loop_group.spawn(future, func, args, kwargs):
         # The background loop is gone (it failed): run the coroutine here rather than
         # leave its future pending forever.
         _run_now(future, func, args, kwargs, True, contextvars.copy_context())

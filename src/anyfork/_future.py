@@ -42,6 +42,7 @@ __all__ = [
     "claim",
     "fork_record",
     "note_forked",
+    "on_done",
     "has_failed",
     "is_finished",
     "keep_alive",
@@ -464,30 +465,26 @@ class Future(Generic[T]):
             _pool.rejoin(slot)
 
     def __await__(self) -> Generator[Any, Any, T]:
+        # Waits, without blocking the loop, until the future is done. Wake-ups from other
+        # threads reach the loop with its own thread-safe call, and cancelling the waiting
+        # task only stops the waiting, never the work. (Inline rather than a coroutine of
+        # its own: every await of a pending future comes through here.)
         try:
             if self._state == _PENDING:
-                yield from self._wait_done_async().__await__()
+                wake, wait = _loops.loop_waiter()
+                self._add_callback(wake)
+                work = self._work
+                if work is not None:
+                    work.awaited()
+                    del work
+                try:
+                    yield from wait().__await__()
+                finally:
+                    if self._state == _PENDING:
+                        self._discard_callback(wake)
             return self._outcome()
         finally:
             del self  # see _outcome
-
-    async def _wait_done_async(self) -> None:
-        """Wait, without blocking the loop, until the future is done.
-
-        Wake-ups from other threads reach the loop with its own thread-safe call, and
-        cancelling the waiting task only stops the waiting, never the work.
-        """
-        wake, wait = _loops.loop_waiter()
-        self.add_done_callback(wake)
-        work = self._work
-        if work is not None:
-            work.awaited()
-            del work
-        try:
-            await wait()
-        finally:
-            if self._state == _PENDING:
-                self._discard_callback(wake)
 
     # --- callbacks --------------------------------------------------------------------
 
@@ -511,6 +508,9 @@ class Future(Generic[T]):
             callback is called, never awaited)
         """
         _check_callable(callback, "add_done_callback")
+        self._add_callback(callback)
+
+    def _add_callback(self, callback: Callback) -> None:
         with self._lock:
             if self._state == _PENDING:
                 self._callbacks.append(callback)
@@ -579,7 +579,7 @@ class Future(Generic[T]):
         """
         _check_callable(callback, "then")
         child: Future[S] = Future()
-        self.add_done_callback(_ThenCallback(callback, child))
+        self._add_callback(_ThenCallback(callback, child))
         return child
 
     # --- completion -------------------------------------------------------------------
@@ -839,6 +839,11 @@ class Work:
     def awaited(self) -> None:
         """A task is about to await the future, giving its loop control: work that waits
         for the loop's next turn to start may start now (one loop iteration sooner)."""
+
+
+def on_done(future: Future[Any], callback: Callback) -> None:
+    """``add_done_callback`` for anyfork's own callbacks, which need none of its checks."""
+    future._add_callback(callback)
 
 
 def attach(future: Future[Any], work: Work | None) -> None:

@@ -10,12 +10,13 @@ thread; a coroutine fork's task runs on the group's loop.
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from contextvars import Context, copy_context
 from functools import partial
 from typing import Any
@@ -33,6 +34,7 @@ from ._future import (
     attach,
     callback_hand_off,
     has_failed,
+    on_done,
     settle,
     settle_cancelled,
     settle_failed,
@@ -41,7 +43,6 @@ from ._future import (
 __all__ = [
     "AmbientGroup",
     "ForkGroup",
-    "TaskFactory",
     "ambient_group",
     "live_groups",
     "report_forks_of_stopped_loops",
@@ -49,11 +50,19 @@ __all__ = [
 
 logger = logging.getLogger("anyfork")
 
-TaskFactory = Callable[[], Coroutine[Any, Any, None]]
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
 
 
-class ForkGroup:
-    """A task group on one event loop, and the forks that belong to it."""
+class ForkGroup(Work):
+    """A task group on one event loop, and the forks that belong to it.
+
+    It is also the :class:`~anyfork._future.Work` attached to each of its coroutine forks'
+    futures (cancelling one cancels its task, on the group's loop): one object for all of
+    them, so that a fork allocates none of its own.
+    """
+
+    kind = "task"
 
     def __init__(self, token: EventLoopToken, loop_thread: int):
         self.token = token
@@ -61,11 +70,11 @@ class ForkGroup:
         self._lock = threading.RLock()
         _live_groups.add(self)
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._backlog: list[tuple[Future[Any], TaskFactory, Context | None]] = []
+        self._backlog: list[tuple[Future[Any], Callable[..., Any], Args, Kwargs, Context]] = []
+        # A coroutine fork's task handle once its task is created (None before, and for
+        # sync forks). The coroutine of a fork whose task never starts is closed, so that
+        # Python prints no "coroutine ... was never awaited" next to anyfork's warning.
         self._pending: dict[Future[Any], anyio.TaskHandle[None] | None] = {}
-        # The coroutines of forks whose task has not started: closed if it never does, so
-        # that Python prints no "coroutine ... was never awaited" next to anyfork's warning.
-        self._unstarted: dict[Future[Any], Coroutine[Any, Any, None]] = {}
         self._closed = False
         self._idle: anyio.Event | None = None
         # Set for the background loop's group: runs the done callbacks of futures completed
@@ -76,9 +85,11 @@ class ForkGroup:
 
     # --- any thread -------------------------------------------------------------------
 
-    def spawn(self, future: Future[Any], factory: TaskFactory) -> bool:
-        """Run ``factory()`` as a task of this group, from any thread, in the caller's
-        context (copied).
+    def spawn(
+        self, future: Future[Any], func: Callable[..., Any], args: Args, kwargs: Kwargs
+    ) -> bool:
+        """Run ``await func(*args, **kwargs)`` as a task of this group, completing
+        ``future``, from any thread, in the caller's context (copied).
 
         :return: ``False`` if the group has closed and takes no more forks, or its loop is
             no longer running
@@ -87,17 +98,17 @@ class ForkGroup:
             if self._closed:
                 return False
             self._pending[future] = None
-        attach(future, _TaskWork(self))
+        attach(future, self)
         if (
             threading.get_ident() == self.loop_thread
             and self._task_group is not None
             and _loops.in_task()
         ):
-            self._start(future, factory, None)  # the task copies this context
+            self._start(future, func, args, kwargs)  # the task copies this context
             return True
         # anyio copies the posting context (adding its note of which async library runs)
         # for the posted call, so the task inherits both.
-        if not _loops.call_soon(self.token, partial(self._start, future, factory, None)):
+        if not _loops.call_soon(self.token, partial(self._start, future, func, args, kwargs)):
             # The loop is gone (a sync fork that outlived it is forking): the caller runs
             # the fork as from a thread with no loop.
             with self._lock:
@@ -115,7 +126,7 @@ class ForkGroup:
             if self._closed:
                 return False
             self._pending[future] = None
-        future.add_done_callback(self._sync_fork_done)
+        on_done(future, self._sync_fork_done)
         return True
 
     def _sync_fork_done(self, future: Future[Any]) -> None:
@@ -128,7 +139,7 @@ class ForkGroup:
         """``"running"`` once a coroutine fork's task has started, else ``"queued"``."""
         with self._lock:
             handle = self._pending.get(future)
-        return "running" if handle is not None and future not in self._unstarted else "queued"
+        return "running" if handle is not None and not _unstarted(handle) else "queued"
 
     @property
     def closed(self) -> bool:
@@ -147,12 +158,27 @@ class ForkGroup:
 
     # --- the loop's thread ------------------------------------------------------------
 
-    def _start(self, future: Future[Any], factory: TaskFactory, context: Context | None) -> None:
+    # The Work of its coroutine forks' futures (see the class docstring).
+
+    def state(self, future: Future[Any]) -> str:
+        return self.task_state(future)
+
+    def cancel(self, future: Future[Any]) -> None:
+        self.cancel_task(future)
+
+    def _start(
+        self,
+        future: Future[Any],
+        func: Callable[..., Any],
+        args: Args,
+        kwargs: Kwargs,
+        context: Context | None = None,
+    ) -> None:
         task_group = self._task_group
         if task_group is None:
-            self._backlog.append((future, factory, context or copy_context()))
+            self._backlog.append((future, func, args, kwargs, context or copy_context()))
             return
-        coroutine = self._unstarted[future] = factory()
+        coroutine = self.run_coroutine_fork(future, func, args, kwargs)
         try:
             if context is None:
                 handle = task_group.create_task(coroutine, name=future.name)
@@ -161,17 +187,17 @@ class ForkGroup:
         except RuntimeError:  # the task group is no longer active
             self._lose(future, "its task group has already shut down")
             return
-        with self._lock:
-            if future in self._pending:
-                self._pending[future] = handle
+        # No lock: only this (the loop's) thread forgets a coroutine fork, and one dict
+        # operation is atomic.
+        if future in self._pending:
+            self._pending[future] = handle
 
     def _cancel_task_now(self, future: Future[Any]) -> None:
-        if future in self._unstarted:
-            # Its task starts, sees the cancelled future and returns; cancelling the task
-            # could stop it before it starts, and its coroutine would never be awaited.
-            return
         handle = self._pending.get(future)
-        if handle is not None:
+        # A task that has not started yet starts, sees the cancelled future and returns;
+        # cancelling it could stop it before it starts, and its coroutine would never be
+        # awaited.
+        if handle is not None and not _unstarted(handle):
             handle.cancel()
 
     def _forget(self, future: Future[Any]) -> None:
@@ -186,10 +212,10 @@ class ForkGroup:
 
     def _lose(self, future: Future[Any], reason: str) -> None:
         """Cancel a fork whose work can no longer run, and say so."""
+        handle = self._pending.get(future)
         self._forget(future)
-        coroutine = self._unstarted.pop(future, None)
-        if coroutine is not None:
-            coroutine.close()
+        if handle is not None and _unstarted(handle):
+            handle.coro.close()
         if settle_cancelled(future, unless_running=True):
             logger.warning("anyfork: fork %r was cancelled because %s", future, reason)
 
@@ -223,7 +249,6 @@ class ForkGroup:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        self._unstarted.pop(future, None)
         if self.callback_runner is not None:
             callback_hand_off.runner = self.callback_runner
         try:
@@ -281,21 +306,9 @@ class ForkGroup:
             )
 
 
-class _TaskWork(Work):
-    """Cancelling a coroutine fork's future cancels its task, on the group's loop."""
-
-    __slots__ = ("_group",)
-
-    kind = "task"
-
-    def state(self, future: Future[Any]) -> str:
-        return self._group.task_state(future)
-
-    def __init__(self, group: ForkGroup) -> None:
-        self._group = group
-
-    def cancel(self, future: Future[Any]) -> None:
-        self._group.cancel_task(future)
+def _unstarted(handle: anyio.TaskHandle[None]) -> bool:
+    """Whether the coroutine of a fork's task has not started running yet."""
+    return inspect.getcoroutinestate(handle.coro) == inspect.CORO_CREATED
 
 
 # Every fork group alive, for anyfork.pending(); a group goes with its scope or loop.

@@ -116,7 +116,8 @@ def token_for(native: object) -> EventLoopToken:
 
 def worker_thread_token() -> EventLoopToken | None:
     """Return the loop token of an anyio worker thread (``to_thread.run_sync``), else None."""
-    token: EventLoopToken | None = getattr(threadlocals, "current_token", None)
+    # The thread's own dict of the thread-local: a missing name costs no AttributeError.
+    token: EventLoopToken | None = threadlocals.__dict__.get("current_token")
     return token
 
 
@@ -139,44 +140,59 @@ class WorkerThreadClaim:
     worker pool sets the same ones. Forks made there find the loop the same way
     (:func:`worker_thread_token`). A running fork has no cancel scope (it cannot be
     cancelled), so ``from_thread.check_cancelled`` never raises there.
+
+    Every sync fork started from a loop goes through this, so it works on the
+    thread-locals' per-thread dicts directly (no ``getattr`` that fails for a missing name).
     """
 
     __slots__ = ("_outer", "_trio_outer")
 
     def __init__(self, token: EventLoopToken) -> None:
-        self._outer = _swap(threadlocals, {"current_token": token, "current_cancel_scope": None})
+        values: dict[str, object] = threadlocals.__dict__
+        self._outer = (
+            values.get("current_token", _MISSING),
+            values.get("current_cancel_scope", _MISSING),
+        )
+        values["current_token"] = token
+        values["current_cancel_scope"] = None
         self._trio_outer: dict[str, object] | None = None
         if not isinstance(token.native_token, asyncio.AbstractEventLoop):
             from trio._threads import PARENT_TASK_DATA
 
             # As trio's own worker threads hold them. With abandon_on_cancel, trio runs
             # from_thread calls in its system nursery, as for an explicit trio_token.
+            trio_values: dict[str, object] = PARENT_TASK_DATA.__dict__
             self._trio_outer = _swap(
-                PARENT_TASK_DATA,
+                trio_values,
                 {"token": token.native_token, "abandon_on_cancel": True, "cancel_register": [None]},
             )
 
     def release(self) -> None:
-        _swap(threadlocals, self._outer)
+        values: dict[str, object] = threadlocals.__dict__
+        _restore(values, "current_token", self._outer[0])
+        _restore(values, "current_cancel_scope", self._outer[1])
         if self._trio_outer is not None:
             from trio._threads import PARENT_TASK_DATA
 
-            _swap(PARENT_TASK_DATA, self._trio_outer)
+            _swap(PARENT_TASK_DATA.__dict__, self._trio_outer)
 
 
 _MISSING = object()
 
 
-def _swap(namespace: object, values: dict[str, object]) -> dict[str, object]:
-    """Set attributes of a thread-local (deleting those set to ``_MISSING``); return the
-    previous values in the same form."""
-    previous = {name: getattr(namespace, name, _MISSING) for name in values}
-    for name, value in values.items():
-        if value is _MISSING:
-            if hasattr(namespace, name):
-                delattr(namespace, name)
-        else:
-            setattr(namespace, name, value)
+def _restore(values: dict[str, object], name: str, value: object) -> None:
+    if value is _MISSING:
+        values.pop(name, None)
+    else:
+        values[name] = value
+
+
+def _swap(values: dict[str, object], new: dict[str, object]) -> dict[str, object]:
+    """Set entries of a thread-local's per-thread dict (removing those set to
+    ``_MISSING``); return the previous values in the same form."""
+    previous = {name: values.get(name, _MISSING) for name in new}
+    for name, value in new.items():
+        _restore(values, name, value)
     return previous
 
 

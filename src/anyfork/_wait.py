@@ -31,6 +31,7 @@ from ._future import (
     is_finished,
     mark_retrieved,
     may_run_inline,
+    on_done,
     settle,
     settle_cancelled,
     settle_failed,
@@ -189,7 +190,7 @@ def collect_all(futures: Iterable[Any]) -> Future[list[Future[Any]]]:
             settle(combined, members)
 
     for member in members:
-        member.add_done_callback(one_done)
+        on_done(member, one_done)
     return combined
 
 
@@ -394,7 +395,7 @@ class AsCompleted(Generic[F_co]):
         self._unstarted = [m for m in members if stealable(m)] if untimed else []
         self._arrivals = _Arrivals(len(members))
         for original, member in zip(originals, members, strict=True):
-            member.add_done_callback(functools.partial(self._arrivals.arrived, original))
+            on_done(member, functools.partial(self._arrivals.arrived, original))
 
     def __repr__(self) -> str:
         pending = self._arrivals.pending()
