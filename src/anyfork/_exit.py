@@ -76,9 +76,11 @@ class ExitJoin:
                     ) from None
                 self._hook_registered = True
 
-    def track(self, future: Future[Any]) -> None:
+    def track(self, future: Future[Any], *, forget_when_done: bool = True) -> None:
         """Have the join wait for ``future`` until it is done.
 
+        :param forget_when_done: ``False`` for work that calls :meth:`discard` itself once
+            it is over (a sync fork's job does: cheaper than a done callback per fork)
         :raises ShutdownError: if the join is over (see :meth:`check_open`)
         """
         if self._over or not self._hook_registered:
@@ -86,7 +88,12 @@ class ExitJoin:
         # Every sync fork comes through here, so no lock: one dict operation is atomic, and
         # copies of the dict are made in one step too (list(), under the GIL).
         self._pending[future] = None
-        on_done(future, self._discard)
+        if forget_when_done:
+            on_done(future, self.discard)
+
+    def discard(self, future: Future[Any]) -> None:
+        """Stop tracking ``future`` (done, or its work will never run)."""
+        self._pending.pop(future, None)
 
     def tracked(self) -> list[Future[Any]]:
         """The futures the join would wait for now, its participants' included (a snapshot)."""
@@ -97,9 +104,6 @@ class ExitJoin:
             self.check_open()
             if participant not in self._participants:
                 self._participants.append(participant)
-
-    def _discard(self, future: Future[Any]) -> None:
-        self._pending.pop(future, None)
 
     def _unfinished(self) -> list[Future[Any]]:
         with self._lock:

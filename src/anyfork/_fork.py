@@ -180,7 +180,9 @@ def _submit_sync_fork(
         token = _loops.token_for(native)
     else:
         token = _loops.worker_thread_token()
-    exit_join.track(future)  # the pool outlives loops: the exit join waits for the fork
+    # The pool outlives loops: the exit join waits for the fork (the job tells it when its
+    # work is over).
+    exit_join.track(future, forget_when_done=False)
     job = _SyncJob((future, func, args, kwargs, context, capture_grad_mode(), token))
     attach(future, job)  # a blocking waiter may run it inline
     # On a loop's thread the job reaches the pool when the loop next gets control: a
@@ -278,6 +280,9 @@ class _SyncJob(Work):
     def awaited(self) -> None:
         hand_over(self)
 
+    def cancel(self, future: Future[Any]) -> None:
+        exit_join.discard(future)  # it will never run
+
     def __call__(self, inline: bool = False) -> None:
         """Run the work, unless it was cancelled or another thread took it.
 
@@ -286,7 +291,10 @@ class _SyncJob(Work):
             future with it), since it is meant for the program, not for the fork
         """
         parts = self._parts
-        if parts is None or not claim(parts[0]):  # cancelled, or another thread took it
+        if parts is None:  # another thread took it
+            return
+        if not claim(parts[0]):  # cancelled, or another thread took it
+            exit_join.discard(parts[0])
             return
         self._parts = None
         future, func, args, kwargs, context, grad_mode, token = parts
@@ -320,6 +328,7 @@ class _SyncJob(Work):
                 else:
                     settle_failed(future, mistake)
         finally:
+            exit_join.discard(future)
             if loop_claim is not None:
                 loop_claim.release()
             del future

@@ -478,7 +478,7 @@ class Future(Generic[T]):
                     work.awaited()
                     del work
                 try:
-                    yield from wait().__await__()
+                    yield from wait()
                 finally:
                     if self._state == _PENDING:
                         self._discard_callback(wake)

@@ -19,7 +19,7 @@ import sys
 import threading
 import types
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from anyio import RunFinishedError
@@ -27,6 +27,7 @@ from anyio._core._eventloop import get_async_backend, threadlocals
 from anyio.lowlevel import EventLoopToken
 
 __all__ = [
+    "Awaiting",
     "WorkerThreadClaim",
     "call_soon",
     "call_soon_here",
@@ -98,10 +99,10 @@ def in_task() -> bool:
     asyncio runs plain callbacks (``call_soon``, done callbacks) outside any task; anyio
     cannot detect the backend there. Trio marks its whole thread, so it always can.
     """
-    try:
-        return asyncio.current_task() is not None
-    except RuntimeError:  # no asyncio loop in this thread: it is trio's
+    loop = asyncio._get_running_loop()
+    if loop is None:  # no asyncio loop in this thread: it is trio's
         return True
+    return asyncio.current_task(loop) is not None
 
 
 def token_for(native: object) -> EventLoopToken:
@@ -121,13 +122,14 @@ def worker_thread_token() -> EventLoopToken | None:
     return token
 
 
-def call_soon_here(native: object, func: Callable[[], object]) -> None:
-    """Schedule ``func()`` on the loop ``native``, which runs in this thread, for the next
-    time it gets control (cheaper than :func:`call_soon`: no wake-up of the loop needed)."""
+def call_soon_here(native: object, func: Callable[..., object], *args: object) -> None:
+    """Schedule ``func(*args)`` on the loop ``native``, which runs in this thread, for the
+    next time it gets control (cheaper than :func:`call_soon`: no wake-up of the loop
+    needed)."""
     if isinstance(native, asyncio.AbstractEventLoop):
-        native.call_soon(func)
+        native.call_soon(func, *args)
     else:
-        native.run_sync_soon(func)  # type: ignore[attr-defined]  # a TrioToken
+        native.run_sync_soon(func, *args)  # type: ignore[attr-defined]  # a TrioToken
 
 
 class WorkerThreadClaim:
@@ -211,8 +213,9 @@ def call_soon(token: EventLoopToken, func: Callable[[], object]) -> bool:
     return True
 
 
-def loop_waiter() -> tuple[Callable[[object], None], Callable[[], Awaitable[object]]]:
-    """Return ``(wake, wait)`` for the loop running in this thread: ``await wait()`` returns
+def loop_waiter() -> tuple[Callable[[object], None], Callable[[], Generator[Any, Any, object]]]:
+    """Return ``(wake, wait)`` for the loop running in this thread: ``yield from wait()``
+    (in an ``__await__``, or ``await Awaiting(wait)``) returns
     once ``wake(anything)`` has been called, from any thread, even after the loop closed.
 
     This sits on the hot path of every ``await fut``, so it uses each backend's cheapest
@@ -225,14 +228,15 @@ def loop_waiter() -> tuple[Callable[[object], None], Callable[[], Awaitable[obje
 
         def wake_asyncio(_: object) -> None:
             if threading.get_ident() == loop_thread:
-                _resolve(waiter)
+                if not waiter.done():
+                    waiter.set_result(None)
             else:
                 try:
                     loop.call_soon_threadsafe(_resolve, waiter)
                 except RuntimeError:  # the loop has closed; nobody is waiting any more
                     pass
 
-        return wake_asyncio, lambda: waiter
+        return wake_asyncio, waiter.__await__
 
     import trio
 
@@ -248,7 +252,21 @@ def loop_waiter() -> tuple[Callable[[object], None], Callable[[], Awaitable[obje
             except trio.RunFinishedError:
                 pass
 
-    return wake_trio, event.wait
+    return wake_trio, lambda: event.wait().__await__()
+
+
+class Awaiting:
+    """``await Awaiting(wait)`` waits as ``yield from wait()`` does, for a ``wait`` of
+    :func:`loop_waiter` (which returns an ``__await__`` generator: no coroutine of its own
+    on the hot path of ``await fut``)."""
+
+    __slots__ = ("_wait",)
+
+    def __init__(self, wait: Callable[[], Generator[Any, Any, object]]) -> None:
+        self._wait = wait
+
+    def __await__(self) -> Generator[Any, Any, object]:
+        return self._wait()
 
 
 # The functions loop_waiter makes: callbacks that only wake a task awaiting a future.

@@ -21,7 +21,6 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from functools import partial
 from typing import Protocol
 
 from . import _loops
@@ -275,6 +274,7 @@ class _PoolSlot:
 _lock = threading.RLock()
 _pool: WorkerPool | None = None
 # Jobs made on a loop's thread, until that loop next gets control and hands them over.
+# Used without the lock: each of its operations is one atomic dict operation.
 _deferred: dict[Callable[[], object], None] = {}
 
 
@@ -301,27 +301,22 @@ def submit(job: Callable[[], object], native: object | None = None) -> None:
     if native is None:
         _submit_now(pool, job)
         return
-    with _lock:
-        _deferred[job] = None
-    _loops.call_soon_here(native, partial(hand_over, job))
+    _deferred[job] = None  # one dict operation: atomic, no lock needed
+    _loops.call_soon_here(native, hand_over, job)
 
 
 def hand_over(job: Callable[[], object]) -> None:
     """Queue a job that :func:`submit` deferred to the loop's next turn, now (a task awaits
     its future: the loop gets control anyway); nothing if it was queued already."""
-    if job not in _deferred:
-        return
-    with _lock:
-        if _deferred.pop(job, _MISSING) is _MISSING:
-            return  # queued already (by the loop's turn, an awaiting task or the exit join)
+    if _deferred.pop(job, _MISSING) is _MISSING:  # atomic: one caller wins
+        return  # queued already (by the loop's turn, an awaiting task or the exit join)
     if not getattr(job, "taken", False):  # not run inline by a waiter meanwhile
         _submit_now(worker_pool(), job)
 
 
 def hand_over_deferred() -> None:
     """Queue the jobs made on loops that never got control again (closed right after)."""
-    with _lock:
-        jobs = list(_deferred)
+    jobs = list(_deferred)
     for job in jobs:
         hand_over(job)
 

@@ -470,10 +470,10 @@ class AsCompleted(Generic[F_co]):
                 if found is _NOTHING_YET:
                     try:
                         if left is None:
-                            await wait()
+                            await _loops.Awaiting(wait)
                         else:
                             with anyio.move_on_after(left):
-                                await wait()
+                                await _loops.Awaiting(wait)
                     finally:
                         arrivals.forget(wake)
                     continue
