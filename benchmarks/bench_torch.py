@@ -166,10 +166,19 @@ def main() -> None:
     async def time_executor_forward() -> float:
         return await time_in_app(executor_forward)
 
+    def with_threads(threads: int, measure: Callable[[], float]) -> float:
+        # anyfork's one worker pool reads worker_threads live: set it for each variant.
+        anyfork.configure(worker_threads=threads)
+        return measure()
+
     variants: dict[str, Callable[[], float]] = {
         "sequential": lambda: median_time(lambda: sequential(x), args.repeat),
-        "anyfork, script": lambda: median_time(lambda: forked(x), args.repeat),
-        "anyfork, async app": lambda: anyio.run(time_in_app, async_forward),
+        "anyfork, script": lambda: with_threads(
+            script_threads, lambda: median_time(lambda: forked(x), args.repeat)
+        ),
+        "anyfork, async app": lambda: with_threads(
+            app_threads, lambda: anyio.run(time_in_app, async_forward)
+        ),
         "anyio task group, async app": lambda: anyio.run(time_task_group_forward),
         "run_in_executor, async app": lambda: asyncio.run(time_executor_forward()),
         "torch.jit.fork, scripted": lambda: median_time(lambda: scripted(x), args.repeat),
@@ -179,10 +188,6 @@ def main() -> None:
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = sequential(x)
-        # The script's pool is made at its first fork; each anyio.run makes a loop (and
-        # its thread limiter) anew: so each takes the setting current when it is made.
-        anyfork.configure(worker_threads=script_threads)
-        forked(x)
         anyfork.configure(worker_threads=app_threads)
         outputs = [forked(x), scripted(x), eager_jit(x), anyio.run(async_forward)]
         outputs.append(anyio.run(task_group_forward, anyio.CapacityLimiter(app_threads)))
