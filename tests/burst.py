@@ -289,12 +289,12 @@ def run(runner: str, forks: int, seed: int) -> dict[str, Any]:
         return elapsed
 
     threads_before = threading.active_count()
-    # anyfork's worker pool keeps its threads (up to worker_threads) for the life of the
-    # process, as ThreadPoolExecutor does, whichever runner forked; a script also keeps the
-    # background loop's thread. Nothing else may stay.
-    threads_bound = threads_before + anyfork.configure().worker_threads
+    # Idle worker threads exit after worker_idle_timeout (10 s), whichever runner forked;
+    # a script keeps the background loop's thread and the one worker thread it keeps for
+    # the exit join. Nothing else may stay.
+    threads_bound = threads_before
     if runner == "script":
-        threads_bound += 1
+        threads_bound += 2
     one(WAVE * 2, seed + 1)  # warm-up: imports, caches, thread pools
     rss_baseline = rss_mib()
     elapsed = one(forks, seed)

@@ -55,6 +55,7 @@ def _restore_config() -> Iterator[None]:
     anyfork.configure(
         eager=before.eager,
         worker_threads=before.worker_threads,
+        worker_idle_timeout=before.worker_idle_timeout,
         exit_timeout=before.exit_timeout,
         debug=before.debug,
         slow_fork_warning=before.slow_fork_warning,

@@ -220,6 +220,12 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         "exit_timeout must be None or a number of seconds >= 0",
     ),
     (
+        "configure a zero worker idle timeout",
+        lambda: anyfork.configure(worker_idle_timeout=0),
+        ValueError,
+        "worker_idle_timeout must be None or a number of seconds > 0, got 0",
+    ),
+    (
         "configure zero worker threads",
         lambda: anyfork.configure(worker_threads=0),
         ValueError,

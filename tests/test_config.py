@@ -32,6 +32,18 @@ def test_exit_timeout_must_be_none_or_seconds(bad: object) -> None:
         anyfork.configure(exit_timeout=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", [0, -1, "5", True, float("nan")])
+def test_worker_idle_timeout_must_be_none_or_positive_seconds(bad: object) -> None:
+    with pytest.raises(ValueError, match="worker_idle_timeout must be None or a number"):
+        anyfork.configure(worker_idle_timeout=bad)  # type: ignore[arg-type]
+
+
+def test_worker_idle_timeout_defaults_to_ten_seconds_and_can_be_turned_off() -> None:
+    assert anyfork.configure().worker_idle_timeout == 10.0
+    assert anyfork.configure(worker_idle_timeout=None).worker_idle_timeout is None
+    assert anyfork.configure(worker_threads=3).worker_idle_timeout is None
+
+
 def test_exit_timeout_can_be_unbounded_and_is_kept_when_left_out() -> None:
     assert anyfork.configure(exit_timeout=None).exit_timeout is None
     assert anyfork.configure(worker_threads=3).exit_timeout is None

@@ -208,3 +208,69 @@ def test_a_job_queued_as_a_worker_takes_another_still_gets_a_thread(repeat: int)
         return anyio.run(meet)
 
     assert run_in_thread(script) == [0, 1, 2]
+
+
+def test_idle_worker_threads_retire_after_worker_idle_timeout() -> None:
+    # Four forks that meet at a barrier need four threads at once; once idle for the
+    # timeout, the threads exit, and a later fork starts one again.
+    result = run_script(
+        """
+        import threading, time, anyfork
+        anyfork.configure(worker_idle_timeout=0.2)
+
+        def workers():
+            return sum(t.name.startswith("anyfork-worker") for t in threading.enumerate())
+
+        barrier = threading.Barrier(4, timeout=10)
+        anyfork.wait_all([anyfork.fork(barrier.wait) for _ in range(4)], timeout=10)
+        print(workers() >= 4)
+        deadline = time.monotonic() + 10
+        while workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(workers())
+        print(anyfork.fork(abs, -7).wait(timeout=10))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "True\n0\n7\n"
+    assert result.stderr == ""
+
+
+def test_idle_worker_threads_stay_without_an_idle_timeout() -> None:
+    result = run_script(
+        """
+        import threading, time, anyfork
+        anyfork.configure(worker_idle_timeout=None)
+        barrier = threading.Barrier(4, timeout=10)
+        anyfork.wait_all([anyfork.fork(barrier.wait) for _ in range(4)], timeout=10)
+        time.sleep(0.5)
+        print(sum(t.name.startswith("anyfork-worker") for t in threading.enumerate()) >= 4)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "True\n"
+
+
+@pytest.mark.parametrize("repeat", range(5))
+def test_threads_retiring_as_jobs_arrive_never_strand_a_job(repeat: int) -> None:
+    # With a timeout of a millisecond, idle threads retire all the time, right as jobs
+    # are promised to idle threads; every job from four submitting threads must still run.
+    result = run_script(
+        """
+        import threading, time, anyfork
+        anyfork.configure(worker_idle_timeout=0.001, worker_threads=4)
+
+        def submit(offset):
+            total = 0
+            for i in range(300):
+                total += anyfork.fork(abs, -i).wait(timeout=10)
+                if i % 50 == 0:
+                    time.sleep(0.003)  # let the idle threads time out
+            return total
+
+        futures = [anyfork.fork(submit, k) for k in range(4)]
+        print(anyfork.wait_all(futures, timeout=60))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{[sum(range(300))] * 4}\n"

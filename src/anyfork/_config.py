@@ -12,6 +12,7 @@ __all__ = ["Config", "configure", "current_config"]
 DEFAULT_WORKER_THREADS = 40
 DEFAULT_EXIT_TIMEOUT = 60.0
 DEFAULT_SLOW_FORK_WARNING = 10.0
+DEFAULT_WORKER_IDLE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class Config:
         per process, serving every event loop and scripts). anyfork never uses anyio's shared
         default limiter, so sync forks and FastAPI ``def`` endpoints cannot starve each
         other. Environment variable: ``ANYFORK_WORKER_THREADS``.
+    :ivar worker_idle_timeout: how many seconds a worker thread with no job waits for one
+        before it exits (as anyio's worker threads do, after 10 s); ``None`` keeps idle
+        threads for the life of the process, as ``ThreadPoolExecutor`` does. Threads start
+        again on demand.
     :ivar exit_timeout: at interpreter exit, how many seconds anyfork waits in total for
         unfinished forks before it gives up on them: it then logs an ERROR naming each one,
         cancels those that can be cancelled and lets the process exit. ``None`` waits for
@@ -42,6 +47,7 @@ class Config:
 
     eager: bool = False
     worker_threads: int = DEFAULT_WORKER_THREADS
+    worker_idle_timeout: float | None = DEFAULT_WORKER_IDLE_TIMEOUT
     exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT
     debug: bool = False
     slow_fork_warning: float = DEFAULT_SLOW_FORK_WARNING
@@ -103,6 +109,13 @@ def _validated(config: Config) -> Config:
     threads = config.worker_threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"worker_threads must be a whole number >= 1, got {threads!r}")
+    idle = config.worker_idle_timeout
+    if idle is not None and (
+        isinstance(idle, bool) or not isinstance(idle, (int, float)) or not idle > 0
+    ):
+        raise ValueError(
+            f"worker_idle_timeout must be None or a number of seconds > 0, got {idle!r}"
+        )
     bound = config.exit_timeout
     if bound is not None and (
         isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound >= 0
@@ -131,6 +144,7 @@ def configure(
     *,
     eager: bool | None = None,
     worker_threads: int | None = None,
+    worker_idle_timeout: float | None = _UNSET,
     exit_timeout: float | None = _UNSET,
     debug: bool | None = None,
     slow_fork_warning: float | None = None,
@@ -143,6 +157,8 @@ def configure(
 
     :param eager: run forks to completion at the call (see :class:`Config`)
     :param worker_threads: the most sync forks running in worker threads at once
+    :param worker_idle_timeout: seconds an idle worker thread waits for a job before it
+        exits, or ``None`` to keep idle threads (see :class:`Config`)
     :param exit_timeout: seconds to wait for unfinished forks at interpreter exit, or
         ``None`` for no bound
     :param debug: record where forks are made and warn about slow ones (see
@@ -150,7 +166,8 @@ def configure(
     :param slow_fork_warning: in debug mode, the seconds after which a pending fork is
         named in a WARNING
     :raises ValueError: if ``worker_threads`` is not a whole number >= 1,
-        ``exit_timeout`` is neither ``None`` nor a number >= 0, or ``slow_fork_warning``
+        ``worker_idle_timeout`` is neither ``None`` nor a number > 0, ``exit_timeout`` is
+        neither ``None`` nor a number >= 0, or ``slow_fork_warning``
         is not a number > 0
     :raises TypeError: if ``eager`` or ``debug`` is not a bool
 
@@ -165,6 +182,8 @@ def configure(
             changes["eager"] = eager
         if worker_threads is not None:
             changes["worker_threads"] = worker_threads
+        if worker_idle_timeout is not _UNSET:
+            changes["worker_idle_timeout"] = worker_idle_timeout
         if exit_timeout is not _UNSET:
             changes["exit_timeout"] = exit_timeout
         if debug is not None:

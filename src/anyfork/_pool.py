@@ -136,6 +136,11 @@ class WorkerPool:
     more in its place; when the blocked thread resumes, it finishes its job without waiting
     for a place (so resuming never deadlocks), and the extra threads retire after their job
     once the limit holds again.
+
+    A thread that waits ``worker_idle_timeout`` seconds without a job retires if it is
+    still idle, i.e. nothing was promised to it meanwhile; otherwise it takes the job
+    promised to it. The pool keeps ``keep_threads`` (one, once the background loop has
+    asked for it: see :meth:`ensure_a_thread`).
     """
 
     def __init__(self) -> None:
@@ -147,6 +152,7 @@ class WorkerPool:
         self._idle = 0  # threads waiting for work with nothing promised to them
         self._backlog = 0  # queued items promised to no thread yet
         self._blocked = 0  # worker threads blocked in a wait (their place given back)
+        self._keep = 0  # threads that never retire for being idle
 
     @property
     def max_workers(self) -> int:
@@ -170,6 +176,7 @@ class WorkerPool:
         """Start one thread now if there is none, so that work queued while the
         interpreter exits (when Python 3.12 starts no new thread) still has one."""
         with self._lock:
+            self._keep = 1  # the thread is needed then, however long it was idle before
             if self._threads:
                 return
             self._threads += 1
@@ -221,7 +228,18 @@ class WorkerPool:
                     else:
                         self._idle += 1
             promised = False
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=current_config().worker_idle_timeout)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle and self._threads > self._keep:
+                        self._idle -= 1  # still idle: nothing was promised to this thread
+                        self._threads -= 1
+                        return
+                # An item was promised to an idle thread meanwhile (or this one is kept):
+                # wait for it, without counting as idle a second time.
+                promised = True
+                continue
             if job is None:
                 with self._lock:
                     if self._threads > self._limit + self._blocked:
