@@ -160,7 +160,9 @@ class Scope:
         if self.cancel_pending:
             self.cancel()
         try:
-            await group.wait_idle(close=True)
+            # Forks the body awaited are done by now: close without making a coroutine.
+            if not group.close_if_idle():
+                await group.wait_idle(close=True)
         except BaseException as join_exc:
             # The task running the scope was cancelled while joining: cancel the forks too.
             for future in group.close_now():
@@ -197,7 +199,21 @@ class _ScopeGroup(ForkGroup):
     def _note_failed(self, future: Future[Any]) -> None:
         self._failed.append(future)
 
+    def close_if_idle(self) -> bool:
+        """Close the group if no fork is pending; return whether it did.
+
+        The synchronous half of ``wait_idle(close=True)``, for a scope's exit, where the
+        forks have usually finished already.
+        """
+        with self._lock:
+            if self._pending:
+                return False
+            self._closed = True
+            return True
+
     def take_unretrieved_failures(self) -> list[BaseException]:
+        if not self._failed:
+            return []
         errors = [take_unretrieved_error(future) for future in self._failed]
         self._failed.clear()
         return [error for error in errors if error is not None]
