@@ -142,6 +142,10 @@ class Scope:
         if native is None:  # pragma: no cover - only reachable by driving __aenter__ by hand
             raise RuntimeError("anyfork.scope() must be entered in async code")
         self._group = _ScopeGroup(ambient_group(native).token, threading.get_ident())
+        # Opened now even if the body forks no coroutine: a coroutine fork may join at any
+        # time (from inside a cancel scope of the body, or from another task or thread) and
+        # its task must start at once, in a task group that only this task can open, here.
+        # Entering and exiting it (its exit is a checkpoint) is most of a scope's cost.
         self._task_group = anyio.create_task_group()
         self._group.open(await self._task_group.__aenter__())
         self._context_token = _current_scope.set(self)
