@@ -142,6 +142,10 @@ class Scope:
         if native is None:  # pragma: no cover - only reachable by driving __aenter__ by hand
             raise RuntimeError("anyfork.scope() must be entered in async code")
         self._group = _ScopeGroup(ambient_group(native).token, threading.get_ident())
+        # Opened now even if the body forks no coroutine: a coroutine fork may join at any
+        # time (from inside a cancel scope of the body, or from another task or thread) and
+        # its task must start at once, in a task group that only this task can open, here.
+        # Entering and exiting it (its exit is a checkpoint) is most of a scope's cost.
         self._task_group = anyio.create_task_group()
         self._group.open(await self._task_group.__aenter__())
         self._context_token = _current_scope.set(self)
@@ -160,7 +164,9 @@ class Scope:
         if self.cancel_pending:
             self.cancel()
         try:
-            await group.wait_idle(close=True)
+            # Forks the body awaited are done by now: close without making a coroutine.
+            if not group.close_if_idle():
+                await group.wait_idle(close=True)
         except BaseException as join_exc:
             # The task running the scope was cancelled while joining: cancel the forks too.
             for future in group.close_now():
@@ -197,7 +203,21 @@ class _ScopeGroup(ForkGroup):
     def _note_failed(self, future: Future[Any]) -> None:
         self._failed.append(future)
 
+    def close_if_idle(self) -> bool:
+        """Close the group if no fork is pending; return whether it did.
+
+        The synchronous half of ``wait_idle(close=True)``, for a scope's exit, where the
+        forks have usually finished already.
+        """
+        with self._lock:
+            if self._pending:
+                return False
+            self._closed = True
+            return True
+
     def take_unretrieved_failures(self) -> list[BaseException]:
+        if not self._failed:
+            return []
         errors = [take_unretrieved_error(future) for future in self._failed]
         self._failed.clear()
         return [error for error in errors if error is not None]
