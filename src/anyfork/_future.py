@@ -471,12 +471,15 @@ class Future(Generic[T]):
         # its own: every await of a pending future comes through here.)
         try:
             if self._state == _PENDING:
-                wake, wait = _loops.loop_waiter()
-                self._add_callback(wake)
+                # Start work that waits for the loop's next turn first: a worker thread then
+                # wakes while this thread gets ready to wait (if the work is done by the time
+                # the wake-up is registered, it fires at once).
                 work = self._work
                 if work is not None:
                     work.awaited()
                     del work
+                wake, wait = _loops.loop_waiter()
+                self._add_callback(wake)
                 try:
                     yield from wait()
                 finally:
