@@ -1,0 +1,366 @@
+"""The connection of ``anyfork.dask``: the client that remote forks go to.
+
+:func:`connect` chooses it (an address, a client of yours, or an embedded ``LocalCluster``
+that anyfork owns and closes at exit, after the exit join) and connects in a thread of its
+own; :func:`close` closes it. :func:`submit` sends a fork to it, or, inside a Dask task, to
+the worker's own client. The checks that keep a script from forking again in the worker
+processes that import it (multiprocessing's spawn) are here too.
+"""
+
+from __future__ import annotations
+
+import ast
+import multiprocessing
+import shutil
+import sys
+import tempfile
+import threading
+from typing import Any
+
+import dask.config
+import distributed
+
+from . import _pool
+from ._dask_tasks import submit_to
+from ._errors import WouldBlockError
+from ._exit import exit_join
+from ._future import Future, block_until_done, settle, settle_failed
+from ._loops import running_native_loop
+from ._torch import GradMode
+
+__all__ = ["close", "connect", "submit"]
+
+# distributed is only partly typed: its calls go through these untyped handles.
+_Client: Any = distributed.Client
+_LocalCluster: Any = distributed.LocalCluster
+_get_client: Any = getattr(distributed, "get_client")  # noqa: B009
+_config_get: Any = getattr(dask.config, "get")  # noqa: B009
+
+
+# --- the connection ----------------------------------------------------------------------
+
+
+def _no_op() -> None:
+    pass
+
+
+def _warm_up(client: Any, *, embedded: bool) -> None:
+    """Start now the threads that would otherwise start on first use: for an embedded
+    cluster, with one round trip through it (its in-process scheduler's offload thread),
+    and a worker of anyfork's pool (to complete forks).
+
+    On Python 3.12+ no thread can start once a script has ended, so a script's last forks,
+    joined at exit, would find them missing: the task never runs, and the exit join waits
+    out its bound. A real cluster's scheduler runs elsewhere, and may have no workers yet.
+    """
+    if embedded:
+        client.submit(_no_op, pure=False).result(timeout=60)
+    try:
+        _pool.worker_pool().ensure_a_thread()
+    except RuntimeError:  # already exiting: nothing more to prepare
+        pass
+
+
+class _Connection:
+    """The client that remote forks go to, connected in a thread of its own: forks made
+    meanwhile wait in line, and no event loop ever waits for the connection."""
+
+    def __init__(self, target: object, cluster_options: dict[str, Any]) -> None:
+        self._lock = threading.RLock()
+        self._target = target
+        self._cluster_options = cluster_options
+        self.client: Any = None  # a distributed.Client once connected
+        self._cluster: Any = None
+        self._owns_client = not isinstance(target, distributed.Client)
+        self._error: BaseException | None = None
+        self._in_line: list[tuple[Future[Any], bytes, bytes, GradMode | None, dict[str, Any]]]
+        self._in_line = []
+        self.ready: Future[distributed.Client] = Future(name="anyfork.dask connection")
+        self.closed = False
+
+    def start(self) -> None:
+        exit_join.add_participant(self)
+        threading.Thread(target=self._connect, name="anyfork-dask-connect", daemon=True).start()
+
+    def submit(
+        self,
+        future: Future[Any],
+        func: bytes,
+        call: bytes,
+        grad_mode: GradMode | None,
+        options: dict[str, Any],
+    ) -> None:
+        if self.client is None and running_native_loop() is None:
+            # A thread with no running loop (a script) waits for the connection here, while
+            # it may: on Python 3.12+ no thread can start once the script has ended, so a
+            # script that forked just before its end would find its cluster unable to start.
+            block_until_done(self.ready, None)
+        with self._lock:
+            client, error = self.client, self._error
+            if client is None and error is None and not self.closed:
+                self._in_line.append((future, func, call, grad_mode, options))
+                return
+        if client is None or self.closed:
+            settle_failed(
+                future,
+                error
+                or RuntimeError(
+                    "anyfork.dask is closed: call anyfork.dask.connect() to connect again"
+                ),
+            )
+            return
+        if client.status in ("closing", "closed"):
+            settle_failed(
+                future,
+                RuntimeError(
+                    f"the Dask client of anyfork.dask is {client.status} (it lost its "
+                    "scheduler and could not reconnect in time?): call anyfork.dask.close(), "
+                    "then anyfork.dask.connect(), to connect again"
+                ),
+            )
+            return
+        submit_to(client, future, func, call, grad_mode, options)
+
+    def _connect(self) -> None:
+        try:
+            client, cluster = _open(self._target, self._cluster_options)
+            _warm_up(client, embedded=cluster is not None)
+        except BaseException as exc:
+            with self._lock:
+                self._error = exc
+                in_line, self._in_line = self._in_line, []
+            for future, *_ in in_line:
+                settle_failed(future, exc)
+            settle_failed(self.ready, exc)
+            return
+        self._cluster = cluster
+        while True:  # hand the forks in line over, oldest first, then let callers submit
+            with self._lock:
+                in_line, self._in_line = self._in_line, []
+                if not in_line:
+                    self.client = client
+                    break
+            for future, func, call, grad_mode, options in in_line:
+                try:
+                    submit_to(client, future, func, call, grad_mode, options)
+                except BaseException as exc:
+                    settle_failed(future, exc)
+        settle(self.ready, client)
+        if self.closed:
+            self.stop()
+
+    # --- the exit join's participant ------------------------------------------------------
+
+    def pending_futures(self) -> list[Future[Any]]:
+        return []  # every remote fork is tracked by the exit join itself
+
+    def stop(self) -> None:
+        """Close the client and the cluster this connection started (after the exit join)."""
+        with self._lock:
+            self.closed = True
+            client, cluster, self._cluster = self.client, self._cluster, None
+        if client is not None and self._owns_client:
+            try:
+                client.close(timeout=5)
+            except Exception:  # already closed, or its scheduler is gone
+                pass
+        if cluster is not None:
+            try:
+                cluster.close(timeout=10)
+            except Exception:
+                pass
+
+
+def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.Client, Any]:
+    """Connect to ``target``: a client, an address, or None (the environment's scheduler,
+    else an embedded LocalCluster)."""
+    if isinstance(target, distributed.Client):
+        return target, None
+    address = target if target is not None else _config_get("scheduler-address", None)
+    if address is not None:
+        return _Client(address, set_as_default=False), None
+    options: dict[str, Any] = {
+        "processes": True,
+        "host": "127.0.0.1",
+        # The scheduler serves HTTP (health, metrics) even with no dashboard, on port 8787
+        # unless told otherwise: a second cluster, or anything else there, would make it
+        # warn and move. Port 0 takes a free one; dashboard=False keeps the dashboard off.
+        "dashboard_address": ":0",
+        "scheduler_kwargs": {"dashboard": False},
+    }
+    options.update(cluster_options)
+    if options["processes"]:
+        _check_main_guard()
+    scratch = None
+    if "local_directory" not in options and _config_get("temporary-directory", None) is None:
+        # Dask would leave a dask-scratch-space directory in the working directory.
+        scratch = options["local_directory"] = tempfile.mkdtemp(prefix="anyfork-dask-")
+    try:
+        cluster = _LocalCluster(**options)
+    except BaseException:
+        _remove(scratch)
+        raise
+    cluster_and_scratch = _OwnedCluster(cluster, scratch)
+    try:
+        return _Client(cluster, set_as_default=False), cluster_and_scratch
+    except BaseException:
+        cluster_and_scratch.close(timeout=10)
+        raise
+
+
+class _OwnedCluster:
+    """A LocalCluster anyfork started, and the scratch directory it made for it."""
+
+    def __init__(self, cluster: Any, scratch: str | None) -> None:
+        self._cluster = cluster
+        self._scratch = scratch
+
+    def close(self, timeout: float) -> None:
+        try:
+            self._cluster.close(timeout=timeout)
+        finally:
+            _remove(self._scratch)
+
+
+def _remove(directory: str | None) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _check_main_guard() -> None:
+    """Dask starts worker processes with ``spawn``, which imports the main script again:
+    a script with no ``if __name__ == "__main__":`` would fork again in each of them."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:  # python -c, an interactive session, a notebook: nothing re-imported
+        return
+    try:
+        with open(path, encoding="utf-8") as file:
+            tree = ast.parse(file.read())
+    except (OSError, SyntaxError, ValueError):
+        return
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return
+    raise RuntimeError(
+        f"anyfork.dask starts a local Dask cluster whose worker processes import {path} "
+        "again (multiprocessing's spawn), and it has no 'if __name__ == \"__main__\":' "
+        "block, so each of them would run the script's forks again. Put the script's code "
+        "under 'if __name__ == \"__main__\":', or connect to a running cluster "
+        "(DASK_SCHEDULER_ADDRESS, anyfork.dask.connect(address)), or start the local "
+        "cluster with threads (anyfork.dask.connect(processes=False))"
+    )
+
+
+_lock = threading.RLock()
+_connection: _Connection | None = None
+
+
+def connect(
+    address_or_client: str | distributed.Client | None = None, **cluster_options: Any
+) -> Future[distributed.Client]:
+    """Choose the cluster remote forks go to, and start connecting in the background.
+
+    Optional: with no call, the first remote fork connects as ``connect()`` does. It never
+    blocks: it returns a future of the ``distributed.Client`` (``await`` it, ``wait`` it,
+    or ignore it), and forks made before the connection is up wait in line. A client or
+    cluster that anyfork started is closed at exit, after the exit join.
+
+    :param address_or_client: a scheduler address (``"tcp://10.0.0.5:8786"``), a
+        ``distributed.Client`` of your own (never closed by anyfork), or ``None``: the
+        scheduler in ``DASK_SCHEDULER_ADDRESS`` if it is set, else an embedded
+        ``LocalCluster`` (processes, on 127.0.0.1, no dashboard, sized to the cores)
+    :param cluster_options: arguments for that ``LocalCluster`` (``n_workers=``,
+        ``threads_per_worker=``, ``processes=``, ``resources=``...)
+    :return: a future of the client, failed if the connection fails
+    :raises RuntimeError: if anyfork is connected already (call :func:`close` first)
+    :raises TypeError: for cluster options together with an address or a client
+
+    Example::
+
+        anyfork.dask.connect("tcp://scheduler.internal:8786")
+    """
+    global _connection
+    if cluster_options and address_or_client is not None:
+        raise TypeError(
+            "connect(): cluster options start an embedded LocalCluster; they do not apply "
+            "to an address or a client"
+        )
+    with _lock:
+        current = _connection
+        if current is not None and not current.closed:
+            if address_or_client is None and not cluster_options:
+                return current.ready
+            raise RuntimeError(
+                "anyfork.dask is connected already; call anyfork.dask.close() before "
+                "connecting elsewhere"
+            )
+        _connection = _Connection(address_or_client, cluster_options)
+        _connection.start()
+        return _connection.ready
+
+
+def close() -> None:
+    """Close the connection: the client and the cluster anyfork started (not a client you
+    passed to :func:`connect`). Remote forks made later connect again. Blocks until done.
+
+    :raises WouldBlockError: on an event loop's thread (use ``anyio.to_thread.run_sync``)
+    """
+    global _connection
+    if running_native_loop() is not None:
+        raise WouldBlockError(
+            "anyfork.dask.close() blocks until Dask has closed: call it from a thread, "
+            "'await anyio.to_thread.run_sync(anyfork.dask.close)'"
+        )
+    with _lock:
+        current, _connection = _connection, None
+    if current is not None:
+        if not current.ready.done():
+            current.ready.wait()  # let it finish connecting, then close it
+        current.stop()
+
+
+def _current_connection() -> _Connection:
+    with _lock:
+        if _connection is not None and not _connection.closed:
+            return _connection
+    connect()
+    assert _connection is not None
+    return _connection
+
+
+# --- where a remote fork goes ------------------------------------------------------------
+
+
+def submit(
+    future: Future[Any],
+    func: bytes,
+    call: bytes,
+    grad_mode: GradMode | None,
+    options: dict[str, Any],
+) -> None:
+    worker_client = _worker_client()
+    if worker_client is not None:  # inside a task: fork onto the same cluster
+        submit_to(worker_client, future, func, call, grad_mode, options)
+    else:
+        _check_not_importing_main()
+        _current_connection().submit(future, func, call, grad_mode, options)
+
+
+def _worker_client() -> Any:
+    """The worker's own client (a distributed.Client) inside a Dask task, else None."""
+    try:
+        distributed.get_worker()
+    except ValueError:
+        return None
+    return _get_client()
+
+
+def _check_not_importing_main() -> None:
+    # multiprocessing marks a spawned process while it imports the main script again.
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "anyfork.dask: a remote fork was made while a new process imported the main "
+            "script again (multiprocessing's spawn, as Dask starts its worker processes): "
+            "put the script's forks under 'if __name__ == \"__main__\":'"
+        )
