@@ -24,9 +24,10 @@ from typing import Any
 import anyio
 
 from . import _loops, _pool
+from ._callbacks import run_callbacks
 from ._errors import ShutdownError
 from ._exit import exit_join
-from ._future import Future, Work, attach, claim, run_callbacks, settle
+from ._future import Future, Work, attach, claim, settle
 from ._groups import AmbientGroup, ambient_group
 from ._loops import wakes_a_task
 

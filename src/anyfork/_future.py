@@ -5,7 +5,8 @@ small internal API at the end of this module, and nothing else of the future's: 
 :func:`attach`-es one :class:`Work` object (how a blocking waiter runs the work itself, how
 cancelling the future stops it), :func:`claim`-s the right to run it, and settles the
 future with a value, an error or a cancellation (:func:`settle`, :func:`settle_failed`,
-:func:`settle_cancelled`).
+:func:`settle_cancelled`). How its done callbacks run (order, errors, no recursion, the
+background loop's hand-off) is ``_callbacks.py``'s concern.
 """
 
 # The internal API below is this module's own access to Future's state, on behalf of the
@@ -14,15 +15,12 @@ future with a value, an error or a cancellation (:func:`settle`, :func:`settle_f
 
 from __future__ import annotations
 
-import functools
 import importlib
-import inspect
 import logging
 import sys
 import threading
 import time
 import types
-from collections import deque
 from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar, cast
@@ -30,6 +28,14 @@ from typing import Any, Generic, NoReturn, TypeVar, cast
 from typing_extensions import Never
 
 from . import _loops, _pool
+from ._callbacks import (
+    Callback,
+    callback_hand_off,
+    check_callable,
+    help_pending_dispatch,
+    invoke,
+    run_callbacks,
+)
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 
 __all__ = [
@@ -37,7 +43,6 @@ __all__ = [
     "Work",
     "attach",
     "block_until_done",
-    "callback_hand_off",
     "check_timeout",
     "claim",
     "fork_record",
@@ -48,7 +53,6 @@ __all__ = [
     "keep_alive",
     "mark_retrieved",
     "may_run_inline",
-    "run_callbacks",
     "run_inline",
     "settle",
     "settle_cancelled",
@@ -105,8 +109,6 @@ _STATE_NAMES = {
     _CANCELLED: "cancelled",
 }
 
-Callback = Callable[["Future[Any]"], object]
-
 
 def without_catching_frame(exc: E) -> E:
     """Return ``exc`` with the calling frame's entry dropped from the top of its traceback.
@@ -127,114 +129,6 @@ def without_catching_frame(exc: E) -> E:
     if top is not None and top.tb_frame is sys._getframe(1):  # pyright: ignore[reportPrivateUsage]
         exc.__traceback__ = top.tb_next
     return exc
-
-
-class _Dispatch(threading.local):
-    # Callbacks queued by completions that happened while this thread was already running
-    # callbacks. Draining them iteratively (instead of recursing) is what lets a 5000-link
-    # ``then`` chain complete without hitting the recursion limit.
-    queue: deque[tuple[Future[Any], list[Callback]]] | None = None
-
-
-_dispatch = _Dispatch()
-
-
-def run_callbacks(future: Future[Any], callbacks: list[Callback]) -> None:
-    """Run a completed future's done callbacks in this thread, in order (see _drain)."""
-    queue = _dispatch.queue
-    if queue is not None:
-        queue.append((future, callbacks))
-        return
-
-    queue = _dispatch.queue = deque([(future, callbacks)])
-    try:
-        _drain(queue)
-    finally:
-        _dispatch.queue = None
-
-
-def _drain(queue: deque[tuple[Future[Any], list[Callback]]]) -> None:
-    # Every callback runs, whatever the ones before it raise: a KeyboardInterrupt or
-    # SystemExit is raised only once the queue is empty, so no later callback (a then()
-    # child, a waiting task's wake-up) is skipped and left pending forever.
-    #
-    # Each list is emptied as it runs, and nothing is left in this frame's locals: a failing
-    # then() callback's traceback keeps this frame, and those that handed the lists in,
-    # alive (through f_back), and a callback may hold another future (collect_all's does).
-    interrupt: BaseException | None = None
-    while queue:
-        future, callbacks = queue.popleft()
-        callbacks.reverse()
-        while callbacks:
-            callback = callbacks.pop()
-            raised = _invoke(callback, future)
-            if raised is not None:
-                if interrupt is None:
-                    interrupt = raised
-                else:
-                    _log_callback_error(raised, callback, future)
-            del callback
-        del future, callbacks
-    if interrupt is not None:
-        try:
-            raise interrupt
-        finally:
-            del interrupt
-
-
-def _help_pending_dispatch() -> None:
-    """Run the callbacks queued in this thread before it blocks.
-
-    A callback that blocks on a future further down its own ``then`` chain would otherwise
-    wait forever for callbacks that are queued behind it, in its own thread.
-    """
-    queue = _dispatch.queue
-    if queue:
-        _drain(queue)
-
-
-def _invoke(callback: Callback, future: Future[Any]) -> BaseException | None:
-    """Run one done callback; return the KeyboardInterrupt or SystemExit it raised, if any.
-
-    Anything else it raises is logged, BaseExceptions too (asyncio.CancelledError,
-    GeneratorExit): a callback runs in whichever thread or task completes the future, so its
-    exception means nothing to that caller. Only an interrupt is handed back, to be raised
-    after the other callbacks have run.
-    """
-    try:
-        result = callback(future)
-    except (KeyboardInterrupt, SystemExit) as exc:
-        return exc
-    except BaseException as exc:
-        _log_callback_error(exc, callback, future)
-    else:
-        if type(result) is types.CoroutineType:
-            result.close()  # it will never run: spare the user a "never awaited" warning
-            logger.error(
-                "anyfork: done callback %r of %r returned a coroutine, which nothing awaits; "
-                "it was closed. A callback runs synchronously: pass a sync function",
-                callback,
-                future,
-            )
-    return None
-
-
-def _log_callback_error(exc: BaseException, callback: Callback, future: Future[Any]) -> None:
-    logger.error("anyfork: done callback %r of %r raised", callback, future, exc_info=exc)
-
-
-class _CallbackHandOff(threading.local):
-    """Where futures completed in this thread run their done callbacks.
-
-    A thread that must not run user callbacks itself (the background loop's: a callback
-    there could neither block nor wait) sets ``runner``. It receives each completed future
-    and its callbacks, before the future's blocking waiters wake.
-    """
-
-    runner: Callable[[Future[Any], list[Callback]], None] | None = None
-
-
-callback_hand_off = _CallbackHandOff()
 
 
 class Future(Generic[T]):
@@ -438,7 +332,7 @@ class Future(Generic[T]):
         ):
             run_inline(work)
         del work
-        _help_pending_dispatch()
+        help_pending_dispatch()
         with self._lock:
             if self._state != _PENDING:
                 return
@@ -510,7 +404,7 @@ class Future(Generic[T]):
         :raises TypeError: if ``callback`` is not callable, or is a coroutine function (a
             callback is called, never awaited)
         """
-        _check_callable(callback, "add_done_callback")
+        check_callable(callback, "add_done_callback")
         self._add_callback(callback)
 
     def _add_callback(self, callback: Callback) -> None:
@@ -518,7 +412,7 @@ class Future(Generic[T]):
             if self._state == _PENDING:
                 self._callbacks.append(callback)
                 return
-        interrupt = _invoke(callback, self)
+        interrupt = invoke(callback, self)
         if interrupt is not None:
             try:
                 raise interrupt
@@ -580,7 +474,7 @@ class Future(Generic[T]):
         :raises TypeError: if ``callback`` is not callable, or is a coroutine function (a
             callback is called, never awaited)
         """
-        _check_callable(callback, "then")
+        check_callable(callback, "then")
         child: Future[S] = Future()
         self._add_callback(_ThenCallback(callback, child))
         return child
@@ -777,35 +671,6 @@ def check_timeout(timeout: float | None) -> float | None:
     if not timeout >= 0:
         raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
     return None if timeout > threading.TIMEOUT_MAX else timeout
-
-
-def _check_callable(callback: object, method: str) -> None:
-    if not callable(callback):
-        raise TypeError(
-            f"{method}() takes a callable that receives the done future, got "
-            f"{type(callback).__name__} {callback!r}"
-        )
-    if _is_coroutine_function(callback):
-        raise TypeError(
-            f"{method}() calls its callback in the thread that completes the future and "
-            f"cannot await it, but {callback!r} is a coroutine function. Pass a sync "
-            "function, or await the future in a task and call the coroutine function there: "
-            "'result = await next_step(await fut)' (or fork such a coroutine function)"
-        )
-
-
-def _is_coroutine_function(callback: Callable[..., object]) -> bool:
-    # Plain functions and bound methods by their code flags (cheap: every await registers a
-    # callback); partials and callable objects through inspect.
-    plain = getattr(callback, "__func__", callback)
-    if type(plain) is types.FunctionType and not hasattr(plain, "_is_coroutine_marker"):
-        return bool(plain.__code__.co_flags & inspect.CO_COROUTINE)
-    while isinstance(callback, functools.partial):
-        callback = callback.func
-    if inspect.iscoroutinefunction(callback):
-        return True
-    call = getattr(type(callback), "__call__", None)  # noqa: B004 - the method, not callable()
-    return call is not None and inspect.iscoroutinefunction(call)
 
 
 # --- the internal API for the code that runs a future's work ----------------------------

@@ -27,12 +27,12 @@ import anyio.lowlevel
 from anyio.lowlevel import EventLoopToken
 
 from . import _loops
+from ._callbacks import callback_hand_off
 from ._future import (
     Future,
     Work,
     abandon_in_child,
     attach,
-    callback_hand_off,
     has_failed,
     on_done,
     settle,
