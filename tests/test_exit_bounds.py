@@ -126,3 +126,35 @@ def test_forking_from_an_atexit_handler_before_any_fork_raises_shutdown_error() 
     assert len(lines) == 2, result.stdout
     assert all("already shutting down" in line for line in lines)
     assert result.stderr == ""
+
+
+def test_nested_work_at_exit_still_finds_a_thread_after_idle_threads_timed_out() -> None:
+    # At exit a sync fork waits for a coroutine fork of the background loop, which awaits
+    # a sync fork: that one needs a second worker thread. Python 3.12 starts no thread at
+    # exit, so the threads the script used before must still be there, idle timeout or not.
+    result = run_script(
+        """
+        import sys, threading, time, anyfork
+        from anyfork._exit import exit_join_started
+        anyfork.configure(worker_idle_timeout=0.05, exit_timeout=20)
+
+        async def inner():
+            return await anyfork.fork(abs, -1)
+
+        barrier = threading.Barrier(3, timeout=10)
+        anyfork.wait_all([anyfork.fork(barrier.wait) for _ in range(3)], timeout=10)
+        print(anyfork.fork(inner).wait(timeout=10))
+        time.sleep(0.5)  # many idle timeouts
+
+        def outer():
+            exit_join_started.wait(30)
+            return anyfork.wait(anyfork.fork(inner)) + 1
+
+        anyfork.fork(outer).add_done_callback(
+            lambda f: sys.stdout.write(f"result {f.value()}\\n")
+        )
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\nresult 2\n"
+    assert without_slow_steps_under_the_bound(result.stderr) == ""

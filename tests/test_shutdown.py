@@ -444,3 +444,46 @@ def test_a_sync_fork_that_outlives_its_loop_can_still_fork_and_wait(runner: str)
     assert result.returncode == 0, result.stderr
     assert without_slow_steps_under_the_bound(result.stderr) == ""
     assert result.stdout.splitlines()[-1] == "result: 42"
+
+
+def test_a_worker_that_finds_its_fork_run_by_a_waiter_leaves_it_to_the_exit_join() -> None:
+    # A worker takes the queued job while a waiter in another thread runs the same fork
+    # inline: the worker's claim fails because the fork is running, not because it is
+    # over, so the exit join must still wait for it. The worker is held between taking
+    # the job and claiming it, the moment two threads race for a job.
+    result = run_script(
+        """
+        import threading, time, anyfork
+        from anyfork import _fork
+
+        worker_in_claim = threading.Event()
+        waiter_runs_it = threading.Event()
+        worker_lost = threading.Event()
+        real_claim = _fork.claim
+
+        def claim(future):
+            if not threading.current_thread().name.startswith("anyfork-worker"):
+                return real_claim(future)
+            worker_in_claim.set()
+            waiter_runs_it.wait(10)
+            claimed = real_claim(future)
+            if not claimed:
+                worker_lost.set()
+            return claimed
+
+        _fork.claim = claim
+
+        def work():
+            waiter_runs_it.set()
+            worker_lost.wait(10)
+            time.sleep(0.5)  # still running when the script ends
+            print("finished", flush=True)
+
+        fut = anyfork.fork(work)
+        worker_in_claim.wait(10)
+        threading.Thread(target=fut.wait, daemon=True).start()
+        print("worker lost the race:", worker_lost.wait(10), flush=True)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "worker lost the race: True\nfinished\n"

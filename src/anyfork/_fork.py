@@ -309,7 +309,10 @@ class _SyncJob(Work):
         if parts is None:  # another thread took it
             return
         if not claim(parts[0]):  # cancelled, or another thread took it
-            exit_join.discard(parts[0])
+            # Only a fork that is over leaves the exit join here: one that another thread
+            # is running stays tracked until that thread's run discards it.
+            if parts[0].done():
+                exit_join.discard(parts[0])
             return
         self._parts = None
         future, func, args, kwargs, context, grad_mode, token = parts

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("anyfork")
+
+# Python 3.12+ starts no new thread once the interpreter is exiting (the exit join included).
+_NO_THREADS_AT_EXIT = sys.version_info >= (3, 12)
 
 
 class Slot(Protocol):
@@ -139,8 +143,8 @@ class WorkerPool:
 
     A thread that waits ``worker_idle_timeout`` seconds without a job retires if it is
     still idle, i.e. nothing was promised to it meanwhile; otherwise it takes the job
-    promised to it. The pool keeps ``keep_threads`` (one, once the background loop has
-    asked for it: see :meth:`ensure_a_thread`).
+    promised to it. Once the background loop has asked for a thread at exit (see
+    :meth:`ensure_a_thread`), the pool keeps one, or on Python 3.12+ all of them.
     """
 
     def __init__(self) -> None:
@@ -174,9 +178,15 @@ class WorkerPool:
 
     def ensure_a_thread(self) -> None:
         """Start one thread now if there is none, so that work queued while the
-        interpreter exits (when Python 3.12 starts no new thread) still has one."""
+        interpreter exits (when Python 3.12 starts no new thread) still has one.
+
+        On Python 3.12+ the pool then keeps every thread it starts: one is not enough at
+        exit, since a fork running there may block waiting for work that needs another
+        thread (a coroutine fork that awaits a sync fork), and none can start in its place.
+        """
         with self._lock:
-            self._keep = 1  # the thread is needed then, however long it was idle before
+            # The threads are needed then, however long they were idle before.
+            self._keep = sys.maxsize if _NO_THREADS_AT_EXIT else 1
             if self._threads:
                 return
             self._threads += 1
