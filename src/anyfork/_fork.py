@@ -287,7 +287,8 @@ class _SyncJob(Work):
     @property
     def taken(self) -> bool:
         """Whether a thread has run it (or it was cancelled before anyone did)."""
-        return self._parts is None or self._parts[0].done()
+        parts = self._parts  # read once: a thread taking the job sets it to None
+        return parts is None or parts[0].done()
 
     def steal(self) -> None:
         self(inline=True)
