@@ -91,3 +91,43 @@ async def test_callbacks_of_coroutine_forks_on_a_users_loop_still_run_on_that_lo
     fut.add_done_callback(lambda _: threads.append(threading.get_ident()))
     await fut
     assert threads == [loop_thread]
+
+
+@pytest.mark.parametrize("how", ["add_done_callback", "then"])
+def test_the_exit_join_waits_for_the_done_callbacks_of_a_finished_sync_fork(how: str) -> None:
+    # The future is done before its callbacks run, in the worker thread that completed it;
+    # the join used to return then, and the interpreter finalized under that daemon thread,
+    # cutting the callback short (with torch's to_torch hand-on, it could abort the process).
+    result = run_script(
+        f"""
+        import threading, time, anyfork
+        gate = threading.Event()
+
+        def slow_callback(fut):
+            time.sleep(0.5)
+            print("callback done", fut.value(), flush=True)
+
+        fut = anyfork.fork(gate.wait, 10)
+        fut.{how}(slow_callback)
+        gate.set()  # the script ends while the worker runs the callback
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "callback done True\n"
+    assert result.stderr == ""
+
+
+def test_the_exit_bound_holds_when_a_done_callback_never_returns() -> None:
+    result = run_script(
+        """
+        import threading, anyfork
+        anyfork.configure(exit_timeout=0.5)
+        gate = threading.Event()
+        fut = anyfork.fork(gate.wait, 10)
+        fut.add_done_callback(lambda f: threading.Event().wait())
+        gate.set()
+        """,
+        timeout=20,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the done callbacks of 1 fork(s) did not finish within the exit bound" in result.stderr

@@ -50,6 +50,9 @@ class ExitJoin:
         self._participants: list[ExitParticipant] = []
         self._hook_registered = False
         self._over = False
+        # Set by discard() while the join waits for the done callbacks of finished forks.
+        self._discarded = threading.Event()
+        self._joining = False
 
     def check_open(self) -> None:
         """Raise :class:`ShutdownError` if nothing would wait for new work at exit any more;
@@ -92,8 +95,11 @@ class ExitJoin:
             on_done(future, self.discard)
 
     def discard(self, future: Future[Any]) -> None:
-        """Stop tracking ``future`` (done, or its work will never run)."""
+        """Stop tracking ``future``: its work is over, done callbacks included (or it will
+        never run)."""
         self._pending.pop(future, None)
+        if self._joining:
+            self._discarded.set()
 
     def tracked(self) -> list[Future[Any]]:
         """The futures the join would wait for now, its participants' included (a snapshot)."""
@@ -136,6 +142,7 @@ class ExitJoin:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     # Only wait: reading the outcome would hide a failure nobody retrieved.
                     block_until_done(future, None if remaining is None else max(remaining, 0))
+            self._wait_for_done_callbacks(deadline)
         except TimeoutError:
             self._give_up(
                 f"did not finish within the exit bound of {bound} seconds "
@@ -155,8 +162,39 @@ class ExitJoin:
                 except KeyboardInterrupt:
                     pass
 
+    def _wait_for_done_callbacks(self, deadline: float | None) -> None:
+        """Wait until the sync forks that are done have also run their done callbacks.
+
+        A fork's future is done before its callbacks run, in the worker thread that
+        completed it (a ``then`` step, ``to_torch``'s hand-on): leaving then would let the
+        interpreter finalize under that daemon thread, cut the callback short and, with
+        torch, abort the process. A job tells the join it is over only once its callbacks
+        have returned (:meth:`discard`).
+        """
+        self._joining = True
+        try:
+            while True:
+                self._discarded.clear()
+                if not self._pending:
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError
+                # Short slices: a Ctrl-C in the main thread gets through between them.
+                self._discarded.wait(_POLL if left is None else min(_POLL, left))
+        finally:
+            self._joining = False
+
     def _give_up(self, why: str) -> None:
         unfinished = self._unfinished()
+        if not unfinished and self._pending:
+            logger.error(
+                "anyfork: the done callbacks of %d fork(s) %s; abandoning them: %s",
+                len(self._pending),
+                why,
+                ", ".join(repr(future) for future in list(self._pending)),
+            )
+            return
         logger.error(
             "anyfork: %d fork(s) %s; cancelling those that can be, abandoning the rest: %s",
             len(unfinished),
@@ -176,6 +214,9 @@ class ExitJoin:
         for future in inherited:
             abandon_in_child(future)
 
+
+# How long a slice of the wait for done callbacks lasts (see ExitJoin._wait_for_done_callbacks).
+_POLL = 0.2
 
 exit_join = ExitJoin()
 
