@@ -9,20 +9,16 @@ and ``then`` make of the callables they are given.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import threading
 import types
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from ._future import Future
+from ._callables import is_coroutine_function
 
 __all__ = [
-    "Callback",
     "callback_hand_off",
     "check_callable",
     "help_pending_dispatch",
@@ -32,20 +28,24 @@ __all__ = [
 
 logger = logging.getLogger("anyfork")
 
-Callback = Callable[["Future[Any]"], object]
+# The future whose callbacks run: this module needs nothing of it but to pass it on (and to
+# name it in a log), so it imports nothing of ``_future``.
+F = TypeVar("F")
+# A done callback of some future; the queue below holds those of many futures.
+_AnyCallback = Callable[[Any], object]
 
 
 class _Dispatch(threading.local):
     # Callbacks queued by completions that happened while this thread was already running
     # callbacks. Draining them iteratively (instead of recursing) is what lets a 5000-link
     # ``then`` chain complete without hitting the recursion limit.
-    queue: deque[tuple[Future[Any], list[Callback]]] | None = None
+    queue: deque[tuple[Any, list[_AnyCallback]]] | None = None
 
 
 _dispatch = _Dispatch()
 
 
-def run_callbacks(future: Future[Any], callbacks: list[Callback]) -> None:
+def run_callbacks(future: F, callbacks: list[Callable[[F], object]]) -> None:
     """Run a completed future's done callbacks in this thread, in order (see _drain)."""
     queue = _dispatch.queue
     if queue is not None:
@@ -59,7 +59,7 @@ def run_callbacks(future: Future[Any], callbacks: list[Callback]) -> None:
         _dispatch.queue = None
 
 
-def _drain(queue: deque[tuple[Future[Any], list[Callback]]]) -> None:
+def _drain(queue: deque[tuple[Any, list[_AnyCallback]]]) -> None:
     # Every callback runs, whatever the ones before it raise: a KeyboardInterrupt or
     # SystemExit is raised only once the queue is empty, so no later callback (a then()
     # child, a waiting task's wake-up) is skipped and left pending forever.
@@ -99,7 +99,7 @@ def help_pending_dispatch() -> None:
         _drain(queue)
 
 
-def invoke(callback: Callback, future: Future[Any]) -> BaseException | None:
+def invoke(callback: Callable[[F], object], future: F) -> BaseException | None:
     """Run one done callback; return the KeyboardInterrupt or SystemExit it raised, if any.
 
     Anything else it raises is logged, BaseExceptions too (asyncio.CancelledError,
@@ -125,7 +125,7 @@ def invoke(callback: Callback, future: Future[Any]) -> BaseException | None:
     return None
 
 
-def _log_callback_error(exc: BaseException, callback: Callback, future: Future[Any]) -> None:
+def _log_callback_error(exc: BaseException, callback: object, future: object) -> None:
     logger.error("anyfork: done callback %r of %r raised", callback, future, exc_info=exc)
 
 
@@ -137,7 +137,7 @@ class _CallbackHandOff(threading.local):
     and its callbacks, before the future's blocking waiters wake.
     """
 
-    runner: Callable[[Future[Any], list[Callback]], None] | None = None
+    runner: Callable[[Any, list[_AnyCallback]], None] | None = None
 
 
 callback_hand_off = _CallbackHandOff()
@@ -149,24 +149,10 @@ def check_callable(callback: object, method: str) -> None:
             f"{method}() takes a callable that receives the done future, got "
             f"{type(callback).__name__} {callback!r}"
         )
-    if _is_coroutine_function(callback):
+    if is_coroutine_function(callback):
         raise TypeError(
             f"{method}() calls its callback in the thread that completes the future and "
             f"cannot await it, but {callback!r} is a coroutine function. Pass a sync "
             "function, or await the future in a task and call the coroutine function there: "
             "'result = await next_step(await fut)' (or fork such a coroutine function)"
         )
-
-
-def _is_coroutine_function(callback: Callable[..., object]) -> bool:
-    # Plain functions and bound methods by their code flags (cheap: every await registers a
-    # callback); partials and callable objects through inspect.
-    plain = getattr(callback, "__func__", callback)
-    if type(plain) is types.FunctionType and not hasattr(plain, "_is_coroutine_marker"):
-        return bool(plain.__code__.co_flags & inspect.CO_COROUTINE)
-    while isinstance(callback, functools.partial):
-        callback = callback.func
-    if inspect.iscoroutinefunction(callback):
-        return True
-    call = getattr(type(callback), "__call__", None)  # noqa: B004 - the method, not callable()
-    return call is not None and inspect.iscoroutinefunction(call)

@@ -7,7 +7,6 @@ arguments in the forking thread and hands them to the connection (``_dask_connec
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar, overload
@@ -15,6 +14,7 @@ from typing import Any, Generic, TypeVar, overload
 import cloudpickle  # type: ignore[import-untyped]
 from typing_extensions import ParamSpec
 
+from ._callables import is_coroutine_function
 from ._dask_connection import submit
 from ._future import Future
 from ._remote import RemoteCallable
@@ -166,7 +166,7 @@ def remote(
     def make(target: Callable[P, T]) -> RemoteFunction[P, T]:
         if not callable(target):
             raise TypeError(f"remote() takes a callable, got {type(target).__name__}")
-        if _is_coroutine_function(target):
+        if is_coroutine_function(target):
             raise TypeError(
                 f"anyfork.dask.remote runs sync callables only, and "
                 f"{getattr(target, '__qualname__', target)!r} is a coroutine function: a "
@@ -177,12 +177,3 @@ def remote(
         return RemoteFunction(target, options)
 
     return make if func is None else make(func)
-
-
-def _is_coroutine_function(func: object) -> bool:
-    while isinstance(func, functools.partial):
-        func = func.func
-    if inspect.iscoroutinefunction(func):
-        return True
-    call = getattr(type(func), "__call__", None)  # noqa: B004 - the method itself
-    return call is not None and inspect.iscoroutinefunction(call)

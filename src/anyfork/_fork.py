@@ -35,6 +35,7 @@ from typing_extensions import ParamSpec
 
 from . import _loops
 from ._background import background
+from ._callables import is_coroutine_function, unwrap_partial
 from ._config import current_config
 from ._debug import fork_site, watch_slow_forks
 from ._exit import exit_join
@@ -121,7 +122,7 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         may_be_remote = False
     else:
         _reject_generator_kinds(func)
-        is_async = _is_coroutine_function(func)
+        is_async = is_coroutine_function(func)
         name = _name_of(func)
         may_be_remote = True
     del plain
@@ -408,7 +409,7 @@ def _reject_generator_kinds(func: Callable[..., Any]) -> None:
     """
     plain = getattr(func, "__func__", func)
     if type(plain) is not types.FunctionType:  # a partial, a callable object, a builtin
-        target = _unwrap_partial(func)
+        target = unwrap_partial(func)
         plain = getattr(target, "__func__", target)
         if type(plain) is not types.FunctionType:
             call = getattr(type(target), "__call__", None)  # noqa: B004 - the method itself
@@ -433,29 +434,9 @@ def _reject_generator_kinds(func: Callable[..., Any]) -> None:
     )
 
 
-def _is_coroutine_function(func: Callable[..., Any]) -> bool:
-    # Fast path for plain functions and bound methods (inspect's checks cost ~5 us a fork);
-    # anything else, including functions marked with inspect.markcoroutinefunction, falls
-    # through to inspect.
-    plain = getattr(func, "__func__", func)
-    if type(plain) is types.FunctionType and not hasattr(plain, "_is_coroutine_marker"):
-        return bool(plain.__code__.co_flags & inspect.CO_COROUTINE)
-    func = _unwrap_partial(func)
-    if inspect.iscoroutinefunction(func):
-        return True
-    call = getattr(type(func), "__call__", None)  # noqa: B004 - the method, not callable()
-    return call is not None and inspect.iscoroutinefunction(call)
-
-
-def _unwrap_partial(func: Callable[..., Any]) -> Callable[..., Any]:
-    while isinstance(func, functools.partial):
-        func = func.func
-    return func
-
-
 def _name_of(func: Callable[..., Any]) -> str:
-    func = _unwrap_partial(func)
-    name = getattr(func, "__qualname__", None)
+    target = unwrap_partial(func)
+    name = getattr(target, "__qualname__", None)
     if not isinstance(name, str):
-        name = type(func).__qualname__
+        name = type(target).__qualname__
     return name

@@ -29,7 +29,6 @@ from typing_extensions import Never
 
 from . import _loops, _pool
 from ._callbacks import (
-    Callback,
     callback_hand_off,
     check_callable,
     help_pending_dispatch,
@@ -101,6 +100,8 @@ _PENDING = 0
 _FINISHED = 1
 _FAILED = 2
 _CANCELLED = 3
+
+Callback = Callable[["Future[Any]"], object]
 
 _STATE_NAMES = {
     _PENDING: "pending",
