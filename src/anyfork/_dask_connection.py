@@ -21,12 +21,11 @@ import dask.config
 import distributed
 
 from . import _pool
-from ._dask_tasks import submit_to
+from ._dask_tasks import RemoteCall, submit_to
 from ._errors import WouldBlockError
 from ._exit import exit_join
 from ._future import Future, block_until_done, settle, settle_failed
 from ._loops import running_native_loop
-from ._torch import GradMode
 
 __all__ = ["close", "connect", "submit"]
 
@@ -73,8 +72,7 @@ class _Connection:
         self._cluster: Any = None
         self._owns_client = not isinstance(target, distributed.Client)
         self._error: BaseException | None = None
-        self._in_line: list[tuple[Future[Any], bytes, bytes, GradMode | None, dict[str, Any]]]
-        self._in_line = []
+        self._in_line: list[tuple[Future[Any], RemoteCall]] = []
         self.ready: Future[distributed.Client] = Future(name="anyfork.dask connection")
         self.closed = False
 
@@ -82,14 +80,7 @@ class _Connection:
         exit_join.add_participant(self)
         threading.Thread(target=self._connect, name="anyfork-dask-connect", daemon=True).start()
 
-    def submit(
-        self,
-        future: Future[Any],
-        func: bytes,
-        call: bytes,
-        grad_mode: GradMode | None,
-        options: dict[str, Any],
-    ) -> None:
+    def submit(self, future: Future[Any], remote_call: RemoteCall) -> None:
         if self.client is None and running_native_loop() is None:
             # A thread with no running loop (a script) waits for the connection here, while
             # it may: on Python 3.12+ no thread can start once the script has ended, so a
@@ -98,7 +89,7 @@ class _Connection:
         with self._lock:
             client, error = self.client, self._error
             if client is None and error is None and not self.closed:
-                self._in_line.append((future, func, call, grad_mode, options))
+                self._in_line.append((future, remote_call))
                 return
         if client is None or self.closed:
             settle_failed(
@@ -119,7 +110,7 @@ class _Connection:
                 ),
             )
             return
-        submit_to(client, future, func, call, grad_mode, options)
+        submit_to(client, future, remote_call)
 
     def _connect(self) -> None:
         try:
@@ -129,7 +120,7 @@ class _Connection:
             with self._lock:
                 self._error = exc
                 in_line, self._in_line = self._in_line, []
-            for future, *_ in in_line:
+            for future, _ in in_line:
                 settle_failed(future, exc)
             settle_failed(self.ready, exc)
             return
@@ -140,9 +131,9 @@ class _Connection:
                 if not in_line:
                     self.client = client
                     break
-            for future, func, call, grad_mode, options in in_line:
+            for future, remote_call in in_line:
                 try:
-                    submit_to(client, future, func, call, grad_mode, options)
+                    submit_to(client, future, remote_call)
                 except BaseException as exc:
                     settle_failed(future, exc)
         settle(self.ready, client)
@@ -332,19 +323,13 @@ def _current_connection() -> _Connection:
 # --- where a remote fork goes ------------------------------------------------------------
 
 
-def submit(
-    future: Future[Any],
-    func: bytes,
-    call: bytes,
-    grad_mode: GradMode | None,
-    options: dict[str, Any],
-) -> None:
+def submit(future: Future[Any], remote_call: RemoteCall) -> None:
     worker_client = _worker_client()
     if worker_client is not None:  # inside a task: fork onto the same cluster
-        submit_to(worker_client, future, func, call, grad_mode, options)
+        submit_to(worker_client, future, remote_call)
     else:
         _check_not_importing_main()
-        _current_connection().submit(future, func, call, grad_mode, options)
+        _current_connection().submit(future, remote_call)
 
 
 def _worker_client() -> Any:

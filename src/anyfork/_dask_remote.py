@@ -16,6 +16,7 @@ from typing_extensions import ParamSpec
 
 from ._callables import is_coroutine_function
 from ._dask_connection import submit
+from ._dask_tasks import RemoteCall
 from ._future import Future
 from ._remote import RemoteCallable
 from ._torch import grad_mode_flags
@@ -72,7 +73,7 @@ class RemoteFunction(RemoteCallable, Generic[P, T]):
             # By module and name where that finds it, as pickle does (see __reduce__).
             self._payload = _dumps(self, f"the function {self._name}")
         call = _dumps((args, kwargs), f"the arguments of {self._name}")
-        submit(future, self._payload, call, grad_mode_flags(), self._options)
+        submit(future, RemoteCall(self._payload, call, grad_mode_flags(), self._options))
 
 
 def _find(module: str | None, name: str | None) -> object:

@@ -17,6 +17,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -28,7 +29,7 @@ from . import _pool
 from ._future import Future, Work, attach, settle, settle_failed
 from ._torch import GradMode, run_in_grad_mode
 
-__all__ = ["RemoteImportError", "run_on_worker", "submit_to"]
+__all__ = ["RemoteCall", "RemoteImportError", "run_on_worker", "submit_to"]
 
 # distributed is only partly typed: its calls go through these untyped handles.
 _secede: Any = distributed.secede
@@ -68,18 +69,32 @@ def run_on_worker(func: bytes, call: bytes, grad_mode: GradMode | None) -> Any:
 # --- one remote fork ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RemoteCall:
+    """One remote fork's call, ready to send: the function and its arguments pickled, the
+    grad mode to run it in, and its Dask options."""
+
+    func: bytes
+    call: bytes
+    grad_mode: GradMode | None
+    options: dict[str, Any]
+
+
 def submit_to(
     client: Any,  # a distributed.Client
     future: Future[Any],
-    func: bytes,
-    call: bytes,
-    grad_mode: GradMode | None,
-    options: dict[str, Any],
+    remote_call: RemoteCall,
 ) -> None:
     # A unique key, and pure=False: Dask would otherwise run equal calls once.
     key = f"{future.name or 'fork'}-anyfork-{uuid.uuid4().hex}"
     dask_future = client.submit(
-        run_on_worker, func, call, grad_mode, key=key, pure=False, **options
+        run_on_worker,
+        remote_call.func,
+        remote_call.call,
+        remote_call.grad_mode,
+        key=key,
+        pure=False,
+        **remote_call.options,
     )
     attach(future, _DaskWork(client, dask_future))
     _follower(client).follow(dask_future, future)
