@@ -135,7 +135,9 @@ class ForkGroup(Work):
             self._note_failed(future)
         self._forget(future)
 
-    def task_state(self, future: Future[Any]) -> str:
+    # The Work of its coroutine forks' futures (see the class docstring): state and cancel.
+
+    def state(self, future: Future[Any]) -> str:
         """``"running"`` once a coroutine fork's task has started, else ``"queued"``."""
         with self._lock:
             handle = self._pending.get(future)
@@ -150,21 +152,14 @@ class ForkGroup(Work):
         with self._lock:
             return list(self._pending)
 
-    def cancel_task(self, future: Future[Any]) -> None:
+    def cancel(self, future: Future[Any]) -> None:
+        """Cancel the task of a coroutine fork whose future was just cancelled."""
         if threading.get_ident() == self.loop_thread:
             self._cancel_task_now(future)
         else:
             _loops.call_soon(self.token, partial(self._cancel_task_now, future))
 
     # --- the loop's thread ------------------------------------------------------------
-
-    # The Work of its coroutine forks' futures (see the class docstring).
-
-    def state(self, future: Future[Any]) -> str:
-        return self.task_state(future)
-
-    def cancel(self, future: Future[Any]) -> None:
-        self.cancel_task(future)
 
     def _start(
         self,
