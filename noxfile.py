@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -29,11 +30,20 @@ for _version in PYTHONS:
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 
 
-def install(session: nox.Session, *groups: str, extras: str = "") -> None:
+# The versions the checks (lint, typecheck, docs) run with, locked so that a fresh clone gets
+# the verdict CI got: a new checker or stub release must not fail a change that did not cause
+# it. `nox -s lock` upgrades them on purpose. The test sessions stay unlocked: they test what
+# users get (the newest versions allowed, and tests_lowest the oldest).
+CHECKS_LOCK = ROOT / "requirements" / "checks.txt"
+CHECK_GROUPS = ("lint", "typecheck", "docs")
+
+
+def install(session: nox.Session, *groups: str, extras: str = "", locked: bool = False) -> None:
     requirements: list[str] = []
     for group in groups:
         requirements.extend(nox.project.dependency_groups(PYPROJECT, group))
-    session.install("-e", f".{extras}", *requirements)
+    constraints = ["--constraint", str(CHECKS_LOCK)] if locked else []
+    session.install(*constraints, "-e", f".{extras}", *requirements)
 
 
 # PyTorch's CPU wheel for Python 3.11, on this project's machines. Installed by file, never
@@ -77,7 +87,7 @@ def stress(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """Check formatting and lint with ruff."""
-    install(session, "lint")
+    install(session, "lint", locked=True)
     session.run("ruff", "format", "--check", ".")
     session.run("ruff", "check", ".")
 
@@ -85,7 +95,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
     """mypy --strict and pyright on src, examples and the docs tooling (docs/_ext)."""
-    install(session, "typecheck", "docs")  # docs/_ext is a griffe extension
+    install(session, "typecheck", "docs", locked=True)  # docs/_ext is a griffe extension
     install_torch(session)  # examples/torch_inference.py is checked against real torch
     session.run("mypy")
     session.run("pyright")
@@ -94,7 +104,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
     """Build the documentation site strictly, then fail on any reST it shows as text."""
-    install(session, "docs")
+    install(session, "docs", locked=True)
     session.run(
         "mkdocs",
         "build",
@@ -104,6 +114,17 @@ def docs(session: nox.Session) -> None:
         env={"NO_MKDOCS_2_WARNING": "1"},
     )
     session.run("python", str(ROOT / "docs" / "_ext" / "check_site.py"), str(ROOT / "site"))
+
+
+@nox.session(python=False)
+def lock(session: nox.Session) -> None:
+    """Upgrade the locked versions of the check tools (requirements/checks.txt), on purpose."""
+    groups = [arg for group in CHECK_GROUPS for arg in ("--group", group)]
+    output = str(CHECKS_LOCK.relative_to(ROOT))
+    compile_ = [sys.executable, "-m", "uv", "pip", "compile", "pyproject.toml", *groups]
+    options = ["--universal", "--python-version", "3.11", "--upgrade", "--quiet"]
+    header = ["--custom-compile-command", "nox -s lock", "--output-file", output]
+    session.run(*compile_, *options, *header, *session.posargs)
 
 
 @nox.session(python="3.11")

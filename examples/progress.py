@@ -15,6 +15,7 @@ import time
 
 import anyio
 from tqdm import tqdm
+from tqdm.asyncio import tqdm as async_tqdm
 
 import anyfork
 
@@ -36,13 +37,13 @@ async def upload(image: int) -> str:
 def script() -> None:
     futures = [anyfork.fork(resize, image) for image in range(40)]
     failed: list[BaseException] = []
-    with tqdm(total=len(futures), desc="resize", unit="img", file=sys.stdout) as bar:
-        for future in anyfork.as_completed(futures, timeout=60):
-            try:
-                future.value()
-            except ValueError as exc:
-                failed.append(exc)
-            bar.update()
+    # tqdm wraps the iterator: the bar moves by one as each future arrives.
+    arrivals = anyfork.as_completed(futures, timeout=60)
+    for future in tqdm(arrivals, total=len(futures), desc="resize", unit="img", file=sys.stdout):
+        try:
+            future.value()
+        except ValueError as exc:
+            failed.append(exc)
     print(f"script: {len(futures) - len(failed)} resized, failed: {failed}")
 
 
@@ -51,12 +52,12 @@ async def app() -> None:
         uploads = [anyfork.fork(upload, image) for image in range(40)]
         resizes = [anyfork.fork(resize, image) for image in range(40, 50)]
         futures = [*uploads, *resizes]
-        bar = tqdm(total=len(futures), desc="upload", unit="img", file=sys.stdout)
-        with bar:
-            # 'async for' never blocks the loop: other tasks run while the bar waits.
-            async for future in anyfork.as_completed(futures, timeout=60):
-                bar.set_postfix_str(str(future.value()), refresh=False)
-                bar.update()
+        arrivals = anyfork.as_completed(futures, timeout=60)
+        # tqdm.asyncio's bar wraps an async iterator on any backend (it only awaits its
+        # __anext__), and 'async for' never blocks the loop: other tasks run while it waits.
+        bar = async_tqdm(arrivals, total=len(futures), desc="upload", unit="img", file=sys.stdout)
+        async for future in bar:
+            bar.set_postfix_str(str(future.value()), refresh=False)
     print(f"app: {len(uploads)} uploaded, {len(resizes)} resized")
 
 
