@@ -46,18 +46,41 @@ def install(session: nox.Session, *groups: str, extras: str = "", locked: bool =
     session.install(*constraints, "-e", f".{extras}", *requirements)
 
 
-# PyTorch's CPU wheel for Python 3.11, on this project's machines. Installed by file, never
-# by name: asked for by name, an installer may pull a CUDA build of several GB.
-TORCH_WHEELS = "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-*.whl"
+# PyTorch is installed from a local CPU wheel file, never by name: asked for by name, an
+# installer may pull a CUDA build of several GB. The wheel is looked for in the folders (or
+# files) that ANYFORK_TORCH_WHEELS names, else in pip's own find-links (PIP_FIND_LINKS), for
+# the session's Python. With none, the torch tests skip, and the session says so loudly.
+TORCH_WHEEL_PLACES = ("ANYFORK_TORCH_WHEELS", "PIP_FIND_LINKS")
+
+
+def local_torch_wheel(python: str) -> Path | None:
+    """The newest local CPU wheel of torch for this Python, if one is on this machine."""
+    tag = "cp" + python.replace(".", "")
+    for variable in TORCH_WHEEL_PLACES:
+        found: list[Path] = []
+        for place in os.environ.get(variable, "").split():
+            path = Path(place.removeprefix("file://"))
+            if path.is_dir():
+                found.extend(path.glob(f"torch-*+cpu-{tag}-{tag}-*.whl"))
+            elif path.name.startswith("torch-") and f"-{tag}-" in path.name and path.is_file():
+                found.append(path)
+        if found:
+            return max(found, key=lambda wheel: wheel.name)
+    return None
 
 
 def install_torch(session: nox.Session) -> bool:
     """Install the local CPU build of torch, where there is one for this Python."""
-    wheels = sorted(glob.glob(TORCH_WHEELS))
-    if session.python != "3.11" or not wheels:
-        session.log("no local CPU torch wheel for this Python: the torch tests will skip")
+    wheel = local_torch_wheel(str(session.python))
+    if wheel is None:
+        session.warn(
+            f"TORCH SKIPPED: no local CPU wheel of torch for Python {session.python} in "
+            f"{' or '.join(TORCH_WHEEL_PLACES)}, so this session runs without torch; set "
+            "ANYFORK_TORCH_WHEELS to a folder holding one (e.g. from 'pip download torch "
+            "--no-deps --index-url <PyTorch's CPU index>') to include it"
+        )
         return False
-    session.install(wheels[-1], "numpy")
+    session.install(str(wheel), "numpy")
     return True
 
 
@@ -65,8 +88,10 @@ def install_torch(session: nox.Session) -> bool:
 def tests(session: nox.Session) -> None:
     """Run the test suite (every backend: asyncio, uvloop, trio; torch on 3.11)."""
     install(session, "test")
-    install_torch(session)
+    has_torch = install_torch(session)
     session.run("pytest", *session.posargs)
+    if not has_torch:
+        session.warn(f"TORCH TESTS SKIPPED on Python {session.python}: see 'TORCH SKIPPED' above")
 
 
 @nox.session(name="tests_lowest", python="3.10")
