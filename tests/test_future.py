@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import pickle
+import sys
 import threading
 import weakref
 from typing import Any
@@ -572,3 +573,58 @@ def test_a_sync_fork_lets_go_of_its_arguments_before_its_future_completes(where:
     fut = start() if where == "script" else run_in_thread(start)
     fut.wait(timeout=10)
     assert freed_at_completion == [True]
+
+
+# --- publication order (issue 17, item 23) -----------------------------------------------
+
+
+@pytest.mark.parametrize("outcome", ["result", "exception", "cancel"])
+def test_a_reader_that_sees_the_future_done_sees_its_outcome(outcome: str) -> None:
+    # The lock-free readers (done(), wait(), value(), await) read the state first and the
+    # outcome after it. Another thread (free-threaded Python, or a thread switch with the
+    # GIL) may read at any point while _complete runs: a line tracer stands in for that
+    # reader, at every line of the completing code, so every interleaving is tried, each
+    # time, deterministically.
+    fut: Future[object] = Future()
+    payload = object()
+    error = ValueError("boom")
+    seen: list[str] = []
+
+    def read_now() -> None:
+        if not fut.done():
+            return
+        try:
+            got = fut.value()
+        except ValueError as exc:
+            seen.append("error" if exc is error else f"wrong error {exc!r}")
+        except anyfork.CancelledError:
+            seen.append("cancelled")
+        except BaseException as exc:  # an assertion inside the future, say
+            seen.append(f"raised {exc!r}")
+        else:
+            seen.append("payload" if got is payload else f"wrong value {got!r}")
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_locals.get("self") is fut:
+            read_now()
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename.endswith("_future.py"):
+            return local
+        return None
+
+    before = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        if outcome == "result":
+            fut.set_result(payload)
+        elif outcome == "exception":
+            fut.set_exception(error)
+        else:
+            fut.cancel()
+    finally:
+        sys.settrace(before)
+    read_now()
+    expected = {"result": "payload", "exception": "error", "cancel": "cancelled"}[outcome]
+    assert seen and set(seen) == {expected}, seen

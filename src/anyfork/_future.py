@@ -543,11 +543,15 @@ class Future(Generic[T]):
         with self._lock:
             if self._state != _PENDING or (unless_running and self._running):
                 return False
-            self._state = state
             self._result = result
             self._exception = exception
             if exception is not None:
                 self._traceback = exception.__traceback__
+            # The state last: readers that take no lock (done(), wait(), value(), await)
+            # read the state first, and must find the outcome stored once it says done.
+            # Each slot store is a release store (and each load an atomic load) in the
+            # free-threaded build, so the order holds there without the GIL too.
+            self._state = state
             callbacks = self._callbacks
             self._callbacks = []
             event = self._blocking_event
