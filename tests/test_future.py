@@ -628,3 +628,69 @@ def test_a_reader_that_sees_the_future_done_sees_its_outcome(outcome: str) -> No
     read_now()
     expected = {"result": "payload", "exception": "error", "cancel": "cancelled"}[outcome]
     assert seen and set(seen) == {expected}, seen
+
+
+# --- cancelling a then() child (issue 17, item 11) ---------------------------------------
+
+
+def test_a_cancelled_then_child_never_runs_its_callback() -> None:
+    parent: Future[int] = Future()
+    ran: list[int] = []
+
+    def callback(done: Future[int]) -> int:
+        ran.append(done.value())
+        raise ValueError("must not run")
+
+    child = parent.then(callback)
+    assert child.cancel() is True
+    parent.set_result(1)
+    assert ran == []
+    assert child.cancelled()
+    with pytest.raises(anyfork.CancelledError):
+        child.value()
+
+
+def test_cancelling_a_then_child_whose_callback_runs_returns_false() -> None:
+    # As with a running sync fork: a callback already running cannot be stopped, so cancel()
+    # says so, and the callback's outcome is the child's.
+    parent: Future[int] = Future()
+    started = threading.Event()
+    release = threading.Event()
+
+    def callback(done: Future[int]) -> int:
+        started.set()
+        assert release.wait(30)
+        raise ValueError("kept")
+
+    child = parent.then(callback)
+    completing = threading.Thread(target=parent.set_result, args=(1,))
+    completing.start()
+    try:
+        assert started.wait(30)
+        assert child.cancel() is False
+    finally:
+        release.set()
+        completing.join(30)
+    with pytest.raises(ValueError, match="kept"):
+        child.wait(30)
+
+
+def test_a_then_callback_error_with_nowhere_to_go_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The child was completed by hand while its callback ran: the callback's exception can
+    # no longer be stored, so it is logged rather than lost.
+    parent: Future[int] = Future()
+    child: Future[int] = Future()
+
+    def callback(done: Future[int]) -> int:
+        child.set_result(0)
+        raise ValueError("nowhere to go")
+
+    child = parent.then(callback)
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        parent.set_result(1)
+    assert child.value() == 0
+    assert any(
+        r.exc_info is not None and "nowhere to go" in str(r.exc_info[1]) for r in caplog.records
+    ), caplog.records

@@ -466,7 +466,9 @@ class Future(Generic[T]):
         if the callback raises, and then with the callback's own exception (torch wraps it
         in ``RuntimeError``; anyfork keeps its type). A callback that returns a coroutine
         (which nothing would await) has it closed, and the new future fails with a
-        ``TypeError``.
+        ``TypeError``. Cancelling the new future before the callback starts means the
+        callback never runs; once it runs, ``cancel()`` returns ``False`` and the callback's
+        outcome is the new future's.
 
         Example::
 
@@ -477,7 +479,10 @@ class Future(Generic[T]):
         """
         check_callable(callback, "then")
         child: Future[S] = Future()
-        self._add_callback(_ThenCallback(callback, child))
+        then_callback = _ThenCallback(callback, child)
+        # Cancelling the child drops the callback (its Work.cancel), unless it runs already.
+        child._work = then_callback
+        self._add_callback(then_callback)
         return child
 
     # --- completion -------------------------------------------------------------------
@@ -611,55 +616,6 @@ def _cancelled_error(future: Future[Any]) -> CancelledError:
     return error
 
 
-class _ThenCallback(Generic[T, S]):
-    """The done callback of :meth:`Future.then`: completes ``child`` with ``callback(parent)``.
-
-    It runs once and lets go of both at the start: the frames that dispatched it may outlive
-    the call in a traceback (see :func:`without_catching_frame`), and must not hold the child.
-    """
-
-    __slots__ = ("_callback", "_child")
-
-    def __init__(self, callback: Callable[[Future[T]], S], child: Future[S]) -> None:
-        self._callback: Callable[[Future[T]], S] | None = callback
-        self._child: Future[S] | None = child
-
-    def __call__(self, parent: Future[T]) -> None:
-        callback, child = self._callback, self._child
-        if callback is None or child is None:  # pragma: no cover - callbacks run once
-            return
-        self._callback = self._child = None
-        try:
-            try:
-                result = callback(parent)
-            except BaseException as exc:
-                if exc is parent._exception:
-                    # The callback re-raised its parent's error (lambda f: f.value()): keep
-                    # the parent's traceback, so a long failing chain does not grow it.
-                    exc.__traceback__ = parent._traceback
-                else:
-                    without_catching_frame(exc)
-                child._complete(_FAILED, None, exc)
-            else:
-                if isinstance(result, types.CoroutineType):
-                    # It will never run: spare the user a "never awaited" warning.
-                    cast("types.CoroutineType[Any, Any, Any]", result).close()
-                    child._complete(
-                        _FAILED,
-                        None,
-                        TypeError(
-                            f"the then() callback {callback!r} returned a coroutine, which "
-                            "nothing awaits (it was closed): then() calls its callback "
-                            "synchronously; pass a sync function, or await the future in a "
-                            "task and call the coroutine function there"
-                        ),
-                    )
-                else:
-                    child._complete(_FINISHED, result, None)
-        finally:
-            del child, callback
-
-
 def check_timeout(timeout: float | None) -> float | None:
     """Validate a wait's timeout and return the one to use: ``None`` for no bound.
 
@@ -712,6 +668,79 @@ class Work:
     def awaited(self) -> None:
         """A task is about to await the future, giving its loop control: work that waits
         for the loop's next turn to start may start now (one loop iteration sooner)."""
+
+
+class _ThenCallback(Work, Generic[T, S]):
+    """The done callback of :meth:`Future.then`: completes ``child`` with ``callback(parent)``.
+
+    It is also the child's :class:`Work`: cancelling the child before the callback starts
+    drops the callback, which then never runs; once it runs, ``cancel()`` returns ``False``
+    (the callback, like a sync fork in a thread, cannot be stopped). It runs once and lets
+    go of both at the start: the frames that dispatched it may outlive the call in a
+    traceback (see :func:`without_catching_frame`), and must not hold the child.
+    """
+
+    __slots__ = ("_callback", "_child")
+
+    def __init__(self, callback: Callable[[Future[T]], S], child: Future[S]) -> None:
+        self._callback: Callable[[Future[T]], S] | None = callback
+        self._child: Future[S] | None = child
+
+    kind = "then() callback"
+
+    def cancel(self, future: Future[Any]) -> None:
+        # The child was cancelled before its callback started: it never will.
+        self._callback = self._child = None
+
+    def __call__(self, parent: Future[T]) -> None:
+        callback, child = self._callback, self._child
+        if callback is None or child is None:  # cancelled, or already run
+            return
+        self._callback = self._child = None
+        try:
+            if not child._start_running():  # cancelled (or completed by hand) meanwhile
+                return
+            try:
+                result = callback(parent)
+            except BaseException as exc:
+                if exc is parent._exception:
+                    # The callback re-raised its parent's error (lambda f: f.value()): keep
+                    # the parent's traceback, so a long failing chain does not grow it.
+                    exc.__traceback__ = parent._traceback
+                else:
+                    without_catching_frame(exc)
+                if not child._complete(_FAILED, None, exc):
+                    _log_lost_error(child, callback, exc)
+            else:
+                if isinstance(result, types.CoroutineType):
+                    # It will never run: spare the user a "never awaited" warning.
+                    cast("types.CoroutineType[Any, Any, Any]", result).close()
+                    child._complete(
+                        _FAILED,
+                        None,
+                        TypeError(
+                            f"the then() callback {callback!r} returned a coroutine, which "
+                            "nothing awaits (it was closed): then() calls its callback "
+                            "synchronously; pass a sync function, or await the future in a "
+                            "task and call the coroutine function there"
+                        ),
+                    )
+                else:
+                    child._complete(_FINISHED, result, None)
+        finally:
+            del child, callback
+
+
+def _log_lost_error(child: Future[Any], callback: object, exc: BaseException) -> None:
+    """A then() callback raised after its child was completed by other means: the error
+    cannot be stored, so it is logged rather than lost."""
+    logger.error(
+        "anyfork: the then() callback %r raised, but its future %r was already done "
+        "(completed by hand while the callback ran)",
+        callback,
+        child,
+        exc_info=exc,
+    )
 
 
 def on_done(future: Future[Any], callback: Callback) -> None:
