@@ -13,7 +13,7 @@ import pytest
 
 import anyfork
 
-from .conftest import garbage_collector_disabled, run_in_thread, run_script
+from .conftest import garbage_collector_disabled, logged_within, run_in_thread, run_script
 
 pytestmark = pytest.mark.anyio
 
@@ -136,6 +136,7 @@ def test_an_unretrieved_failure_is_logged_with_where_it_was_forked(
         run_in_thread(script)
         gc.collect()
     line = _line_of("future = anyfork.fork(fail)")
+    assert logged_within(caplog, "never retrieved")
     [message] = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
     assert f"forked at {THIS_FILE}:{line} in script" in message
 

@@ -36,6 +36,7 @@ from ._callbacks import (
     run_callbacks,
 )
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
+from ._reports import report_unretrieved, start_reporter
 
 __all__ = [
     "Future",
@@ -221,16 +222,10 @@ class Future(Generic[T]):
         except AttributeError:  # __init__ never ran to the end: nothing to report
             return
         if unretrieved:
-            try:
-                # The repr, not the future: a handler that keeps records (pytest's caplog,
-                # a memory handler) would otherwise bring the dying future back to life.
-                logger.error(
-                    "anyfork: exception of %s was never retrieved",
-                    repr(self),
-                    exc_info=self._exception,
-                )
-            except Exception:  # pragma: no cover - logging torn down at interpreter exit
-                pass
+            # Queued, never logged here: this may run inside the garbage collector, in the
+            # middle of any code (see _reports.py). The repr, not the future: a handler that
+            # keeps records would otherwise bring the dying future back to life.
+            report_unretrieved(repr(self), cast("BaseException", self._exception))
 
     # --- inspection -------------------------------------------------------------------
 
@@ -561,6 +556,8 @@ class Future(Generic[T]):
             self._callbacks = []
             event = self._blocking_event
         self._work = None
+        if state == _FAILED:
+            start_reporter()  # here, not in __del__: a thread cannot start in the collector
         if callbacks and (hand_off := callback_hand_off.runner) is not None:
             try:
                 hand_off(self, callbacks)
