@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import threading
 import weakref
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -368,3 +370,37 @@ def test_nan_and_negative_timeouts_stay_rejected(how: str, bad: float) -> None:
     fut.set_result(1)
     with pytest.raises(ValueError, match="timeout must be None or a number >= 0"):
         run_in_thread(lambda: wait_with_timeout(how, fut, bad))
+
+
+# --- polling foreign futures (issue 17, item 17) -------------------------------------------
+
+
+def memory_growth_of(poll: Callable[[], object], times: int) -> int:
+    """Bytes still allocated after calling ``poll`` ``times`` times (after 100 warm-up calls)."""
+    import tracemalloc
+
+    for _ in range(100):
+        poll()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(times):
+            poll()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_polling_a_pending_concurrent_future_with_timed_waits_does_not_grow_memory() -> None:
+    source: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+    def poll() -> None:
+        with pytest.raises(TimeoutError):
+            anyfork.wait(source, timeout=0)
+
+    # Each poll used to leave a follower and a done callback behind (about 2 KB).
+    assert memory_growth_of(poll, 3000) < 300_000
+    source.set_result(7)
+    assert anyfork.wait(source, timeout=30) == 7

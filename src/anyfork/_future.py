@@ -48,6 +48,7 @@ __all__ = [
     "fork_record",
     "note_forked",
     "on_done",
+    "has_callbacks",
     "has_failed",
     "is_finished",
     "keep_alive",
@@ -819,6 +820,12 @@ def take_unretrieved_error(future: Future[Any]) -> BaseException | None:
         return None
     future._retrieved = True
     return future._exception
+
+
+def has_callbacks(future: Future[Any]) -> bool:
+    """Whether something waits for ``future`` through a done callback (a ``collect_all``,
+    ``as_completed``, ``then``, an awaiting task)."""
+    return bool(future._callbacks)
 
 
 def keep_alive(future: Future[Any], obj: object) -> None:

@@ -22,19 +22,15 @@ import anyio
 
 from . import _loops
 from ._errors import WouldBlockError
+from ._foreign import follow_concurrent
 from ._future import (
     Future,
-    Work,
-    attach,
     block_until_done,
     check_timeout,
     is_finished,
-    mark_retrieved,
     may_run_inline,
     on_done,
     settle,
-    settle_cancelled,
-    settle_failed,
     steal,
     stealable,
 )
@@ -56,7 +52,7 @@ def as_future(obj: object, caller: str) -> Future[Any]:
     if isinstance(obj, Future):
         return cast("Future[Any]", obj)  # type: ignore[redundant-cast]
     if isinstance(obj, concurrent.futures.Future):
-        return _follow_concurrent(cast("concurrent.futures.Future[Any]", obj))  # type: ignore[redundant-cast]
+        return follow_concurrent(cast("concurrent.futures.Future[Any]", obj))  # type: ignore[redundant-cast]
     if is_torch_future(obj):
         return follow_torch(obj)
     hint = ""
@@ -70,37 +66,6 @@ def as_future(obj: object, caller: str) -> Future[Any]:
         f"torch.futures.Future, got "
         f"{type(obj).__name__} {obj!r}{hint}"
     )
-
-
-def _follow_concurrent(source: concurrent.futures.Future[Any]) -> Future[Any]:
-    future: Future[Any] = Future(name=repr(source))
-    # The source future owns its errors; the adapter must not report them again when
-    # garbage collected.
-    mark_retrieved(future)
-
-    def copy_outcome(done: concurrent.futures.Future[Any]) -> None:
-        if done.cancelled():
-            settle_cancelled(future)
-        elif (exc := done.exception()) is not None:
-            settle_failed(future, exc)
-        else:
-            settle(future, done.result())
-
-    attach(future, _CancelSource(source))
-    source.add_done_callback(copy_outcome)
-    return future
-
-
-class _CancelSource(Work):
-    """Cancelling the follower of a ``concurrent.futures.Future`` cancels that future."""
-
-    __slots__ = ("_source",)
-
-    def __init__(self, source: concurrent.futures.Future[Any]) -> None:
-        self._source = source
-
-    def cancel(self, future: Future[Any]) -> None:
-        self._source.cancel()
 
 
 @overload
