@@ -46,6 +46,7 @@ __all__ = [
     "check_timeout",
     "claim",
     "fork_record",
+    "forget_callback",
     "note_forked",
     "on_done",
     "has_callbacks",
@@ -744,6 +745,11 @@ def _log_lost_error(child: Future[Any], callback: object, exc: BaseException) ->
 def on_done(future: Future[Any], callback: Callback) -> None:
     """``add_done_callback`` for anyfork's own callbacks, which need none of its checks."""
     future._add_callback(callback)
+
+
+def forget_callback(future: Future[Any], callback: Callback) -> None:
+    """Remove a callback added with :func:`on_done` that has not run (else nothing)."""
+    future._discard_callback(callback)
 
 
 def attach(future: Future[Any], work: Work | None) -> None:
