@@ -52,6 +52,7 @@ __all__ = [
     "has_callbacks",
     "has_failed",
     "is_finished",
+    "is_unretrieved_failure",
     "keep_alive",
     "mark_retrieved",
     "may_run_inline",
@@ -817,6 +818,11 @@ def mark_retrieved(future: Future[Any]) -> None:
     """Count ``future``'s error as retrieved: it is not logged when the future is dropped
     (for followers of foreign futures, whose source owns the error)."""
     future._retrieved = True
+
+
+def is_unretrieved_failure(future: Future[Any]) -> bool:
+    """Whether ``future`` failed and nobody has retrieved its error yet."""
+    return future._state == _FAILED and not future._retrieved
 
 
 def take_unretrieved_error(future: Future[Any]) -> BaseException | None:
