@@ -10,8 +10,10 @@ and :meth:`Scope.drain` (a bounded wait for the pending forks).
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
+import time
 import weakref
 from contextvars import ContextVar
 from types import TracebackType
@@ -21,6 +23,7 @@ import anyio
 import anyio.abc
 
 from . import _loops
+from ._config import current_config
 from ._debug import PendingFork, describe
 from ._future import Future, is_unretrieved_failure, take_unretrieved_error
 from ._groups import ForkGroup, ambient_group
@@ -29,6 +32,8 @@ if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backpo
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["Scope", "current_scope_group", "scope"]
+
+logger = logging.getLogger("anyfork")
 
 # The innermost open scope of the current context. Forks copy the context, so forks made
 # by a scope's forks (in tasks and in worker threads alike) find the same scope.
@@ -179,7 +184,7 @@ class Scope:
         try:
             # Forks the body awaited are done by now: close without making a coroutine.
             if not group.close_if_idle():
-                await group.wait_idle(close=True)
+                await _join(group)
         except BaseException as join_exc:
             # The task running the scope was cancelled while joining: cancel the forks too.
             for future in group.close_now():
@@ -202,6 +207,34 @@ class Scope:
         failures = group.take_unretrieved_failures()
         if failures:
             self.report_unretrieved(failures, exc)
+
+
+async def _join(group: ForkGroup) -> None:
+    """Wait until the scope's forks are done, then close the group. In debug mode, a wait
+    longer than ``slow_fork_warning`` is logged once, naming the forks it waits for: a fork
+    that waits for something only the body would have done (the body failed first) would
+    otherwise hang the scope's exit without a word."""
+    config = current_config()
+    if config.debug:
+        started = time.monotonic()
+        with anyio.move_on_after(config.slow_fork_warning):
+            await group.wait_idle(close=True)
+        if group.closed:
+            return
+        waited_for = describe(group.pending_futures())
+        logger.warning(
+            "anyfork: a scope has been waiting %.1f seconds at its exit for %d fork(s); "
+            "does one of them wait for something the body would have done? %s",
+            time.monotonic() - started,
+            len(waited_for),
+            "; ".join(
+                f"{fork.future!r} ({fork.kind}, {fork.state}, forked at "
+                f"{fork.forked_at or 'an unknown place'})"
+                for fork in waited_for
+            ),
+        )
+        del waited_for
+    await group.wait_idle(close=True)
 
 
 class _ScopeGroup(ForkGroup):
