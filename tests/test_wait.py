@@ -404,3 +404,44 @@ def test_polling_a_pending_concurrent_future_with_timed_waits_does_not_grow_memo
     assert memory_growth_of(poll, 3000) < 300_000
     source.set_result(7)
     assert anyfork.wait(source, timeout=30) == 7
+
+
+# --- a StopIteration raised by the work (issue 17, item 18) --------------------------------
+
+
+def raises_stop_iteration(error: StopIteration) -> None:
+    raise error
+
+
+@pytest.mark.anyio
+async def test_awaiting_a_done_future_that_failed_with_stop_iteration_raises_that_object() -> None:
+    error = StopIteration("the work's own")
+    future = fork(raises_stop_iteration, error)
+    with anyio.fail_after(10):
+        while not future.done():
+            await anyio.sleep(0.01)
+    with pytest.raises(StopIteration) as waited:
+        future.wait()
+    assert waited.value is error
+    with pytest.raises(StopIteration) as awaited:
+        await future
+    assert awaited.value is error
+
+
+@pytest.mark.anyio
+async def test_awaiting_a_pending_future_that_then_fails_with_stop_iteration(
+    anyio_backend_name: str,
+) -> None:
+    error = StopIteration("the work's own")
+    future: Future[None] = Future()
+    threading.Timer(0.05, future.set_exception, args=(error,)).start()
+    if anyio_backend_name == "trio":
+        # Trio hands outcomes to a task only by sending them in: Python then turns a
+        # StopIteration into a RuntimeError (PEP 479). The original is its cause.
+        with pytest.raises(RuntimeError, match="StopIteration") as caught:
+            await future
+        assert caught.value.__cause__ is error
+    else:
+        with anyio.fail_after(10), pytest.raises(StopIteration) as awaited:
+            await future
+        assert awaited.value is error
