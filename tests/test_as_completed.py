@@ -602,7 +602,7 @@ def test_breaking_out_of_for_lets_go_of_the_results_not_yielded() -> None:
     still_pending: Future[Payload] = Future()
     with garbage_collector_disabled():
         done, refs = done_with_payloads(5)
-        for future in anyfork.as_completed([still_pending, *done]):  # noqa: B007
+        for future in anyfork.as_completed([still_pending, *done]):
             break
         del done
         # The first done one is still held (the loop variable); the others are let go of,
@@ -656,7 +656,7 @@ async def test_breaking_out_of_async_for_lets_go_of_the_results_not_yielded() ->
     still_pending: Future[Payload] = Future()
     with garbage_collector_disabled():
         done, refs = done_with_payloads(5)
-        async for future in anyfork.as_completed([still_pending, *done]):  # noqa: B007
+        async for future in anyfork.as_completed([still_pending, *done]):
             break
         del done, future
         assert all(ref() is None for ref in refs)

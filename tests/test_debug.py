@@ -239,7 +239,9 @@ async def test_in_debug_mode_a_scope_whose_exit_waits_long_names_the_forks(
                 while "a scope has been waiting" not in caplog.text:
                     await anyio.sleep(0.02)
             release.set()
-    [message] = [r.getMessage() for r in caplog.records if "a scope has been waiting" in r.getMessage()]
+    [message] = [
+        r.getMessage() for r in caplog.records if "a scope has been waiting" in r.getMessage()
+    ]
     assert "for 1 fork(s)" in message
     assert "waits_for_the_body" in message
     assert f"forked at {THIS_FILE}:" in message

@@ -124,7 +124,7 @@ class ExitJoin:
         self._hand_offs.pop(released, None)
 
     def _hand_offs_to_wait_for(self) -> list[Future[None]]:
-        waited = []
+        waited: list[Future[None]] = []
         for released, follower_ref in list(self._hand_offs.items()):
             follower = follower_ref()
             if not released.done() and follower is not None and has_callbacks(follower):

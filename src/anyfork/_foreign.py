@@ -22,9 +22,7 @@ __all__ = ["follow_concurrent", "follower_of"]
 # The follower of each foreign future adapted so far, both held weakly: while the foreign
 # future is pending, its done callback keeps the follower alive; once it is done, a new
 # follower is as good (the done callback of a done future runs at once and is not kept).
-_followers: weakref.WeakKeyDictionary[Any, weakref.ref[Future[Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+_followers: weakref.WeakKeyDictionary[Any, weakref.ref[Future[Any]]] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
 
 

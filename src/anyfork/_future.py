@@ -378,7 +378,8 @@ class Future(Generic[T]):
             del work
         wake, wait = _loops.loop_waiter()
         self._add_callback(wake)
-        return _PendingAwait(self, wake, wait())
+        # Typed as the generator it stands for, whose protocol it follows.
+        return cast("Generator[Any, Any, T]", _PendingAwait(self, wake, wait()))
 
     # --- callbacks --------------------------------------------------------------------
 
