@@ -4,8 +4,9 @@ A scope owns one fork group (``_groups.py``) on the loop it was entered on. Fork
 the scope's context — by its body, and by its forks, in tasks and in worker threads alike —
 join that group, since forks copy the context. Integrations such as ``anyfork.fastapi``
 subclass :class:`Scope` through its extension surface: :meth:`Scope.forks_go_to` (where new
-forks go), :meth:`Scope.report_unretrieved` (what happens to failures nobody retrieved)
-and :meth:`Scope.drain` (a bounded wait for the pending forks).
+forks go), :meth:`Scope.report_unretrieved` (what happens to failures nobody retrieved),
+:attr:`Scope.holds_failures` (whether a long-lived scope holds them at all) and
+:meth:`Scope.drain` (a bounded wait for the pending forks).
 """
 
 from __future__ import annotations
