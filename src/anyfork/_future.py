@@ -369,17 +369,37 @@ class Future(Generic[T]):
                 return _ready(self._outcome())
             finally:
                 del self  # see _outcome
-        # Start work that waits for the loop's next turn first: a worker thread then wakes
-        # while this thread gets ready to wait (if the work is done by the time the wake-up
-        # is registered, it fires at once).
-        work = self._work
-        if work is not None:
-            work.awaited()
-            del work
-        wake, wait = _loops.loop_waiter()
-        self._add_callback(wake)
-        # Typed as the generator it stands for, whose protocol it follows.
-        return cast("Generator[Any, Any, T]", _PendingAwait(self, wake, wait()))
+        return self._await_pending()
+
+    def _await_pending(self) -> Generator[Any, Any, T]:
+        try:
+            # Start work that waits for the loop's next turn first: a worker thread then
+            # wakes while this thread gets ready to wait (if the work is done by the time
+            # the wake-up is registered, it fires at once).
+            work = self._work
+            if work is not None:
+                work.awaited()
+                del work
+            wake, wait = _loops.loop_waiter()
+            self._add_callback(wake)
+            try:
+                yield from wait()
+            finally:
+                if self._state == _PENDING:
+                    self._discard_callback(wake)
+            if self._state == _FAILED and isinstance(self._exception, StopIteration):
+                # A generator cannot raise it, and there is no other way to raise it at an
+                # await once the task is suspended (Python 3.12+ takes a StopIteration
+                # thrown into an await for its return value): say so, with it as cause.
+                self._retrieved = True
+                raise RuntimeError(
+                    f"{self!r} failed with StopIteration, which 'await' can only raise for a "
+                    "future that is done when awaited (PEP 479); it is the cause of this "
+                    "error. Read it with fut.value() once the future is done"
+                ) from self._exception.with_traceback(self._traceback)
+            return self._outcome()
+        finally:
+            del self  # see _outcome
 
     # --- callbacks --------------------------------------------------------------------
 
@@ -593,96 +613,6 @@ def _ready(value: T) -> Generator[Any, Any, T]:
     """The ``__await__`` iterator of a future already done: it returns ``value`` at once."""
     return value
     yield  # pragma: no cover - makes this a generator
-
-
-class _PendingAwait(Generic[T]):
-    """The ``__await__`` iterator of a pending future: it waits with the loop's own
-    primitive (``wait``, from :func:`_loops.loop_waiter`), then returns the outcome.
-
-    A class rather than a generator for one case: a work that raised ``StopIteration``.
-    A generator cannot raise it (PEP 479 makes it a ``RuntimeError``), and raised by an
-    iterator it would be taken for a return. Instead the loop throws it into the awaiting
-    coroutine (:func:`_loops.thrower`), and ``throw`` is then missing here, so Python
-    raises it in the awaiting frame, as the very object. (Trio has no such way: there the
-    awaiting frame gets a ``RuntimeError`` whose cause is the ``StopIteration``.)
-    """
-
-    __slots__ = ("_future", "_thrown", "_wait", "_wake")
-
-    def __init__(
-        self, future: Future[T], wake: Callback, wait: Generator[Any, Any, object]
-    ) -> None:
-        self._future: Future[T] | None = future
-        self._wake = wake
-        self._wait = wait
-        self._thrown: BaseException | None = None
-
-    def __iter__(self) -> _PendingAwait[T]:
-        return self
-
-    def __next__(self) -> Any:
-        return self.send(None)
-
-    def send(self, value: Any) -> Any:
-        if self._thrown is not None:  # pragma: no cover - the loop throws, it never sends
-            raise RuntimeError("anyfork: the loop resumed an await it was asked to fail")
-        try:
-            return self._wait.send(value)
-        except StopIteration:
-            pass
-        except BaseException:
-            self._stop_waiting()
-            raise
-        return self._finish()
-
-    def _throw(self, *exc_info: Any) -> Any:
-        try:
-            return self._wait.throw(*exc_info)
-        except StopIteration:
-            pass
-        except BaseException:
-            self._stop_waiting()
-            raise
-        return self._finish()
-
-    @property
-    def throw(self) -> Callable[..., Any]:
-        if self._thrown is not None:
-            # Missing: the exception the loop throws now is raised in the awaiting frame.
-            raise AttributeError("throw")
-        return self._throw
-
-    def close(self) -> None:
-        self._wait.close()
-        self._stop_waiting()
-
-    def _stop_waiting(self) -> None:
-        future, self._future = self._future, None
-        if future is not None and future._state == _PENDING:
-            future._discard_callback(self._wake)
-
-    def _finish(self) -> Any:
-        future, self._future = self._future, None
-        assert future is not None
-        exception = future._exception
-        if future._state == _FAILED and isinstance(exception, StopIteration):
-            future._retrieved = True
-            exception.__traceback__ = future._traceback
-            thrower = _loops.thrower(exception)
-            if thrower is not None:
-                self._thrown = exception
-                del future, exception
-                return thrower
-            raise RuntimeError(
-                f"{future!r} failed with StopIteration, which 'await' cannot raise on this "
-                "event loop (PEP 479); it is this error's cause. Use future.value() "
-                "once it is done to get it as itself"
-            ) from exception
-        del exception
-        try:
-            raise StopIteration(future._outcome())
-        finally:
-            del future  # see Future._outcome
 
 
 def run_inline(work: Work) -> None:

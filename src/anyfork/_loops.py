@@ -280,65 +280,6 @@ def wakes_a_task(callback: object) -> bool:
     return getattr(callback, "__code__", None) in _WAKERS
 
 
-def thrower(exception: BaseException) -> object | None:
-    """An object for an ``__await__`` iterator to yield so that the loop throws
-    ``exception`` into the awaiting task (``coro.throw``); ``None`` on a loop that has no
-    such way (trio only ever sends outcomes in).
-
-    It is how ``await`` can raise a ``StopIteration``: raised by an ``__await__`` iterator,
-    or inside a coroutine, it would be taken for a return (or turned into a
-    ``RuntimeError``, PEP 479), while an exception thrown into the awaiting coroutine, at an
-    iterator that has no ``throw`` of its own, is raised there as itself.
-    """
-    loop = asyncio._get_running_loop()
-    if loop is None:
-        return None
-    return _FailedFuture(loop, exception)
-
-
-class _FailedFuture:
-    """A done, failed future as asyncio's ``Task`` sees one (it accepts any object that
-    quacks like ``asyncio.Future``): the task throws ``result()``'s exception into its
-    coroutine. Unlike ``asyncio.Future``, it may hold a ``StopIteration``."""
-
-    __slots__ = ("_asyncio_future_blocking", "_exception", "_loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, exception: BaseException) -> None:
-        self._loop = loop
-        self._exception: BaseException | None = exception
-        self._asyncio_future_blocking = True
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def done(self) -> bool:
-        return True
-
-    def cancelled(self) -> bool:
-        return False
-
-    def cancel(self, msg: object = None) -> bool:
-        return False  # done already: a pending cancellation of the task wins at its step
-
-    def add_done_callback(self, callback: Callable[[Any], object], *, context: Any = None) -> None:
-        self._loop.call_soon(callback, self, context=context)
-
-    def remove_done_callback(self, callback: Callable[[Any], object]) -> int:
-        return 0
-
-    def result(self) -> None:
-        exception, self._exception = self._exception, None
-        if exception is None:  # pragma: no cover - the task reads it once
-            raise RuntimeError("anyfork: a failed future's exception was read twice")
-        try:
-            raise exception
-        finally:
-            del exception
-
-    def exception(self) -> BaseException | None:  # pragma: no cover - not read by Task
-        return self._exception
-
-
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
