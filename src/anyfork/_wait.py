@@ -387,7 +387,8 @@ class AsCompleted(Generic[F_co]):
             self._arrivals.watch(member, original)
         # Leaving a loop over this iterator drops it (unless the caller keeps it to carry
         # on later): the pending futures must then not keep the results not yet yielded.
-        weakref.finalize(self, self._arrivals.release)
+        # Not at interpreter exit (weakref.finalize's default): a thread may still iterate.
+        weakref.finalize(self, self._arrivals.release).atexit = False
 
     def __repr__(self) -> str:
         pending = self._arrivals.pending()
