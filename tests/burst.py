@@ -293,7 +293,8 @@ def run(runner: str, forks: int, seed: int) -> dict[str, Any]:
     # a script keeps the background loop's thread and the one worker thread it keeps for
     # the exit join (on Python 3.12+, which starts no thread at exit, all its worker
     # threads). Nothing else may stay.
-    threads_bound = threads_before
+    # anyfork's reporter thread (failures nobody retrieved), started by the first failure.
+    threads_bound = threads_before + 1
     if runner == "script":
         threads_bound += 2
         if sys.version_info >= (3, 12):

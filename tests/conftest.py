@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,16 @@ def garbage_collector_disabled() -> Iterator[None]:
     finally:
         gc.enable()
         gc.collect()  # here, not at a random later point such as pytest's report
+
+
+def logged_within(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 30) -> bool:
+    """Whether a record whose message contains ``text`` is captured within ``timeout``
+    seconds: reports of failures nobody retrieved are made by a reporter thread, soon after
+    the future is freed, never inside the garbage collector."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if any(text in record.getMessage() for record in caplog.records):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)

@@ -9,6 +9,7 @@ waits for the consumer's acknowledgement of each), never by sleeping and hoping.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import threading
 import time
 import weakref
@@ -576,3 +577,93 @@ def test_a_for_in_a_plain_thread() -> None:
     futures = [anyfork.fork(lambda n=n: n) for n in range(5)]
     consumed = run_in_thread(lambda: sorted(f.value() for f in anyfork.as_completed(futures)))
     assert consumed == [0, 1, 2, 3, 4]
+
+
+# --- leaving the loop lets go of what it has not yielded (issue 17, item 16) ---------------
+
+
+class Payload:
+    """A result whose lifetime a test follows with a weak reference."""
+
+
+def done_with_payloads(count: int) -> tuple[list[Future[Payload]], list[weakref.ref[Payload]]]:
+    futures: list[Future[Payload]] = []
+    refs: list[weakref.ref[Payload]] = []
+    for _ in range(count):
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        future: Future[Payload] = Future()
+        future.set_result(payload)
+        futures.append(future)
+    return futures, refs
+
+
+def test_breaking_out_of_for_lets_go_of_the_results_not_yielded() -> None:
+    still_pending: Future[Payload] = Future()
+    with garbage_collector_disabled():
+        done, refs = done_with_payloads(5)
+        for future in anyfork.as_completed([still_pending, *done]):
+            break
+        del done
+        # The first done one is still held (the loop variable); the others are let go of,
+        # while an input is pending.
+        assert [ref() is None for ref in refs] == [False, True, True, True, True]
+        del future
+        assert all(ref() is None for ref in refs)
+    still_pending.set_result(Payload())
+
+
+def test_an_exception_out_of_for_lets_go_of_the_results_not_yielded() -> None:
+    still_pending: Future[Payload] = Future()
+    with garbage_collector_disabled():
+        done, refs = done_with_payloads(5)
+        with pytest.raises(ValueError, match="stop"):
+            for _ in anyfork.as_completed([still_pending, *done]):
+                raise ValueError("stop")
+        del done
+        # All but the first, which the loop variable holds.
+        assert all(ref() is None for ref in refs[1:])
+
+
+def test_an_abandoned_as_completed_iterator_lets_go_when_collected() -> None:
+    still_pending: Future[Payload] = Future()
+    done, refs = done_with_payloads(5)
+    iterator = anyfork.as_completed([still_pending, *done])
+    first = next(iterator)
+    # A reference cycle keeps the iterator until the collector finds it.
+    cycle: list[object] = [iterator]
+    cycle.append(cycle)
+    del done, iterator, cycle, first
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
+def test_an_iterator_still_held_keeps_its_results_for_the_next_loop() -> None:
+    still_pending: Future[Payload] = Future()
+    done, refs = done_with_payloads(3)
+    iterator = anyfork.as_completed([still_pending, *done])
+    for _ in iterator:
+        break
+    del done
+    gc.collect()
+    assert all(ref() is not None for ref in refs[1:])
+    still_pending.set_result(Payload())
+    assert len(list(iterator)) == 3
+
+
+@pytest.mark.anyio
+async def test_breaking_out_of_async_for_lets_go_of_the_results_not_yielded() -> None:
+    still_pending: Future[Payload] = Future()
+    with garbage_collector_disabled():
+        done, refs = done_with_payloads(5)
+        async for future in anyfork.as_completed([still_pending, *done]):
+            break
+        del done, future
+        assert all(ref() is None for ref in refs)
+        with pytest.raises(ValueError, match="stop"):
+            done, refs = done_with_payloads(5)
+            async for _ in anyfork.as_completed([still_pending, *done]):
+                raise ValueError("stop")
+        del done
+        # All but the first, which the loop variable holds.
+        assert all(ref() is None for ref in refs[1:])

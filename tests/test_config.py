@@ -11,7 +11,7 @@ import pytest
 
 import anyfork
 
-from .conftest import garbage_collector_disabled, run_script
+from .conftest import garbage_collector_disabled, logged_within, run_script
 
 
 def test_configure_without_arguments_reads_the_settings() -> None:
@@ -124,7 +124,7 @@ def test_a_failed_eager_fork_nobody_read_is_logged_and_freed_with_its_last_refer
         del fut
         freed = ref() is None
     assert freed
-    assert any("was never retrieved" in r.getMessage() for r in caplog.records)
+    assert logged_within(caplog, "was never retrieved")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 
 import anyfork
 
-from .conftest import garbage_collector_disabled, run_in_thread, run_script
+from .conftest import garbage_collector_disabled, logged_within, run_in_thread, run_script
 
 pytestmark = pytest.mark.anyio
 
@@ -136,6 +136,7 @@ def test_an_unretrieved_failure_is_logged_with_where_it_was_forked(
         run_in_thread(script)
         gc.collect()
     line = _line_of("future = anyfork.fork(fail)")
+    assert logged_within(caplog, "never retrieved")
     [message] = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
     assert f"forked at {THIS_FILE}:{line} in script" in message
 
@@ -205,3 +206,42 @@ def _line_of(text: str) -> int:
             if text in line:
                 return number
     raise AssertionError(f"{text!r} is not in {THIS_FILE}")
+
+
+# --- a scope whose exit waits too long says what for (issue 17, item b) ------------------
+
+
+async def test_in_debug_mode_a_scope_whose_exit_waits_long_names_the_forks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The pattern that hangs: the body fails before it releases what a fork waits for, so
+    # the scope's exit waits for that fork for ever. The log says which fork, and where.
+    anyfork.configure(debug=True, slow_fork_warning=0.2)
+    release = anyio.Event()
+
+    async def waits_for_the_body() -> None:
+        await release.wait()
+
+    async def scope_whose_body_fails() -> None:
+        async with anyfork.scope():
+            anyfork.fork(waits_for_the_body)
+            raise ValueError("the body failed before release.set()")
+
+    with caplog.at_level(logging.WARNING, logger="anyfork"):
+        async with anyio.create_task_group() as task_group:
+
+            async def run_the_scope() -> None:
+                with pytest.raises(ValueError, match="the body failed"):
+                    await scope_whose_body_fails()
+
+            task_group.start_soon(run_the_scope)
+            with anyio.fail_after(20):
+                while "a scope has been waiting" not in caplog.text:
+                    await anyio.sleep(0.02)
+            release.set()
+    [message] = [
+        r.getMessage() for r in caplog.records if "a scope has been waiting" in r.getMessage()
+    ]
+    assert "for 1 fork(s)" in message
+    assert "waits_for_the_body" in message
+    assert f"forked at {THIS_FILE}:" in message

@@ -5,9 +5,12 @@ Every test runs on asyncio (debug), uvloop and trio.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -508,9 +511,11 @@ def test_importing_the_integration_loads_anyios_backend_off_the_loop() -> None:
     assert result.stdout == "True\n", result.stderr
 
 
-async def test_an_unretrieved_failure_in_the_app_scope_is_logged_at_shutdown(
+async def test_an_unretrieved_failure_of_a_detached_fork_is_logged_while_the_app_runs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # The app scope lives as long as the app: it used to hold every failed fork, frames
+    # and all, and log the failures only at shutdown, hours later.
     app = app_with_scopes(policy="detach")
 
     async def fails() -> None:
@@ -524,5 +529,50 @@ async def test_an_unretrieved_failure_in_the_app_scope_is_logged_at_shutdown(
     with caplog.at_level(logging.ERROR, logger="anyfork"):
         async with client_for(app) as client:
             assert (await client.get("/")).status_code == 200
+            with anyio.fail_after(20):
+                while "late write failed" not in caplog.text:
+                    await anyio.sleep(0.01)
+            assert "<locals>.fails' failed> was never retrieved" in caplog.text
+
+
+async def test_a_detached_failure_still_held_at_shutdown_is_logged_then(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = app_with_scopes(policy="detach")
+    held: list[anyfork.Future[None]] = []
+
+    async def fails() -> None:
+        raise ValueError("late write failed")
+
+    @app.get("/")
+    async def handler() -> str:
+        held.append(anyfork.fork(fails))
+        return "ok"
+
+    with caplog.at_level(logging.ERROR, logger="anyfork"):
+        async with client_for(app) as client:
+            assert (await client.get("/")).status_code == 200
     assert "a fork of the app scope failed and nobody retrieved the error" in caplog.text
     assert "late write failed" in caplog.text
+
+
+async def test_the_app_scope_holds_no_failure_that_was_retrieved() -> None:
+    app = app_with_scopes(policy="detach")
+    refs: list[weakref.ref[anyfork.Future[None]]] = []
+
+    async def fails() -> None:
+        raise ValueError("handled")
+
+    @app.get("/")
+    async def handler() -> str:
+        future = anyfork.fork(fails)
+        refs.append(weakref.ref(future))
+        with contextlib.suppress(ValueError):
+            await future
+        return "ok"
+
+    async with client_for(app) as client:
+        for _ in range(50):
+            assert (await client.get("/")).status_code == 200
+        gc.collect()
+        assert all(ref() is None for ref in refs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
+import weakref
 
 import anyio
 import pytest
@@ -12,7 +14,7 @@ import anyfork
 from anyfork import fork
 
 if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -212,3 +214,41 @@ async def test_nested_scopes_cancelled_from_another_thread_cancel_every_level() 
     # A sync fork already running cannot be interrupted: the scope waits for it to finish.
     assert forks[2].done() and not forks[2].cancelled()
     assert release_sync.is_set()
+
+
+# --- a long-lived scope forgets the failures it no longer needs (issue 17, item 14) -------
+
+
+class Frames:
+    """A large object a failing fork's frame holds, followed with a weak reference."""
+
+
+async def handled_failure(keep: list[weakref.ref[Frames]]) -> None:
+    held = Frames()
+    keep.append(weakref.ref(held))
+    raise ValueError("handled")
+
+
+async def test_a_scope_forgets_failures_once_they_were_retrieved() -> None:
+    refs: list[weakref.ref[Frames]] = []
+    async with anyfork.scope():
+        for _ in range(300):
+            with pytest.raises(ValueError, match="handled"):
+                await anyfork.fork(handled_failure, refs)
+        gc.collect()
+        # Still inside the scope: at most a few dozen retrieved failures wait to be pruned.
+        alive = sum(ref() is not None for ref in refs)
+        assert alive <= 64, f"{alive} retrieved failures (and their frames) are still held"
+
+
+async def test_a_scope_still_raises_the_failures_nobody_retrieved_among_many_handled() -> None:
+    refs: list[weakref.ref[Frames]] = []
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with anyfork.scope():
+            unread = [anyfork.fork(handled_failure, refs) for _ in range(3)]
+            for _ in range(200):
+                with pytest.raises(ValueError, match="handled"):
+                    await anyfork.fork(handled_failure, refs)
+            await anyfork.wait_async(anyfork.collect_all(unread))
+            del unread
+    assert len(caught.value.exceptions) == 3

@@ -441,3 +441,54 @@ def test_a_compiled_module_warmed_once_per_grad_mode_fans_out_without_compiling_
     for output in with_grad:
         assert output.requires_grad
         assert torch.equal(output, expected)
+
+
+# --- torch futures are not forks (issue 17, items 9 and 17) ------------------------------
+
+
+def test_polling_a_pending_torch_future_with_timed_waits_does_not_grow_memory() -> None:
+    import tracemalloc
+
+    # A base torch future (what torch.jit.fork and collect_all return) that never completes.
+    source = torch.futures.collect_all([torch.futures.Future()])
+
+    def poll() -> None:
+        with pytest.raises(TimeoutError):
+            anyfork.wait(source, timeout=0)
+
+    for _ in range(100):
+        poll()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3000):
+            poll()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Each poll used to leave a follower, a torch callback and an exit-join entry behind.
+    assert grown < 300_000
+    assert not [fork for fork in anyfork.pending() if "torch" in fork.name]
+
+
+def test_a_script_that_gave_up_waiting_for_a_torch_future_exits_at_once() -> None:
+    started = time.monotonic()
+    result = run_script(
+        """
+        import time
+        import torch, anyfork
+
+        anyfork.configure(exit_timeout=60)
+        never = torch.futures.collect_all([torch.futures.Future()])
+        try:
+            anyfork.wait(never, timeout=0.1)
+        except TimeoutError:
+            print("gave up", flush=True)
+        """,
+        timeout=120,
+    )
+    # The exit bound is 60 seconds: the script used to wait for all of it.
+    assert time.monotonic() - started < 40
+    assert result.returncode == 0, result.stderr
+    assert "gave up" in result.stdout
+    assert "ERROR" not in result.stderr and "fork(s)" not in result.stderr, result.stderr

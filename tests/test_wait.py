@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import threading
 import weakref
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -368,3 +370,76 @@ def test_nan_and_negative_timeouts_stay_rejected(how: str, bad: float) -> None:
     fut.set_result(1)
     with pytest.raises(ValueError, match="timeout must be None or a number >= 0"):
         run_in_thread(lambda: wait_with_timeout(how, fut, bad))
+
+
+# --- polling foreign futures (issue 17, item 17) -------------------------------------------
+
+
+def memory_growth_of(poll: Callable[[], object], times: int) -> int:
+    """Bytes still allocated after calling ``poll`` ``times`` times (after 100 warm-up calls)."""
+    import tracemalloc
+
+    for _ in range(100):
+        poll()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(times):
+            poll()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_polling_a_pending_concurrent_future_with_timed_waits_does_not_grow_memory() -> None:
+    source: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+    def poll() -> None:
+        with pytest.raises(TimeoutError):
+            anyfork.wait(source, timeout=0)
+
+    # Each poll used to leave a follower and a done callback behind (about 2 KB).
+    assert memory_growth_of(poll, 3000) < 300_000
+    source.set_result(7)
+    assert anyfork.wait(source, timeout=30) == 7
+
+
+# --- a StopIteration raised by the work (issue 17, item 18) --------------------------------
+
+
+def raises_stop_iteration(error: StopIteration) -> None:
+    raise error
+
+
+@pytest.mark.anyio
+async def test_awaiting_a_done_future_that_failed_with_stop_iteration_raises_that_object() -> None:
+    error = StopIteration("the work's own")
+    future = fork(raises_stop_iteration, error)
+    with anyio.fail_after(10):
+        while not future.done():
+            await anyio.sleep(0.01)
+    with pytest.raises(StopIteration) as waited:
+        future.wait()
+    assert waited.value is error
+    with pytest.raises(StopIteration) as awaited:
+        await future
+    assert awaited.value is error
+
+
+@pytest.mark.anyio
+async def test_awaiting_a_pending_future_that_then_fails_with_stop_iteration() -> None:
+    # Once the awaiting task is suspended, Python has no way to raise a StopIteration at
+    # its await (a generator turns it into a RuntimeError, PEP 479, and Python 3.12+ takes
+    # one thrown into an await for its return value): it must never come back as a value.
+    # The RuntimeError says so, with the StopIteration as its cause.
+    error = StopIteration("the work's own")
+    future: Future[None] = Future()
+    threading.Timer(0.05, future.set_exception, args=(error,)).start()
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match="StopIteration") as caught:
+        await future
+    assert caught.value.__cause__ is error
+    with pytest.raises(StopIteration) as awaited:
+        await future  # done now
+    assert awaited.value is error

@@ -13,12 +13,20 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, Protocol
 
 from . import _pool
 from ._config import current_config
 from ._errors import ShutdownError
-from ._future import Future, abandon_in_child, block_until_done, on_done, steal
+from ._future import (
+    Future,
+    abandon_in_child,
+    block_until_done,
+    has_callbacks,
+    on_done,
+    steal,
+)
 
 __all__ = ["ExitParticipant", "exit_join", "exit_join_started"]
 
@@ -53,6 +61,9 @@ class ExitJoin:
         # Set by discard() while the join waits for the done callbacks of finished forks.
         self._discarded = threading.Event()
         self._joining = False
+        # Torch futures' callbacks still held by torch, and the followers they complete
+        # (see track_hand_off).
+        self._hand_offs: dict[Future[None], weakref.ref[Future[Any]]] = {}
 
     def check_open(self) -> None:
         """Raise :class:`ShutdownError` if nothing would wait for new work at exit any more;
@@ -93,6 +104,32 @@ class ExitJoin:
         self._pending[future] = None
         if forget_when_done:
             on_done(future, self.discard)
+
+    def track_hand_off(self, follower: Future[Any], released: Future[None]) -> None:
+        """Have the join wait until ``released`` is done (torch has let go of the callback
+        that completes ``follower``), but only if, at exit, something still consumes the
+        follower through a done callback (``collect_all``, ``as_completed``): then torch's
+        thread is busy with work somebody will read, and the interpreter must not finalize
+        under it. The follower is not a fork: a timed wait that gave up on a torch future
+        that never completes does not hold the exit.
+
+        :raises ShutdownError: if the join is over (see :meth:`check_open`)
+        """
+        if self._over or not self._hook_registered:
+            self.check_open()
+        self._hand_offs[released] = weakref.ref(follower)
+        on_done(released, self._forget_hand_off)
+
+    def _forget_hand_off(self, released: Future[Any]) -> None:
+        self._hand_offs.pop(released, None)
+
+    def _hand_offs_to_wait_for(self) -> list[Future[None]]:
+        waited: list[Future[None]] = []
+        for released, follower_ref in list(self._hand_offs.items()):
+            follower = follower_ref()
+            if not released.done() and follower is not None and has_callbacks(follower):
+                waited.append(released)
+        return waited
 
     def discard(self, future: Future[Any]) -> None:
         """Stop tracking ``future``: its work is over, done callbacks included (or it will
@@ -143,6 +180,7 @@ class ExitJoin:
                     # Only wait: reading the outcome would hide a failure nobody retrieved.
                     block_until_done(future, None if remaining is None else max(remaining, 0))
             self._wait_for_done_callbacks(deadline)
+            self._wait_for_hand_offs(deadline)
         except TimeoutError:
             self._give_up(
                 f"did not finish within the exit bound of {bound} seconds "
@@ -185,7 +223,21 @@ class ExitJoin:
         finally:
             self._joining = False
 
+    def _wait_for_hand_offs(self, deadline: float | None) -> None:
+        """Wait until torch has let go of the callbacks of the torch futures whose followers
+        something still consumes (see :meth:`track_hand_off`)."""
+        for released in self._hand_offs_to_wait_for():
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+            block_until_done(released, remaining)
+
     def _give_up(self, why: str) -> None:
+        if not self._unfinished() and not self._pending and self._hand_offs_to_wait_for():
+            logger.warning(
+                "anyfork: torch work handed to anyfork was still running at exit (%s); "
+                "torch may abort the process when it ends",
+                why,
+            )
+            return
         unfinished = self._unfinished()
         if not unfinished and self._pending:
             logger.error(
@@ -211,6 +263,7 @@ class ExitJoin:
         self._lock = threading.RLock()
         self._pending = {}
         self._participants = []
+        self._hand_offs = {}
         for future in inherited:
             abandon_in_child(future)
 

@@ -36,6 +36,7 @@ from ._callbacks import (
     run_callbacks,
 )
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
+from ._reports import report_unretrieved, start_reporter
 
 __all__ = [
     "Future",
@@ -45,10 +46,13 @@ __all__ = [
     "check_timeout",
     "claim",
     "fork_record",
+    "forget_callback",
     "note_forked",
     "on_done",
+    "has_callbacks",
     "has_failed",
     "is_finished",
+    "is_unretrieved_failure",
     "keep_alive",
     "mark_retrieved",
     "may_run_inline",
@@ -221,16 +225,10 @@ class Future(Generic[T]):
         except AttributeError:  # __init__ never ran to the end: nothing to report
             return
         if unretrieved:
-            try:
-                # The repr, not the future: a handler that keeps records (pytest's caplog,
-                # a memory handler) would otherwise bring the dying future back to life.
-                logger.error(
-                    "anyfork: exception of %s was never retrieved",
-                    repr(self),
-                    exc_info=self._exception,
-                )
-            except Exception:  # pragma: no cover - logging torn down at interpreter exit
-                pass
+            # Queued, never logged here: this may run inside the garbage collector, in the
+            # middle of any code (see _reports.py). The repr, not the future: a handler that
+            # keeps records would otherwise bring the dying future back to life.
+            report_unretrieved(repr(self), cast("BaseException", self._exception))
 
     # --- inspection -------------------------------------------------------------------
 
@@ -362,24 +360,43 @@ class Future(Generic[T]):
     def __await__(self) -> Generator[Any, Any, T]:
         # Waits, without blocking the loop, until the future is done. Wake-ups from other
         # threads reach the loop with its own thread-safe call, and cancelling the waiting
-        # task only stops the waiting, never the work. (Inline rather than a coroutine of
-        # its own: every await of a pending future comes through here.)
+        # task only stops the waiting, never the work.
+        if self._state != _PENDING:
+            # The outcome is read here, in a plain method: an exception raised by __await__
+            # itself reaches the awaiting frame as it is, even a StopIteration, which a
+            # generator or coroutine would turn into a RuntimeError (PEP 479).
+            try:
+                return _ready(self._outcome())
+            finally:
+                del self  # see _outcome
+        return self._await_pending()
+
+    def _await_pending(self) -> Generator[Any, Any, T]:
         try:
-            if self._state == _PENDING:
-                # Start work that waits for the loop's next turn first: a worker thread then
-                # wakes while this thread gets ready to wait (if the work is done by the time
-                # the wake-up is registered, it fires at once).
-                work = self._work
-                if work is not None:
-                    work.awaited()
-                    del work
-                wake, wait = _loops.loop_waiter()
-                self._add_callback(wake)
-                try:
-                    yield from wait()
-                finally:
-                    if self._state == _PENDING:
-                        self._discard_callback(wake)
+            # Start work that waits for the loop's next turn first: a worker thread then
+            # wakes while this thread gets ready to wait (if the work is done by the time
+            # the wake-up is registered, it fires at once).
+            work = self._work
+            if work is not None:
+                work.awaited()
+                del work
+            wake, wait = _loops.loop_waiter()
+            self._add_callback(wake)
+            try:
+                yield from wait()
+            finally:
+                if self._state == _PENDING:
+                    self._discard_callback(wake)
+            if self._state == _FAILED and isinstance(self._exception, StopIteration):
+                # A generator cannot raise it, and there is no other way to raise it at an
+                # await once the task is suspended (Python 3.12+ takes a StopIteration
+                # thrown into an await for its return value): say so, with it as cause.
+                self._retrieved = True
+                raise RuntimeError(
+                    f"{self!r} failed with StopIteration, which 'await' can only raise for a "
+                    "future that is done when awaited (PEP 479); it is the cause of this "
+                    "error. Read it with fut.value() once the future is done"
+                ) from self._exception.with_traceback(self._traceback)
             return self._outcome()
         finally:
             del self  # see _outcome
@@ -466,7 +483,9 @@ class Future(Generic[T]):
         if the callback raises, and then with the callback's own exception (torch wraps it
         in ``RuntimeError``; anyfork keeps its type). A callback that returns a coroutine
         (which nothing would await) has it closed, and the new future fails with a
-        ``TypeError``.
+        ``TypeError``. Cancelling the new future before the callback starts means the
+        callback never runs; once it runs, ``cancel()`` returns ``False`` and the callback's
+        outcome is the new future's.
 
         Example::
 
@@ -477,7 +496,10 @@ class Future(Generic[T]):
         """
         check_callable(callback, "then")
         child: Future[S] = Future()
-        self._add_callback(_ThenCallback(callback, child))
+        then_callback = _ThenCallback(callback, child)
+        # Cancelling the child drops the callback (its Work.cancel), unless it runs already.
+        child._work = then_callback
+        self._add_callback(then_callback)
         return child
 
     # --- completion -------------------------------------------------------------------
@@ -543,15 +565,21 @@ class Future(Generic[T]):
         with self._lock:
             if self._state != _PENDING or (unless_running and self._running):
                 return False
-            self._state = state
             self._result = result
             self._exception = exception
             if exception is not None:
                 self._traceback = exception.__traceback__
+            # The state last: readers that take no lock (done(), wait(), value(), await)
+            # read the state first, and must find the outcome stored once it says done.
+            # Each slot store is a release store (and each load an atomic load) in the
+            # free-threaded build, so the order holds there without the GIL too.
+            self._state = state
             callbacks = self._callbacks
             self._callbacks = []
             event = self._blocking_event
         self._work = None
+        if state == _FAILED:
+            start_reporter()  # here, not in __del__: a thread cannot start in the collector
         if callbacks and (hand_off := callback_hand_off.runner) is not None:
             try:
                 hand_off(self, callbacks)
@@ -581,6 +609,12 @@ class Future(Generic[T]):
 # cancelled). Waiters then get it as the ``__cause__`` of their anyfork.CancelledError.
 
 
+def _ready(value: T) -> Generator[Any, Any, T]:
+    """The ``__await__`` iterator of a future already done: it returns ``value`` at once."""
+    return value
+    yield  # pragma: no cover - makes this a generator
+
+
 def run_inline(work: Work) -> None:
     """Run a sync fork's work in this waiting thread (work stealing), counting the depth."""
     _inline.depth += 1
@@ -605,55 +639,6 @@ def _cancelled_error(future: Future[Any]) -> CancelledError:
     error = CancelledError(f"{future!r} was cancelled")
     error.__cause__ = future._exception
     return error
-
-
-class _ThenCallback(Generic[T, S]):
-    """The done callback of :meth:`Future.then`: completes ``child`` with ``callback(parent)``.
-
-    It runs once and lets go of both at the start: the frames that dispatched it may outlive
-    the call in a traceback (see :func:`without_catching_frame`), and must not hold the child.
-    """
-
-    __slots__ = ("_callback", "_child")
-
-    def __init__(self, callback: Callable[[Future[T]], S], child: Future[S]) -> None:
-        self._callback: Callable[[Future[T]], S] | None = callback
-        self._child: Future[S] | None = child
-
-    def __call__(self, parent: Future[T]) -> None:
-        callback, child = self._callback, self._child
-        if callback is None or child is None:  # pragma: no cover - callbacks run once
-            return
-        self._callback = self._child = None
-        try:
-            try:
-                result = callback(parent)
-            except BaseException as exc:
-                if exc is parent._exception:
-                    # The callback re-raised its parent's error (lambda f: f.value()): keep
-                    # the parent's traceback, so a long failing chain does not grow it.
-                    exc.__traceback__ = parent._traceback
-                else:
-                    without_catching_frame(exc)
-                child._complete(_FAILED, None, exc)
-            else:
-                if isinstance(result, types.CoroutineType):
-                    # It will never run: spare the user a "never awaited" warning.
-                    cast("types.CoroutineType[Any, Any, Any]", result).close()
-                    child._complete(
-                        _FAILED,
-                        None,
-                        TypeError(
-                            f"the then() callback {callback!r} returned a coroutine, which "
-                            "nothing awaits (it was closed): then() calls its callback "
-                            "synchronously; pass a sync function, or await the future in a "
-                            "task and call the coroutine function there"
-                        ),
-                    )
-                else:
-                    child._complete(_FINISHED, result, None)
-        finally:
-            del child, callback
 
 
 def check_timeout(timeout: float | None) -> float | None:
@@ -710,9 +695,87 @@ class Work:
         for the loop's next turn to start may start now (one loop iteration sooner)."""
 
 
+class _ThenCallback(Work, Generic[T, S]):
+    """The done callback of :meth:`Future.then`: completes ``child`` with ``callback(parent)``.
+
+    It is also the child's :class:`Work`: cancelling the child before the callback starts
+    drops the callback, which then never runs; once it runs, ``cancel()`` returns ``False``
+    (the callback, like a sync fork in a thread, cannot be stopped). It runs once and lets
+    go of both at the start: the frames that dispatched it may outlive the call in a
+    traceback (see :func:`without_catching_frame`), and must not hold the child.
+    """
+
+    __slots__ = ("_callback", "_child")
+
+    def __init__(self, callback: Callable[[Future[T]], S], child: Future[S]) -> None:
+        self._callback: Callable[[Future[T]], S] | None = callback
+        self._child: Future[S] | None = child
+
+    kind = "then() callback"
+
+    def cancel(self, future: Future[Any]) -> None:
+        # The child was cancelled before its callback started: it never will.
+        self._callback = self._child = None
+
+    def __call__(self, parent: Future[T]) -> None:
+        callback, child = self._callback, self._child
+        if callback is None or child is None:  # cancelled, or already run
+            return
+        self._callback = self._child = None
+        try:
+            if not child._start_running():  # cancelled (or completed by hand) meanwhile
+                return
+            try:
+                result = callback(parent)
+            except BaseException as exc:
+                if exc is parent._exception:
+                    # The callback re-raised its parent's error (lambda f: f.value()): keep
+                    # the parent's traceback, so a long failing chain does not grow it.
+                    exc.__traceback__ = parent._traceback
+                else:
+                    without_catching_frame(exc)
+                if not child._complete(_FAILED, None, exc):
+                    _log_lost_error(child, callback, exc)
+            else:
+                if isinstance(result, types.CoroutineType):
+                    # It will never run: spare the user a "never awaited" warning.
+                    cast("types.CoroutineType[Any, Any, Any]", result).close()
+                    child._complete(
+                        _FAILED,
+                        None,
+                        TypeError(
+                            f"the then() callback {callback!r} returned a coroutine, which "
+                            "nothing awaits (it was closed): then() calls its callback "
+                            "synchronously; pass a sync function, or await the future in a "
+                            "task and call the coroutine function there"
+                        ),
+                    )
+                else:
+                    child._complete(_FINISHED, result, None)
+        finally:
+            del child, callback
+
+
+def _log_lost_error(child: Future[Any], callback: object, exc: BaseException) -> None:
+    """A then() callback raised after its child was completed by other means: the error
+    cannot be stored, so it is logged rather than lost."""
+    logger.error(
+        "anyfork: the then() callback %r raised, but its future %r was already done "
+        "(completed by hand while the callback ran)",
+        callback,
+        child,
+        exc_info=exc,
+    )
+
+
 def on_done(future: Future[Any], callback: Callback) -> None:
     """``add_done_callback`` for anyfork's own callbacks, which need none of its checks."""
     future._add_callback(callback)
+
+
+def forget_callback(future: Future[Any], callback: Callback) -> None:
+    """Remove a callback added with :func:`on_done` that has not run (else nothing)."""
+    future._discard_callback(callback)
 
 
 def attach(future: Future[Any], work: Work | None) -> None:
@@ -782,6 +845,11 @@ def mark_retrieved(future: Future[Any]) -> None:
     future._retrieved = True
 
 
+def is_unretrieved_failure(future: Future[Any]) -> bool:
+    """Whether ``future`` failed and nobody has retrieved its error yet."""
+    return future._state == _FAILED and not future._retrieved
+
+
 def take_unretrieved_error(future: Future[Any]) -> BaseException | None:
     """Return the error of a failed future that nobody retrieved, now counted as retrieved
     (a scope reports it); else ``None``."""
@@ -789,6 +857,12 @@ def take_unretrieved_error(future: Future[Any]) -> BaseException | None:
         return None
     future._retrieved = True
     return future._exception
+
+
+def has_callbacks(future: Future[Any]) -> bool:
+    """Whether something waits for ``future`` through a done callback (a ``collect_all``,
+    ``as_completed``, ``then``, an awaiting task)."""
+    return bool(future._callbacks)
 
 
 def keep_alive(future: Future[Any], obj: object) -> None:

@@ -4,14 +4,18 @@ A scope owns one fork group (``_groups.py``) on the loop it was entered on. Fork
 the scope's context — by its body, and by its forks, in tasks and in worker threads alike —
 join that group, since forks copy the context. Integrations such as ``anyfork.fastapi``
 subclass :class:`Scope` through its extension surface: :meth:`Scope.forks_go_to` (where new
-forks go), :meth:`Scope.report_unretrieved` (what happens to failures nobody retrieved)
-and :meth:`Scope.drain` (a bounded wait for the pending forks).
+forks go), :meth:`Scope.report_unretrieved` (what happens to failures nobody retrieved),
+:attr:`Scope.holds_failures` (whether a long-lived scope holds them at all) and
+:meth:`Scope.drain` (a bounded wait for the pending forks).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
+import time
+import weakref
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, NoReturn
@@ -20,14 +24,17 @@ import anyio
 import anyio.abc
 
 from . import _loops
+from ._config import current_config
 from ._debug import PendingFork, describe
-from ._future import Future, take_unretrieved_error
+from ._future import Future, is_unretrieved_failure, take_unretrieved_error
 from ._groups import ForkGroup, ambient_group
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["Scope", "current_scope_group", "scope"]
+
+logger = logging.getLogger("anyfork")
 
 # The innermost open scope of the current context. Forks copy the context, so forks made
 # by a scope's forks (in tasks and in worker threads alike) find the same scope.
@@ -92,6 +99,14 @@ class Scope:
 
     # --- the extension surface (for integrations that subclass Scope) -------------------
 
+    #: Whether the scope holds its forks' failures until it exits, to report those nobody
+    #: retrieved by then (:meth:`report_unretrieved`). A long-lived scope (an app's) sets
+    #: it to ``False``: it then holds none, a failed fork that nobody holds or retrieved is
+    #: reported ("exception ... was never retrieved") as soon as it is freed, and only the
+    #: failures still referenced elsewhere at exit reach :meth:`report_unretrieved`.
+    #: Either way a failure that was retrieved is forgotten.
+    holds_failures: bool = True
+
     def forks_go_to(self) -> Scope | None:
         """Where forks made in this scope go: this scope (the default), another open scope,
         or ``None`` for the ambient group of the loop.
@@ -141,7 +156,11 @@ class Scope:
         native = _loops.running_native_loop()
         if native is None:  # pragma: no cover - only reachable by driving __aenter__ by hand
             raise RuntimeError("anyfork.scope() must be entered in async code")
-        self._group = _ScopeGroup(ambient_group(native).token, threading.get_ident())
+        self._group = _ScopeGroup(
+            ambient_group(native).token,
+            threading.get_ident(),
+            hold_failures=self.holds_failures,
+        )
         # Opened now even if the body forks no coroutine: a coroutine fork may join at any
         # time (from inside a cancel scope of the body, or from another task or thread) and
         # its task must start at once, in a task group that only this task can open, here.
@@ -166,7 +185,7 @@ class Scope:
         try:
             # Forks the body awaited are done by now: close without making a coroutine.
             if not group.close_if_idle():
-                await group.wait_idle(close=True)
+                await _join(group)
         except BaseException as join_exc:
             # The task running the scope was cancelled while joining: cancel the forks too.
             for future in group.close_now():
@@ -191,17 +210,64 @@ class Scope:
             self.report_unretrieved(failures, exc)
 
 
-class _ScopeGroup(ForkGroup):
-    """A scope's fork group: it also remembers which of its forks failed."""
+async def _join(group: ForkGroup) -> None:
+    """Wait until the scope's forks are done, then close the group. In debug mode, a wait
+    longer than ``slow_fork_warning`` is logged once, naming the forks it waits for: a fork
+    that waits for something only the body would have done (the body failed first) would
+    otherwise hang the scope's exit without a word."""
+    config = current_config()
+    if config.debug:
+        started = time.monotonic()
+        with anyio.move_on_after(config.slow_fork_warning):
+            await group.wait_idle(close=True)
+        if group.closed:
+            return
+        waited_for = describe(group.pending_futures())
+        logger.warning(
+            "anyfork: a scope has been waiting %.1f seconds at its exit for %d fork(s); "
+            "does one of them wait for something the body would have done? %s",
+            time.monotonic() - started,
+            len(waited_for),
+            "; ".join(
+                f"{fork.future!r} ({fork.kind}, {fork.state}, forked at "
+                f"{fork.forked_at or 'an unknown place'})"
+                for fork in waited_for
+            ),
+        )
+        del waited_for
+    await group.wait_idle(close=True)
 
-    _failed: list[Future[Any]]
+
+class _ScopeGroup(ForkGroup):
+    """A scope's fork group: it also remembers which of its forks failed, until their
+    failure is retrieved (or, with ``hold_failures=False``, while they live)."""
+
+    _failed: list[Future[Any]] | weakref.WeakSet[Future[Any]]
+
+    def __init__(self, token: Any, loop_thread: int, *, hold_failures: bool = True) -> None:
+        super().__init__(token, loop_thread)
+        self._hold_failures = hold_failures
+        # How many failures were held after the last pruning (see _note_failed).
+        self._kept = 0
 
     def open(self, task_group: anyio.abc.TaskGroup) -> None:
-        self._failed = []
+        self._failed = [] if self._hold_failures else weakref.WeakSet()
         super().open(task_group)
 
     def _note_failed(self, future: Future[Any]) -> None:
-        self._failed.append(future)
+        # Under the lock: sync forks fail in worker threads.
+        with self._lock:
+            failed = self._failed
+            if isinstance(failed, weakref.WeakSet):
+                failed.add(future)
+                return
+            failed.append(future)
+            # Forget the failures retrieved meanwhile (a long-lived scope whose failures are
+            # all handled must not keep them, and their frames, until it exits). Pruned when
+            # the list has doubled, so a failure costs O(1) on average.
+            if len(failed) >= max(_PRUNE_AT, 2 * self._kept):
+                failed[:] = [future for future in failed if is_unretrieved_failure(future)]
+                self._kept = len(failed)
 
     def close_if_idle(self) -> bool:
         """Close the group if no fork is pending; return whether it did.
@@ -216,11 +282,16 @@ class _ScopeGroup(ForkGroup):
             return True
 
     def take_unretrieved_failures(self) -> list[BaseException]:
-        if not self._failed:
-            return []
-        errors = [take_unretrieved_error(future) for future in self._failed]
-        self._failed.clear()
+        with self._lock:
+            failed = list(self._failed)
+            self._failed.clear()
+        errors = [take_unretrieved_error(future) for future in failed]
+        del failed
         return [error for error in errors if error is not None]
+
+
+# The fewest failures a scope holds before it forgets the retrieved ones.
+_PRUNE_AT = 32
 
 
 def scope(*, cancel_pending: bool = False) -> Scope:

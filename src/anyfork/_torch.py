@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from ._foreign import follower_of
 from ._future import Future, keep_alive, mark_retrieved, settle, settle_failed
 
 __all__ = [
@@ -51,15 +52,18 @@ def is_torch_future(obj: object) -> bool:
 
 
 def follow_torch(source: Any) -> Future[Any]:
-    """An anyfork future that completes with the torch future ``source``.
+    """An anyfork future that completes with the torch future ``source`` (its follower:
+    one per torch future, however often it is waited on; see ``_foreign.py``).
 
     No thread waits: ``source``'s done callback (run by whichever torch thread completes it,
     or at once if it is done already) completes the anyfork future, and that wakes every
     waiter, blocking or awaiting, on any loop; a waiter whose loop has closed is skipped.
     Cancelling the anyfork future stops the waiting only: torch futures cannot be cancelled.
-    A base ``torch._C.Future`` stands for work in torch's pools; a script's exit join waits
-    for it as for a fork.
     """
+    return follower_of(source, _make_follower)
+
+
+def _make_follower(source: Any) -> Future[Any]:
     future: Future[Any] = Future(name=f"torch.Future at {id(source):#x}")
     # The torch future owns its error; the follower must not report it again when dropped.
     mark_retrieved(future)
@@ -77,7 +81,8 @@ def follow_torch(source: Any) -> Future[Any]:
         # thread runs copy_outcome, then releases it, taking the GIL to do so; if the
         # interpreter is finalizing by then, that thread is killed and torch aborts the
         # process ("terminate called without an active exception"). So the exit join
-        # waits, within its bound, until torch has released the callback.
+        # waits, within its bound, until torch has released the callback, as long as
+        # something consumes the follower (see ExitJoin.track_hand_off).
         # For the same reason torch's Python wrapper of the future must not be freed in
         # torch's thread: the follower keeps it, so a Python thread frees it.
         keep_alive(future, source)
@@ -86,18 +91,18 @@ def follow_torch(source: Any) -> Future[Any]:
         weakref.finalize(copy_outcome, settle, released, None)
         source.add_done_callback(copy_outcome)
         del copy_outcome  # torch holds the only reference now
-        _join_at_exit(released)
+        _hand_off_at_exit(future, released)
     else:
         source.add_done_callback(copy_outcome)
     return future
 
 
-def _join_at_exit(future: Future[Any]) -> None:
+def _hand_off_at_exit(follower: Future[Any], released: Future[None]) -> None:
     from ._errors import ShutdownError
     from ._exit import exit_join
 
     try:
-        exit_join.track(future)
+        exit_join.track_hand_off(follower, released)
     except (ShutdownError, RuntimeError):  # already exiting: nothing is left to join it
         pass
 

@@ -14,6 +14,7 @@ import functools
 import inspect
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar, cast, overload
@@ -22,19 +23,16 @@ import anyio
 
 from . import _loops
 from ._errors import WouldBlockError
+from ._foreign import follow_concurrent
 from ._future import (
     Future,
-    Work,
-    attach,
     block_until_done,
     check_timeout,
+    forget_callback,
     is_finished,
-    mark_retrieved,
     may_run_inline,
     on_done,
     settle,
-    settle_cancelled,
-    settle_failed,
     steal,
     stealable,
 )
@@ -56,7 +54,7 @@ def as_future(obj: object, caller: str) -> Future[Any]:
     if isinstance(obj, Future):
         return cast("Future[Any]", obj)  # type: ignore[redundant-cast]
     if isinstance(obj, concurrent.futures.Future):
-        return _follow_concurrent(cast("concurrent.futures.Future[Any]", obj))  # type: ignore[redundant-cast]
+        return follow_concurrent(cast("concurrent.futures.Future[Any]", obj))  # type: ignore[redundant-cast]
     if is_torch_future(obj):
         return follow_torch(obj)
     hint = ""
@@ -70,37 +68,6 @@ def as_future(obj: object, caller: str) -> Future[Any]:
         f"torch.futures.Future, got "
         f"{type(obj).__name__} {obj!r}{hint}"
     )
-
-
-def _follow_concurrent(source: concurrent.futures.Future[Any]) -> Future[Any]:
-    future: Future[Any] = Future(name=repr(source))
-    # The source future owns its errors; the adapter must not report them again when
-    # garbage collected.
-    mark_retrieved(future)
-
-    def copy_outcome(done: concurrent.futures.Future[Any]) -> None:
-        if done.cancelled():
-            settle_cancelled(future)
-        elif (exc := done.exception()) is not None:
-            settle_failed(future, exc)
-        else:
-            settle(future, done.result())
-
-    attach(future, _CancelSource(source))
-    source.add_done_callback(copy_outcome)
-    return future
-
-
-class _CancelSource(Work):
-    """Cancelling the follower of a ``concurrent.futures.Future`` cancels that future."""
-
-    __slots__ = ("_source",)
-
-    def __init__(self, source: concurrent.futures.Future[Any]) -> None:
-        self._source = source
-
-    def cancel(self, future: Future[Any]) -> None:
-        self._source.cancel()
 
 
 @overload
@@ -288,7 +255,10 @@ def as_completed(futures: Iterable[Any], timeout: float | None = None) -> AsComp
             progress.update(1)
 
     Breaking out of the loop early stops the iterating, never the work: the futures not yet
-    yielded keep running (cancel them to stop them).
+    yielded keep running (cancel them to stop them). Once the iterator is gone (a ``break``
+    or an exception left the loop, or it was garbage collected), it lets go of the futures
+    it has not yielded, so their results are not kept alive by those still pending; keep
+    the iterator in a variable to carry on later.
 
     The ``for`` form waits like :func:`wait`: a worker thread gives its place in the pool
     back while it blocks, and, without a timeout, a sync fork that no worker has started
@@ -330,13 +300,32 @@ class _Arrivals:
     signal handler that completes a future in the middle of a ``take`` does not deadlock.
     """
 
-    __slots__ = ("_done", "_lock", "_wakers", "unyielded")
+    __slots__ = ("_done", "_lock", "_wakers", "_watched", "unyielded")
 
     def __init__(self, count: int) -> None:
         self._lock = threading.RLock()
         self._done: deque[Any] = deque()
         self._wakers: list[Callable[[object], object]] = []
+        # Each input's future and the done callback this queue gave it.
+        self._watched: list[tuple[Future[Any], Callable[[Future[Any]], object]]] = []
         self.unyielded = count
+
+    def watch(self, member: Future[Any], original: object) -> None:
+        """Queue ``original`` (the object to yield) once ``member`` is done."""
+        callback = functools.partial(self.arrived, original)
+        self._watched.append((member, callback))
+        on_done(member, callback)
+
+    def release(self) -> None:
+        """The iterator is gone (a loop broke out of it, raised, or it was dropped): let go
+        of what it has not yielded, and take its callbacks back from the pending futures,
+        so that nothing of it outlives the loop. The work itself goes on."""
+        with self._lock:
+            watched, self._watched = self._watched, []
+            self._done.clear()
+            self.unyielded = 0
+        for member, callback in watched:
+            forget_callback(member, callback)
 
     def arrived(self, original: object, _: Future[Any]) -> None:
         """The done callback of each future: queue ``original``, the object to yield."""
@@ -381,7 +370,7 @@ class AsCompleted(Generic[F_co]):
     form.
     """
 
-    __slots__ = ("_arrivals", "_deadline", "_timeout", "_total", "_unstarted")
+    __slots__ = ("__weakref__", "_arrivals", "_deadline", "_timeout", "_total", "_unstarted")
 
     def __init__(self, futures: Iterable[Any], timeout: float | None) -> None:
         originals = _unique(futures)
@@ -395,7 +384,11 @@ class AsCompleted(Generic[F_co]):
         self._unstarted = [m for m in members if stealable(m)] if untimed else []
         self._arrivals = _Arrivals(len(members))
         for original, member in zip(originals, members, strict=True):
-            on_done(member, functools.partial(self._arrivals.arrived, original))
+            self._arrivals.watch(member, original)
+        # Leaving a loop over this iterator drops it (unless the caller keeps it to carry
+        # on later): the pending futures must then not keep the results not yet yielded.
+        # Not at interpreter exit (weakref.finalize's default): a thread may still iterate.
+        weakref.finalize(self, self._arrivals.release).atexit = False
 
     def __repr__(self) -> str:
         pending = self._arrivals.pending()

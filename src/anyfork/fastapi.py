@@ -121,8 +121,14 @@ class AppScope(_LoggingScope):
     Forks detached from requests (``policy="detach"``) and forks made while the lifespan
     starts up belong to it. At shutdown it waits up to ``grace_period`` seconds for them,
     then cancels those still pending. A failure nobody retrieved is logged at ERROR rather
-    than raised, so that it cannot turn a clean shutdown into a failed one.
+    than raised, so that it cannot turn a clean shutdown into a failed one, and without
+    waiting for the shutdown: once the failed fork's future is freed (``exception ... was
+    never retrieved``), or at shutdown if something still holds it then.
     """
+
+    # It lives as long as the app: a detached fork's failure nobody retrieved is reported
+    # when its future is freed (usually right after it fails), not hours later at shutdown.
+    holds_failures = False
 
     def __init__(self, *, grace_period: float = DEFAULT_GRACE_PERIOD) -> None:
         super().__init__()
