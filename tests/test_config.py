@@ -20,21 +20,40 @@ def test_configure_without_arguments_reads_the_settings() -> None:
     assert config.worker_threads >= 1
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, "8", True])
-def test_worker_threads_must_be_a_positive_whole_number(bad: object) -> None:
-    with pytest.raises(ValueError, match="worker_threads must be a whole number"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("8", TypeError), (True, TypeError)],
+)
+def test_worker_threads_must_be_a_positive_whole_number(
+    bad: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="worker_threads must be a whole number"):
         anyfork.configure(worker_threads=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", [-1, "5", True, float("nan")])
-def test_exit_timeout_must_be_none_or_seconds(bad: object) -> None:
-    with pytest.raises(ValueError, match="exit_timeout must be None or a number of seconds"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(-1, ValueError), ("5", TypeError), (True, TypeError), (float("nan"), ValueError)],
+)
+def test_exit_timeout_must_be_none_or_seconds(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="exit_timeout must be None or a number of seconds"):
         anyfork.configure(exit_timeout=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", [0, -1, "5", True, float("nan")])
-def test_worker_idle_timeout_must_be_none_or_positive_seconds(bad: object) -> None:
-    with pytest.raises(ValueError, match="worker_idle_timeout must be None or a number"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+        (float("nan"), ValueError),
+    ],
+)
+def test_worker_idle_timeout_must_be_none_or_positive_seconds(
+    bad: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="worker_idle_timeout must be None or a number"):
         anyfork.configure(worker_idle_timeout=bad)  # type: ignore[arg-type]
 
 

@@ -36,6 +36,7 @@ from ._callbacks import (
     run_callbacks,
 )
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
+from ._validate import check_seconds
 
 __all__ = [
     "Future",
@@ -663,15 +664,8 @@ def check_timeout(timeout: float | None) -> float | None:
     Linux), ``inf`` included, means no bound: handed on, it would make lock waits off the
     main thread raise ``OverflowError``.
     """
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(
-            f"timeout must be None or a number of seconds, got {type(timeout).__name__} {timeout!r}"
-        )
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
-    return None if timeout > threading.TIMEOUT_MAX else timeout
+    timeout = check_seconds(timeout, "timeout", allow_none=True)
+    return None if timeout is None or timeout > threading.TIMEOUT_MAX else timeout
 
 
 # --- the internal API for the code that runs a future's work ----------------------------
