@@ -103,6 +103,35 @@ async def test_eager_mode_still_schedules_coroutine_forks_on_a_running_loop() ->
 
 @pytest.mark.anyio
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("thread", ["anyio worker thread", "sync fork"])
+async def test_eager_mode_runs_a_coroutine_fork_from_a_loops_worker_thread_on_that_loop(
+    thread: str,
+) -> None:
+    # Before: eager mode ran it under a brand-new loop (anyio.run in the worker thread), where
+    # objects bound to the thread's own loop (an anyio.Event, a connection) fail.
+    anyfork.configure(eager=True)
+    token = anyio.lowlevel.current_token()
+    ready = anyio.Event()
+
+    async def uses_the_loop() -> bool:
+        ready.set()  # bound to the test's loop
+        return anyio.lowlevel.current_token() == token
+
+    def in_thread() -> bool:
+        return anyfork.wait(anyfork.fork(uses_the_loop))
+
+    if thread == "anyio worker thread":
+        assert await anyio.to_thread.run_sync(in_thread)
+    else:
+        anyfork.configure(eager=False)
+        outer = anyfork.fork(in_thread)  # a sync fork: it runs in the worker pool
+        anyfork.configure(eager=True)
+        assert await outer
+    assert ready.is_set()
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
 async def test_the_worker_thread_limit_bounds_concurrent_sync_forks() -> None:
     anyfork.configure(worker_threads=2)
     lock = threading.Lock()

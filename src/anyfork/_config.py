@@ -23,8 +23,10 @@ class Config:
 
     :ivar eager: run every fork to completion inside :func:`fork`, in the calling thread,
         like ``torch.jit.fork`` outside TorchScript (for debugging and deterministic runs).
-        Coroutine functions forked on a running event loop still become tasks, since they
-        cannot finish without that loop. Environment variable: ``ANYFORK_EAGER=1``.
+        Coroutine functions forked on a running event loop, or in one of its worker threads
+        (a sync fork, ``anyio.to_thread.run_sync``, a FastAPI ``def`` endpoint), still
+        become tasks on that loop, since objects bound to it would not work under another.
+        Environment variable: ``ANYFORK_EAGER=1``.
     :ivar worker_threads: how many sync forks may run at once on anyfork's worker pool (one
         per process, serving every event loop and scripts). anyfork never uses anyio's shared
         default limiter, so sync forks and FastAPI ``def`` endpoints cannot starve each

@@ -10,7 +10,8 @@ task on a running loop         task in innermost scope      the worker pool (``_
 worker thread of a loop        the same, on that loop       the same
 no loop                        the background loop          the same
                                (``_background``)
-eager mode                     run now, in the caller       called now, in the caller
+eager mode                     where no loop runs: run now  called now, in the caller
+                               in the caller; else as above
 any caller, a remote callable  (not allowed)                its cluster (``anyfork.dask``,
 (``_remote.RemoteCallable``)                                through ``_remote``); scopes
                                                             and the exit join track it
@@ -136,8 +137,8 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         note_forked(future, None)
     native = _loops.running_native_loop()
 
-    if config.eager and not (is_async and native is not None):
-        _run_now(future, func, args, kwargs, is_async, contextvars.copy_context())
+    if config.eager and not is_async:
+        _run_now(future, func, args, kwargs, False, contextvars.copy_context())
         try:
             return future
         finally:
@@ -152,6 +153,14 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     # A coroutine fork's task copies the context itself, when it is created here or when
     # its start is posted to the loop (anyio copies the posting context): no copy needed.
     group = _group_for_caller(native)
+    if group is None and config.eager:
+        # Eager mode runs a coroutine fork in the caller only where no loop is reachable:
+        # one made on a loop, or from a loop's worker thread, needs that loop.
+        _run_now(future, func, args, kwargs, True, contextvars.copy_context())
+        try:
+            return future
+        finally:
+            del future
     if group is not None:
         if group.spawn(future, func, args, kwargs):
             return future
