@@ -124,10 +124,18 @@ def worker_thread_token() -> EventLoopToken | None:
 
 def call_soon_here(native: object, func: Callable[..., object], *args: object) -> None:
     """Schedule ``func(*args)`` on the loop ``native``, which runs in this thread, for the
-    next time it gets control (cheaper than :func:`call_soon`: no wake-up of the loop
-    needed)."""
+    next time it gets control (cheaper than :func:`call_soon` in a task: no wake-up of the
+    loop needed).
+
+    Outside any task the loop may be idle in ``select()``: a ``signal.signal`` handler runs
+    there, and asyncio's ``call_soon`` would not wake it, so the call would wait for the
+    loop's next timer or I/O. There asyncio gets the thread-safe call, which does.
+    """
     if isinstance(native, asyncio.AbstractEventLoop):
-        native.call_soon(func, *args)
+        if asyncio.current_task(native) is None:
+            native.call_soon_threadsafe(func, *args)
+        else:
+            native.call_soon(func, *args)
     else:
         native.run_sync_soon(func, *args)  # type: ignore[attr-defined]  # a TrioToken
 
