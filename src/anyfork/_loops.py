@@ -33,6 +33,7 @@ __all__ = [
     "call_soon_here",
     "call_when_closed",
     "check_anyio",
+    "forget_loops_in_child",
     "forget_tasks_of_closed_loop",
     "in_task",
     "is_stopped",
@@ -89,8 +90,37 @@ def running_native_loop() -> object | None:
     trio = sys.modules.get("trio")
     if trio is not None and trio.lowlevel.in_trio_run():
         token: object = trio.lowlevel.current_trio_token()
+        if token is _trio_run_of_parent:  # a child made by os.fork inside a trio run
+            return None
         return token
     return None
+
+
+# In a child made by os.fork inside a trio run: that run's token, which does not run there.
+_trio_run_of_parent: object = None
+
+
+def forget_loops_in_child() -> None:
+    """In a child made by ``os.fork``: no loop of the parent's runs here, so this thread
+    (the one that forked) belongs to none, whatever it was running in the parent.
+
+    The loop it was running (Python 3.12+ forgets asyncio's itself), a trio run, and the
+    loop an anyio worker thread (a sync fork, a FastAPI ``def`` endpoint) reaches with
+    ``anyio.from_thread``: forks made in the child must not go to any of them.
+    """
+    global _trio_run_of_parent
+    asyncio._set_running_loop(None)
+    trio = sys.modules.get("trio")
+    if trio is not None and trio.lowlevel.in_trio_run():
+        _trio_run_of_parent = trio.lowlevel.current_trio_token()
+    values: dict[str, object] = threadlocals.__dict__
+    values.pop("current_token", None)
+    values.pop("current_cancel_scope", None)
+    if trio is not None:
+        from trio._threads import PARENT_TASK_DATA
+
+        for name in ("token", "abandon_on_cancel", "cancel_register"):
+            PARENT_TASK_DATA.__dict__.pop(name, None)
 
 
 def in_task() -> bool:

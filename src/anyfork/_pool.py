@@ -369,6 +369,7 @@ def _reset_in_child() -> None:
     _lock = threading.RLock()
     _pool = None
     _deferred.clear()
+    _current.slot = None  # a worker thread that forked holds a slot of the parent's pool
 
 
 _MISSING = object()
