@@ -14,6 +14,8 @@ import pytest
 import anyfork
 from anyfork import fork
 
+from .conftest import run_script
+
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -333,3 +335,44 @@ async def test_forks_from_many_threads_at_once_all_resolve(repeat: int) -> None:
     for t, fut in enumerate(outer):
         base = 100 * t
         assert fut.value() == [(base + i) ** 2 for i in range(20)] + [base + i for i in range(20)]
+
+
+@pytest.mark.timeout(60)
+def test_forks_in_trio_guest_mode_on_an_asyncio_host_are_trios() -> None:
+    # trio.lowlevel.start_guest_run runs trio's tasks inside asyncio callbacks: both an
+    # asyncio loop and a trio run are visible in the thread, and sniffio says which one
+    # runs the code (as anyio asks it). Before, anyfork took asyncio's: coroutine forks ran
+    # as asyncio tasks and 'await fut' raised TypeError (trio got an asyncio future).
+    result = run_script(
+        """
+        import asyncio, anyio, sniffio, trio, anyfork
+
+        async def which_library():
+            await anyio.sleep(0)
+            return sniffio.current_async_library()
+
+        async def trio_main():
+            async with anyfork.scope():
+                in_scope = anyfork.fork(which_library)
+            ambient = anyfork.fork(which_library)
+            sync = anyfork.fork(abs, -3)
+            return await ambient, await sync, in_scope.value()
+
+        async def asyncio_host():
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            trio.lowlevel.start_guest_run(
+                trio_main,
+                run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+                done_callback=done.set_result,
+            )
+            host_fork = anyfork.fork(which_library)  # the host's own forks stay asyncio's
+            outcome = await done
+            return outcome.unwrap(), await host_fork
+
+        print(asyncio.run(asyncio_host()))
+        """,
+        timeout=50,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "(('trio', 3, 'trio'), 'asyncio')\n", result.stdout + result.stderr

@@ -83,17 +83,36 @@ check_anyio()
 
 
 def running_native_loop() -> object | None:
-    """Return the loop running in this thread (asyncio loop or trio token), else ``None``."""
+    """Return the loop running the calling code (asyncio loop or trio token), else ``None``.
+
+    Both may be visible in one thread: trio in guest mode (``start_guest_run``) runs its
+    tasks inside the callbacks of an asyncio host loop. Then sniffio decides, as it does for
+    anyio: trio marks the stretches in which it runs.
+    """
     loop = asyncio._get_running_loop()
-    if loop is not None:
+    if "trio" not in sys.modules:
         return loop
-    trio = sys.modules.get("trio")
-    if trio is not None and trio.lowlevel.in_trio_run():
-        token: object = trio.lowlevel.current_trio_token()
-        if token is _trio_run_of_parent:  # a child made by os.fork inside a trio run
+    token = _trio_run_here(loop)
+    return loop if token is None else token
+
+
+def _trio_run_here(loop: asyncio.AbstractEventLoop | None) -> object | None:
+    """The token of the trio run that runs the calling code, else ``None``."""
+    trio = sys.modules["trio"]
+    if not trio.lowlevel.in_trio_run():
+        return None
+    if loop is not None:  # guest mode on an asyncio host: which of them runs this code?
+        import sniffio
+
+        try:
+            if sniffio.current_async_library() != "trio":
+                return None
+        except sniffio.AsyncLibraryNotFoundError:  # a host callback outside any task
             return None
-        return token
-    return None
+    token: object = trio.lowlevel.current_trio_token()
+    if token is _trio_run_of_parent:  # a child made by os.fork inside a trio run
+        return None
+    return token
 
 
 # In a child made by os.fork inside a trio run: that run's token, which does not run there.
@@ -129,10 +148,10 @@ def in_task() -> bool:
     asyncio runs plain callbacks (``call_soon``, done callbacks) outside any task; anyio
     cannot detect the backend there. Trio marks its whole thread, so it always can.
     """
-    loop = asyncio._get_running_loop()
-    if loop is None:  # no asyncio loop in this thread: it is trio's
+    native = running_native_loop()
+    if not isinstance(native, asyncio.AbstractEventLoop):  # trio's
         return True
-    return asyncio.current_task(loop) is not None
+    return asyncio.current_task(native) is not None
 
 
 def token_for(native: object) -> EventLoopToken:
@@ -259,9 +278,9 @@ def loop_waiter() -> tuple[Callable[[object], None], Callable[[], Generator[Any,
     This sits on the hot path of every ``await fut``, so it uses each backend's cheapest
     primitive (an asyncio future, a trio event) instead of ``anyio.Event`` plus a token.
     """
-    loop = asyncio._get_running_loop()
+    loop = running_native_loop()
     loop_thread = threading.get_ident()
-    if loop is not None:
+    if isinstance(loop, asyncio.AbstractEventLoop):
         waiter = loop.create_future()
 
         def wake_asyncio(_: object) -> None:
