@@ -51,7 +51,7 @@ from ._future import (
     without_catching_frame,
 )
 from ._groups import ForkGroup, ambient_group
-from ._pool import hand_over, submit
+from ._pool import hand_over, is_deferred, submit
 from ._remote import RemoteCallable
 from ._scope import current_scope_group
 from ._torch import capture_grad_mode
@@ -301,6 +301,11 @@ class _SyncJob(Work):
         return parts is None or parts[0].done()
 
     def steal(self) -> None:
+        # On a loop's thread, only a fork made since the loop last got control runs in the
+        # caller (forked and waited for with no await between them): which forks run there
+        # then follows from the code, never from how fast a worker thread picked one up.
+        if _loops.running_native_loop() is not None and not is_deferred(self):
+            return
         self(inline=True)
 
     def awaited(self) -> None:
@@ -346,6 +351,8 @@ class _SyncJob(Work):
                 # the program may exit, and a daemon thread that frees objects (a torch
                 # tensor) while the interpreter finalizes can abort the process.
                 del func, args, kwargs, context, grad_mode
+                if inline and isinstance(exc, RuntimeError):
+                    _explain_run_on_the_loop(exc, future)
                 settle_failed(future, without_catching_frame(exc))
                 if inline and isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
@@ -360,6 +367,30 @@ class _SyncJob(Work):
             if loop_claim is not None:
                 loop_claim.release()
             del future
+
+
+def _explain_run_on_the_loop(exc: RuntimeError, future: Future[Any]) -> None:
+    """Say, on a RuntimeError of a sync fork that a blocking wait ran on a loop's thread,
+    why calls that need a worker thread of the loop (``anyio.from_thread``, an SDK's
+    ``asyncio.run``) fail there, and what to do instead."""
+    if _loops.running_native_loop() is None:
+        return
+    note = (
+        f"anyfork: {future.name} ran in the caller, on the event loop's thread: a blocking "
+        "wait (anyfork.wait, Future.wait, wait_all) asked for it before the loop handed it "
+        "to a worker thread. There, anyio.from_thread cannot reach the loop and asyncio.run "
+        "cannot start one. Use 'await fut' (or 'await anyfork.wait_async(fut)') instead: it "
+        "runs in a worker thread of the loop, as sync forks do."
+    )
+    notes = getattr(exc, "__notes__", None)
+    if notes is None:  # set by hand on Python 3.10 (no add_note); exceptiongroup prints it
+        notes = []
+        try:
+            exc.__notes__ = notes  # type: ignore[attr-defined,unused-ignore]
+        except AttributeError:  # pragma: no cover - an exception type with __slots__
+            return
+    if isinstance(notes, list):
+        notes.append(note)
 
 
 # What a sync fork must not return: only a task could await or iterate them.

@@ -319,9 +319,10 @@ class Future(Generic[T]):
         if _loops.running_native_loop() is not None:
             raise WouldBlockError(
                 f"blocking wait on {self!r} from an event-loop thread would freeze the "
-                "loop (there, only a sync fork that has not started yet, waited for without "
-                "a timeout, runs in the caller): use 'await fut' (or 'await "
-                "anyfork.wait_async(fut)') instead"
+                "loop (there, only a sync fork made since the loop last got control, i.e. "
+                "with no await between fork and wait, runs in the caller, when waited for "
+                "without a timeout): use 'await fut' (or 'await anyfork.wait_async(fut)') "
+                "instead"
             )
         # Only an untimed wait runs the work itself: work run inline cannot be interrupted at
         # a timeout, so a timed wait that stole could outlast its bound by the whole job.
@@ -595,9 +596,10 @@ def may_run_inline() -> bool:
     """Whether a blocking wait in this thread may run a sync fork itself.
 
     On an event loop's thread it always may, as ``torch.jit.wait`` does outside
-    TorchScript: a sync fork that has not started yet runs in the caller, which blocks the
-    loop for that long but is the only way to have its value there without awaiting. (A
-    waiter there cannot hand deep recursion to another thread: it could not block.)
+    TorchScript: a sync fork made since the loop last got control (the job decides, see
+    ``_SyncJob.steal``) runs in the caller, which blocks the loop for that long but is the
+    only way to have its value there without awaiting. (A waiter there cannot hand deep
+    recursion to another thread: it could not block.)
     """
     return _inline.depth < _max_inline_depth() or _loops.running_native_loop() is not None
 

@@ -35,6 +35,7 @@ __all__ = [
     "add_blocking_wait_hook",
     "hand_over",
     "hand_over_deferred",
+    "is_deferred",
     "rejoin",
     "run_in_slot",
     "secede",
@@ -331,6 +332,12 @@ def submit(job: Callable[[], object], native: object | None = None) -> None:
         return
     _deferred[job] = None  # one dict operation: atomic, no lock needed
     _loops.call_soon_here(native, hand_over, job)
+
+
+def is_deferred(job: Callable[[], object]) -> bool:
+    """Whether ``job`` was made on a loop's thread that has not got control since (it has
+    not reached the pool yet)."""
+    return job in _deferred
 
 
 def hand_over(job: Callable[[], object]) -> None:
