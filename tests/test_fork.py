@@ -311,12 +311,27 @@ async def test_a_function_marked_as_coroutine_function_runs_as_a_task() -> None:
     assert await fork(marked) == 5
 
 
-async def test_a_sync_function_returning_a_coroutine_fails_with_a_clear_error() -> None:
+async def test_a_sync_function_returning_a_coroutine_runs_it_as_a_coroutine_fork() -> None:
+    # Its type (Future[int], by the coroutine overload) says so: see test_typing.py.
     def sneaky() -> Any:
         return add(1, 1)
 
-    with pytest.raises(TypeError, match="async def"):
-        await fork(sneaky)
+    assert await fork(sneaky) == 2
+
+
+async def test_a_coroutine_returned_by_a_sync_fork_can_be_cancelled_as_a_task() -> None:
+    started = anyio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        future = fork(lambda: forever())
+        await started.wait()
+        assert future.cancel()
+        with pytest.raises(anyfork.CancelledError):
+            await future
 
 
 @pytest.mark.parametrize("repeat", range(3))

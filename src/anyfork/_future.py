@@ -47,6 +47,7 @@ __all__ = [
     "claim",
     "fork_record",
     "note_forked",
+    "release_claim",
     "on_done",
     "has_failed",
     "is_finished",
@@ -736,6 +737,13 @@ def claim(future: Future[Any]) -> bool:
     """Claim the right to run a sync fork's work now; ``False`` if it was cancelled or
     another thread claimed it. From then on ``cancel()`` cannot stop it."""
     return future._start_running()
+
+
+def release_claim(future: Future[Any]) -> None:
+    """Undo :func:`claim`: the work goes on elsewhere (a sync fork's returned coroutine, as
+    a task), where ``cancel()`` can stop it again."""
+    with future._lock:
+        future._running = False
 
 
 def settle(future: Future[T], result: T) -> bool:
