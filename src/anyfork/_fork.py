@@ -223,6 +223,9 @@ def _run_returned_coroutine(
         _start_coroutine_fork(
             future, _await_returned, (coroutine,), {}, _loops.running_native_loop(), eager
         )
+    except BaseException as exc:  # it could not start (ShutdownError): the fork fails with it
+        coroutine.close()
+        settle_failed(future, without_catching_frame(exc))
     finally:
         del future, coroutine  # see _start_coroutine_fork
 
