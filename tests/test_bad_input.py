@@ -15,6 +15,7 @@ import types
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
+import anyio
 import pytest
 
 import anyfork
@@ -210,7 +211,7 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         "wait with a timeout that is not a number",
         lambda: anyfork.wait(pending(), timeout="1"),  # type: ignore[call-overload]
         TypeError,
-        "timeout must be None or a number of seconds, got str '1'",
+        "timeout must be None or a number of seconds >= 0, got str '1'",
     ),
     # configuration
     (
@@ -361,3 +362,58 @@ async def test_a_sync_fork_on_a_loop_that_returns_an_async_generator_fails_clear
 
     with pytest.raises(TypeError, match="returned an async generator"):
         await anyfork.fork(sneaky)
+
+
+# Every public entry point that takes seconds follows one rule: TypeError for a wrong type (a
+# string read from a config file, a bool), ValueError for a wrong value (NaN, negative).
+# Before, configure(exit_timeout="5") raised ValueError where wait(timeout="5") raised TypeError.
+SECONDS_ENTRY_POINTS: list[tuple[str, Callable[[Any], object]]] = [
+    ("Future.wait(timeout)", lambda bad: pending().wait(timeout=bad)),
+    ("wait(timeout)", lambda bad: anyfork.wait(pending(), timeout=bad)),
+    ("wait_all(timeout)", lambda bad: anyfork.wait_all([pending()], timeout=bad)),
+    ("as_completed(timeout)", lambda bad: anyfork.as_completed([pending()], timeout=bad)),
+    ("configure(exit_timeout)", lambda bad: anyfork.configure(exit_timeout=bad)),
+    ("configure(worker_idle_timeout)", lambda bad: anyfork.configure(worker_idle_timeout=bad)),
+    ("configure(slow_fork_warning)", lambda bad: anyfork.configure(slow_fork_warning=bad)),
+    ("Scope.drain(timeout)", lambda bad: anyio.run(anyfork.Scope().drain, bad)),
+]
+try:
+    import anyfork.fastapi
+except ImportError:  # pragma: no cover - the fastapi extra is not installed
+    pass
+else:
+    SECONDS_ENTRY_POINTS += [
+        ("AppScope(grace_period)", lambda bad: anyfork.fastapi.AppScope(grace_period=bad)),
+        (
+            "lifespan(grace_period)",
+            lambda bad: anyio.run(_enter_lifespan, bad),
+        ),
+    ]
+
+
+async def _enter_lifespan(grace_period: Any) -> None:
+    async with anyfork.fastapi.lifespan(object(), grace_period=grace_period):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [("5", TypeError), (True, TypeError), (float("nan"), ValueError), (-1, ValueError)],
+    ids=["a str", "a bool", "NaN", "negative"],
+)
+@pytest.mark.parametrize(
+    "call", [pytest.param(call, id=name) for name, call in SECONDS_ENTRY_POINTS]
+)
+def test_every_entry_point_that_takes_seconds_follows_one_rule(
+    call: Callable[[Any], object], bad: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=r"must be (None or )?a number of seconds"):
+        call(bad)
+
+
+@pytest.mark.parametrize(("bad", "error"), [("8", TypeError), (2.5, TypeError), (0, ValueError)])
+def test_configure_worker_threads_follows_the_same_rule(
+    bad: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="worker_threads must be a whole number >= 1"):
+        anyfork.configure(worker_threads=bad)  # type: ignore[arg-type]

@@ -20,21 +20,40 @@ def test_configure_without_arguments_reads_the_settings() -> None:
     assert config.worker_threads >= 1
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, "8", True])
-def test_worker_threads_must_be_a_positive_whole_number(bad: object) -> None:
-    with pytest.raises(ValueError, match="worker_threads must be a whole number"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("8", TypeError), (True, TypeError)],
+)
+def test_worker_threads_must_be_a_positive_whole_number(
+    bad: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="worker_threads must be a whole number"):
         anyfork.configure(worker_threads=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", [-1, "5", True, float("nan")])
-def test_exit_timeout_must_be_none_or_seconds(bad: object) -> None:
-    with pytest.raises(ValueError, match="exit_timeout must be None or a number of seconds"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(-1, ValueError), ("5", TypeError), (True, TypeError), (float("nan"), ValueError)],
+)
+def test_exit_timeout_must_be_none_or_seconds(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="exit_timeout must be None or a number of seconds"):
         anyfork.configure(exit_timeout=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", [0, -1, "5", True, float("nan")])
-def test_worker_idle_timeout_must_be_none_or_positive_seconds(bad: object) -> None:
-    with pytest.raises(ValueError, match="worker_idle_timeout must be None or a number"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+        (float("nan"), ValueError),
+    ],
+)
+def test_worker_idle_timeout_must_be_none_or_positive_seconds(
+    bad: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="worker_idle_timeout must be None or a number"):
         anyfork.configure(worker_idle_timeout=bad)  # type: ignore[arg-type]
 
 
@@ -80,6 +99,35 @@ async def test_eager_mode_still_schedules_coroutine_forks_on_a_running_loop() ->
     fut = anyfork.fork(work)
     assert not fut.done()
     assert await fut == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("thread", ["anyio worker thread", "sync fork"])
+async def test_eager_mode_runs_a_coroutine_fork_from_a_loops_worker_thread_on_that_loop(
+    thread: str,
+) -> None:
+    # Before: eager mode ran it under a brand-new loop (anyio.run in the worker thread), where
+    # objects bound to the thread's own loop (an anyio.Event, a connection) fail.
+    anyfork.configure(eager=True)
+    token = anyio.lowlevel.current_token()
+    ready = anyio.Event()
+
+    async def uses_the_loop() -> bool:
+        ready.set()  # bound to the test's loop
+        return anyio.lowlevel.current_token() == token
+
+    def in_thread() -> bool:
+        return anyfork.wait(anyfork.fork(uses_the_loop))
+
+    if thread == "anyio worker thread":
+        assert await anyio.to_thread.run_sync(in_thread)
+    else:
+        anyfork.configure(eager=False)
+        outer = anyfork.fork(in_thread)  # a sync fork: it runs in the worker pool
+        anyfork.configure(eager=True)
+        assert await outer
+    assert ready.is_set()
 
 
 @pytest.mark.anyio

@@ -478,7 +478,7 @@ def test_bad_settings_fail_at_the_call() -> None:
         ForkScopeMiddleware(app, cancel_on_disconnect="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="policy must be one of"):
         anyfork.fastapi.fork_policy("never")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="grace_period must be >= 0 seconds"):
+    with pytest.raises(ValueError, match="grace_period must be a number of seconds >= 0, got -1"):
         anyfork.fastapi.AppScope(grace_period=-1)
     with pytest.raises(TypeError, match="grace_period must be a number of seconds"):
         anyfork.fastapi.AppScope(grace_period="10")  # type: ignore[arg-type]

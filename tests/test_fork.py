@@ -14,6 +14,8 @@ import pytest
 import anyfork
 from anyfork import fork
 
+from .conftest import run_script
+
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -309,12 +311,27 @@ async def test_a_function_marked_as_coroutine_function_runs_as_a_task() -> None:
     assert await fork(marked) == 5
 
 
-async def test_a_sync_function_returning_a_coroutine_fails_with_a_clear_error() -> None:
+async def test_a_sync_function_returning_a_coroutine_runs_it_as_a_coroutine_fork() -> None:
+    # Its type (Future[int], by the coroutine overload) says so: see test_typing.py.
     def sneaky() -> Any:
         return add(1, 1)
 
-    with pytest.raises(TypeError, match="async def"):
-        await fork(sneaky)
+    assert await fork(sneaky) == 2
+
+
+async def test_a_coroutine_returned_by_a_sync_fork_can_be_cancelled_as_a_task() -> None:
+    started = anyio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        future = fork(lambda: forever())
+        await started.wait()
+        assert future.cancel()
+        with pytest.raises(anyfork.CancelledError):
+            await future
 
 
 @pytest.mark.parametrize("repeat", range(3))
@@ -333,3 +350,44 @@ async def test_forks_from_many_threads_at_once_all_resolve(repeat: int) -> None:
     for t, fut in enumerate(outer):
         base = 100 * t
         assert fut.value() == [(base + i) ** 2 for i in range(20)] + [base + i for i in range(20)]
+
+
+@pytest.mark.timeout(60)
+def test_forks_in_trio_guest_mode_on_an_asyncio_host_are_trios() -> None:
+    # trio.lowlevel.start_guest_run runs trio's tasks inside asyncio callbacks: both an
+    # asyncio loop and a trio run are visible in the thread, and sniffio says which one
+    # runs the code (as anyio asks it). Before, anyfork took asyncio's: coroutine forks ran
+    # as asyncio tasks and 'await fut' raised TypeError (trio got an asyncio future).
+    result = run_script(
+        """
+        import asyncio, anyio, sniffio, trio, anyfork
+
+        async def which_library():
+            await anyio.sleep(0)
+            return sniffio.current_async_library()
+
+        async def trio_main():
+            async with anyfork.scope():
+                in_scope = anyfork.fork(which_library)
+            ambient = anyfork.fork(which_library)
+            sync = anyfork.fork(abs, -3)
+            return await ambient, await sync, in_scope.value()
+
+        async def asyncio_host():
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            trio.lowlevel.start_guest_run(
+                trio_main,
+                run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+                done_callback=done.set_result,
+            )
+            host_fork = anyfork.fork(which_library)  # the host's own forks stay asyncio's
+            outcome = await done
+            return outcome.unwrap(), await host_fork
+
+        print(asyncio.run(asyncio_host()))
+        """,
+        timeout=50,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "(('trio', 3, 'trio'), 'asyncio')\n", result.stdout + result.stderr

@@ -1,6 +1,7 @@
 """Blocking waits on an event loop's thread behave like torch.jit.wait outside TorchScript:
-a sync fork that has not started yet runs in the caller, so a forward that forks and waits
-works when called directly in async code; awaiting its futures gives parallelism."""
+a sync fork made since the loop last got control runs in the caller, so a forward that forks
+and waits works when called directly in async code; awaiting its futures gives parallelism.
+Anything else raises WouldBlockError, whatever the timing."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ async def test_a_sync_fork_already_running_elsewhere_raises_would_block() -> Non
     with anyio.fail_after(10):
         while not started.is_set():
             await anyio.sleep(0.01)
-    with pytest.raises(anyfork.WouldBlockError, match="has not started yet"):
+    with pytest.raises(anyfork.WouldBlockError, match="since the loop last got control"):
         anyfork.wait(future)
     release.set()
     assert await future == 7
@@ -104,3 +105,39 @@ async def test_a_timed_wait_on_the_loop_never_runs_the_fork_inline() -> None:
         anyfork.wait(future, timeout=5)
     assert await future == 9
     assert threading.get_ident() not in {thread for _, thread in ran_in}
+
+
+def uses_the_loop() -> int:
+    return anyio.from_thread.run_sync(lambda: 1)  # a sync fork's promise: it reaches the loop
+
+
+async def test_a_wait_after_the_loop_got_control_raises_would_block_whatever_the_timing() -> None:
+    # The fork was handed to the worker pool when the loop got control. Before, a blocking
+    # wait then ran it in the caller if no worker had started it yet (here: the only worker
+    # is busy), where anyio.from_thread fails, and raised WouldBlockError if one had: the
+    # same code worked or failed by timing. Now it always raises WouldBlockError.
+    anyfork.configure(worker_threads=1)
+    release = threading.Event()
+    busy = anyfork.fork(release.wait, 10)  # the only worker thread
+    future = anyfork.fork(uses_the_loop)
+    for _ in range(5):
+        await anyio.sleep(0)  # the loop gets control: both forks go to the pool
+    try:
+        with pytest.raises(anyfork.WouldBlockError, match="use 'await fut'"):
+            anyfork.wait(future)
+    finally:
+        release.set()
+    assert await busy
+    assert await future == 1
+
+
+async def test_a_sync_fork_run_in_the_caller_on_the_loop_says_why_its_loop_calls_fail() -> None:
+    # Forked and waited for in one stretch, it runs in the caller, on the loop's thread,
+    # where anyio.from_thread (or asyncio.run) cannot work: deterministically, and the error
+    # says what happened and what to do instead.
+    future = anyfork.fork(uses_the_loop)
+    with pytest.raises(RuntimeError) as caught:
+        anyfork.wait(future)
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "ran in the caller, on the event loop's thread" in notes
+    assert "await" in notes

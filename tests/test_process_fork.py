@@ -157,3 +157,78 @@ print("ok")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ok\n"
     assert result.stderr == ""
+
+
+# os.fork (or multiprocessing's fork) where a loop is in reach of the forking code: inside a
+# scope, in a sync fork made in async code, in an anyio worker thread (as a FastAPI 'def'
+# endpoint runs). Before, the child's coroutine forks went to the parent's loop, which does
+# not run in the child (cancelled at once, or never run), and pending() in the child listed
+# the parent's forks.
+CHILD_OF_ASYNC_CODE = """
+import multiprocessing, os, sys, anyio, anyfork
+
+where, backend = sys.argv[1], sys.argv[2]
+
+async def double(x):
+    await anyio.sleep(0)
+    return 2 * x
+
+def in_child():
+    try:
+        inherited = len(anyfork.pending())
+        coroutine = anyfork.wait(anyfork.fork(double, 21), timeout=20)
+        sync = anyfork.wait(anyfork.fork(abs, -42), timeout=20)
+        print(f"child {coroutine} {sync} inherited {inherited}", flush=True)
+    except BaseException as exc:
+        print(f"child failed {exc!r}", flush=True)
+
+def make_child():
+    if where.startswith("multiprocessing"):
+        process = multiprocessing.get_context("fork").Process(target=in_child)
+        process.start()
+        process.join(60)
+        return process.exitcode
+    pid = os.fork()
+    if pid == 0:
+        in_child()
+        os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+async def main():
+    async with anyfork.scope():
+        anyfork.fork(anyio.sleep, 3)  # a coroutine fork of the parent's, pending throughout
+        if where.endswith("in a scope"):
+            status = make_child()
+        elif where.endswith("in a sync fork"):
+            status = await anyfork.fork(make_child)
+        else:  # an anyio worker thread, as a FastAPI 'def' endpoint's
+            status = await anyio.to_thread.run_sync(make_child)
+    print(f"parent {status}", flush=True)
+
+anyio.run(main, backend=backend)
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "os.fork in a scope",
+        "os.fork in a sync fork",
+        "os.fork in a worker thread",
+        "multiprocessing in a scope",
+        "multiprocessing in a sync fork",
+    ],
+)
+def test_a_child_forked_from_async_code_starts_clean(where: str, backend: str) -> None:
+    result = run_script(
+        QUIET_FORK_WARNING
+        + f"import sys; sys.argv[1:] = [{where!r}, {backend!r}]\n"
+        + CHILD_OF_ASYNC_CODE,
+        env={"ANYFORK_EXIT_TIMEOUT": "10"},
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["child 42 42 inherited 0", "parent 0"], (
+        result.stdout + result.stderr
+    )

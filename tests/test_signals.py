@@ -83,3 +83,49 @@ with asyncio.events._lock:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "42\n"
+
+
+# The handler runs while the loop idles in select(): the loop's next turn is 20 s away.
+# Before, on asyncio, the fork's job waited for that turn (call_soon does not wake the
+# selector); uvloop and trio were woken already.
+SYNC_FORK_IN_A_SIGNAL_HANDLER_ON_AN_IDLE_LOOP = """
+import os, signal, sys, threading, time, anyio, anyfork
+
+backend = sys.argv[1]
+
+async def main():
+    finished = anyio.Event()
+    token = anyio.lowlevel.current_token()
+    forks = []
+
+    def on_signal(signum, frame):
+        fork = anyfork.fork(abs, -7)  # a sync fork, made on the loop's thread
+        fork.add_done_callback(lambda _: anyio.from_thread.run_sync(finished.set, token=token))
+        forks.append(fork)
+
+    signal.signal(signal.SIGUSR1, on_signal)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    began = time.monotonic()
+    with anyio.move_on_after(20):
+        await finished.wait()
+    print(f"{forks[0].done() and forks[0].value()} after {time.monotonic() - began:.1f} s")
+
+options = {"loop_factory": __import__("uvloop").new_event_loop} if backend == "uvloop" else {}
+anyio.run(main, backend="trio" if backend == "trio" else "asyncio", backend_options=options)
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
+@pytest.mark.parametrize("repeat", range(2))
+def test_a_sync_fork_made_in_a_signal_handler_starts_while_the_loop_idles(
+    backend: str, repeat: int
+) -> None:
+    result = run_script(
+        f"import sys; sys.argv[1:] = [{backend!r}]\n"
+        + SYNC_FORK_IN_A_SIGNAL_HANDLER_ON_AN_IDLE_LOOP,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    value, _, seconds, _ = result.stdout.split()
+    assert value == "7", result.stdout
+    assert float(seconds) < 10, result.stdout  # not the 20 s until the loop's next turn

@@ -4,6 +4,7 @@ and pyright; pytest runs it too, so every assertion is also true at run time."""
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Coroutine
 from typing import Any
 
 import anyio
@@ -28,6 +29,33 @@ def test_fork_results_are_typed_from_the_forked_callable() -> None:
     assert assert_type(anyfork.wait(fut), str) == "3"
     assert assert_type(fut.then(lambda f: len(f.value())), Future[int]).wait() == 1
     assert anyfork.wait_all([fut]) == ["3"]
+
+
+async def fetch(x: int) -> str:
+    await anyio.sleep(0)
+    return f"fetched {x}"
+
+
+def make_fetch() -> Coroutine[Any, Any, str]:  # a sync function that returns a coroutine
+    return fetch(2)
+
+
+def test_a_callable_that_returns_a_coroutine_is_typed_and_run_as_a_coroutine_fork() -> None:
+    # Typed Future[str] by the coroutine overload, as the checkers must (a lambda cannot be
+    # declared 'async def'); the coroutine it returns runs as a task, so the value is a str
+    # at run time too. Before: "returned a coroutine from a worker thread" (TypeError).
+    lambda_fork = assert_type(anyfork.fork(lambda: fetch(1)), Future[str])
+    maker_fork = assert_type(anyfork.fork(make_fetch), Future[str])
+    assert assert_type(anyfork.wait(lambda_fork, timeout=10), str) == "fetched 1"
+    assert assert_type(maker_fork.wait(timeout=10), str) == "fetched 2"
+
+    async def on_a_loop() -> tuple[str, str]:
+        async with anyfork.scope():
+            first = anyfork.fork(lambda: fetch(3))
+            second = anyfork.fork(make_fetch)
+            return assert_type(await first, str), await second
+
+    assert anyio.run(on_a_loop) == ("fetched 3", "fetched 2")
 
 
 def test_wait_all_and_collect_all_of_anyfork_futures_keep_the_value_type() -> None:

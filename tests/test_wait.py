@@ -368,7 +368,7 @@ def test_a_timeout_beyond_what_threads_can_wait_means_no_bound(
 def test_nan_and_negative_timeouts_stay_rejected(how: str, bad: float) -> None:
     fut: Future[int] = Future()
     fut.set_result(1)
-    with pytest.raises(ValueError, match="timeout must be None or a number >= 0"):
+    with pytest.raises(ValueError, match="timeout must be None or a number of seconds >= 0"):
         run_in_thread(lambda: wait_with_timeout(how, fut, bad))
 
 

@@ -10,6 +10,7 @@ and ``then`` make of the callables they are given.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import types
 from collections import deque
@@ -141,6 +142,15 @@ class _CallbackHandOff(threading.local):
 
 
 callback_hand_off = _CallbackHandOff()
+
+
+def _reset_in_child() -> None:
+    # A child made by os.fork in the background loop's thread has no such loop.
+    callback_hand_off.runner = None
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_reset_in_child)
 
 
 def check_callable(callback: object, method: str) -> None:

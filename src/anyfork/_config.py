@@ -7,6 +7,8 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ._validate import check_count, check_seconds
+
 __all__ = ["Config", "configure", "current_config"]
 
 DEFAULT_WORKER_THREADS = 40
@@ -21,8 +23,10 @@ class Config:
 
     :ivar eager: run every fork to completion inside :func:`fork`, in the calling thread,
         like ``torch.jit.fork`` outside TorchScript (for debugging and deterministic runs).
-        Coroutine functions forked on a running event loop still become tasks, since they
-        cannot finish without that loop. Environment variable: ``ANYFORK_EAGER=1``.
+        Coroutine functions forked on a running event loop, or in one of its worker threads
+        (a sync fork, ``anyio.to_thread.run_sync``, a FastAPI ``def`` endpoint), still
+        become tasks on that loop, since objects bound to it would not work under another.
+        Environment variable: ``ANYFORK_EAGER=1``.
     :ivar worker_threads: how many sync forks may run at once on anyfork's worker pool (one
         per process, serving every event loop and scripts). anyfork never uses anyio's shared
         default limiter, so sync forks and FastAPI ``def`` endpoints cannot starve each
@@ -106,26 +110,12 @@ def _from_environment() -> Config:
 def _validated(config: Config) -> Config:
     if not isinstance(config.eager, bool):
         raise TypeError(f"eager must be True or False, got {config.eager!r}")
-    threads = config.worker_threads
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"worker_threads must be a whole number >= 1, got {threads!r}")
-    idle = config.worker_idle_timeout
-    if idle is not None and (
-        isinstance(idle, bool) or not isinstance(idle, (int, float)) or not idle > 0
-    ):
-        raise ValueError(
-            f"worker_idle_timeout must be None or a number of seconds > 0, got {idle!r}"
-        )
-    bound = config.exit_timeout
-    if bound is not None and (
-        isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound >= 0
-    ):
-        raise ValueError(f"exit_timeout must be None or a number of seconds >= 0, got {bound!r}")
+    check_count(config.worker_threads, "worker_threads")
+    check_seconds(config.worker_idle_timeout, "worker_idle_timeout", allow_none=True, positive=True)
+    check_seconds(config.exit_timeout, "exit_timeout", allow_none=True)
     if not isinstance(config.debug, bool):
         raise TypeError(f"debug must be True or False, got {config.debug!r}")
-    after = config.slow_fork_warning
-    if isinstance(after, bool) or not isinstance(after, (int, float)) or not after > 0:
-        raise ValueError(f"slow_fork_warning must be a number of seconds > 0, got {after!r}")
+    check_seconds(config.slow_fork_warning, "slow_fork_warning", positive=True)
     return config
 
 
@@ -165,11 +155,12 @@ def configure(
         :class:`Config`); it applies to forks made from then on
     :param slow_fork_warning: in debug mode, the seconds after which a pending fork is
         named in a WARNING
-    :raises ValueError: if ``worker_threads`` is not a whole number >= 1,
-        ``worker_idle_timeout`` is neither ``None`` nor a number > 0, ``exit_timeout`` is
-        neither ``None`` nor a number >= 0, or ``slow_fork_warning``
-        is not a number > 0
-    :raises TypeError: if ``eager`` or ``debug`` is not a bool
+    :raises TypeError: if a setting has the wrong type: ``eager`` or ``debug`` not a bool,
+        ``worker_threads`` not an int, a number of seconds not an int or a float (a string
+        or a bool)
+    :raises ValueError: if a setting has a wrong value: ``worker_threads`` below 1,
+        ``worker_idle_timeout`` or ``slow_fork_warning`` not > 0, ``exit_timeout`` negative,
+        or a number of seconds NaN
 
     Example::
 

@@ -10,7 +10,8 @@ task on a running loop         task in innermost scope      the worker pool (``_
 worker thread of a loop        the same, on that loop       the same
 no loop                        the background loop          the same
                                (``_background``)
-eager mode                     run now, in the caller       called now, in the caller
+eager mode                     where no loop runs: run now  called now, in the caller
+                               in the caller; else as above
 any caller, a remote callable  (not allowed)                its cluster (``anyfork.dask``,
 (``_remote.RemoteCallable``)                                through ``_remote``); scopes
                                                             and the exit join track it
@@ -27,7 +28,7 @@ import functools
 import inspect
 import types
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 import anyio
 from anyio.lowlevel import EventLoopToken
@@ -45,12 +46,13 @@ from ._future import (
     attach,
     claim,
     note_forked,
+    release_claim,
     settle,
     settle_failed,
     without_catching_frame,
 )
 from ._groups import ForkGroup, ambient_group
-from ._pool import hand_over, submit
+from ._pool import hand_over, is_deferred, submit
 from ._remote import RemoteCallable
 from ._scope import current_scope_group
 from ._torch import capture_grad_mode
@@ -79,6 +81,12 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     methods, builtins, callable objects such as an ``nn.Module`` — run on anyfork's worker
     pool, off the loop, wherever they are forked. Where no loop runs, coroutine functions go
     to a background event loop. The current :mod:`contextvars` are copied into the fork.
+
+    A sync callable that returns a coroutine — ``fork(lambda: fetch(1))``, or a ``def``
+    declared to return ``Coroutine[Any, Any, T]`` — is typed ``Future[T]``, like an
+    ``async def`` (no type checker can tell the two apart), and runs as one: the call runs
+    on the worker pool, then the coroutine it returned runs as a task wherever a coroutine
+    fork made by the caller would, in the same scope.
 
     Any error of the work itself is stored in the future and raised when it is waited for,
     never by ``fork``.
@@ -136,8 +144,8 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         note_forked(future, None)
     native = _loops.running_native_loop()
 
-    if config.eager and not (is_async and native is not None):
-        _run_now(future, func, args, kwargs, is_async, contextvars.copy_context())
+    if config.eager and not is_async:
+        _run_now(future, func, args, kwargs, False, contextvars.copy_context())
         try:
             return future
         finally:
@@ -149,29 +157,77 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         else:
             _submit_sync_fork(future, func, args, kwargs, contextvars.copy_context(), native)
         return future
-    # A coroutine fork's task copies the context itself, when it is created here or when
-    # its start is posted to the loop (anyio copies the posting context): no copy needed.
-    group = _group_for_caller(native)
-    if group is not None:
-        if group.spawn(future, func, args, kwargs):
-            return future
-        # The scope captured in this context has closed: use the loop's ambient group.
-        group = _ambient_for(group)
-        if group.spawn(future, func, args, kwargs):
-            return future
-        # The loop is no longer running (a sync fork outlived it): as from a thread with
-        # no loop, so that the work still runs and the fork's result is kept.
-    loop_group = background.loop_group()
-    if loop_group is None:
-        # Python 3.12 starts no thread once the interpreter is exiting, so the background
-        # loop cannot start during the exit join: run the coroutine here.
-        _run_now(future, func, args, kwargs, True, contextvars.copy_context())
+    try:
+        _start_coroutine_fork(future, func, args, kwargs, native, config.eager)
         return future
-    if not loop_group.spawn(future, func, args, kwargs):
-        # The background loop is gone (it failed): run the coroutine here rather than
-        # leave its future pending forever.
-        _run_now(future, func, args, kwargs, True, contextvars.copy_context())
-    return future
+    finally:
+        del future  # a failure's traceback keeps this frame alive (see _run_now)
+
+
+def _start_coroutine_fork(
+    future: Future[Any],
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    native: object | None,
+    eager: bool,
+) -> None:
+    """Run ``await func(*args, **kwargs)`` where a coroutine fork made here runs."""
+    try:
+        # A coroutine fork's task copies the context itself, when it is created here or when
+        # its start is posted to the loop (anyio copies the posting context): no copy needed.
+        group = _group_for_caller(native)
+        if group is None and eager:
+            # Eager mode runs a coroutine fork in the caller only where no loop is reachable:
+            # one made on a loop, or from a loop's worker thread, needs that loop.
+            _run_now(future, func, args, kwargs, True, contextvars.copy_context())
+            return
+        if group is not None:
+            if group.spawn(future, func, args, kwargs):
+                return
+            # The scope captured in this context has closed: use the loop's ambient group.
+            group = _ambient_for(group)
+            if group.spawn(future, func, args, kwargs):
+                return
+            # The loop is no longer running (a sync fork outlived it): as from a thread with
+            # no loop, so that the work still runs and the fork's result is kept.
+        loop_group = background.loop_group()
+        if loop_group is None:
+            # Python 3.12 starts no thread once the interpreter is exiting, so the background
+            # loop cannot start during the exit join: run the coroutine here.
+            _run_now(future, func, args, kwargs, True, contextvars.copy_context())
+            return
+        if not loop_group.spawn(future, func, args, kwargs):
+            # The background loop is gone (it failed): run the coroutine here rather than
+            # leave its future pending forever.
+            _run_now(future, func, args, kwargs, True, contextvars.copy_context())
+    finally:
+        # A failure's traceback keeps this frame alive (f_back of _run_now's).
+        del future, func, args, kwargs
+
+
+async def _await_returned(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    return await coroutine
+
+
+def _run_returned_coroutine(
+    future: Future[Any], coroutine: Coroutine[Any, Any, Any], eager: bool
+) -> None:
+    """A sync fork returned a coroutine (``fork(lambda: fetch(1))``, or a ``def`` typed to
+    return one): run it as a coroutine fork of the same future, where one made by the sync
+    fork's caller would run, in the fork's context (its scope). Its type says
+    ``Future[T]`` for a ``Callable[..., Coroutine[Any, Any, T]]``, and a checker cannot tell
+    such a callable from an ``async def``: this makes the run time agree."""
+    release_claim(future)  # a task's fork: cancellable until it ends, as any coroutine fork
+    try:
+        _start_coroutine_fork(
+            future, _await_returned, (coroutine,), {}, _loops.running_native_loop(), eager
+        )
+    except BaseException as exc:  # it could not start (ShutdownError): the fork fails with it
+        coroutine.close()
+        settle_failed(future, without_catching_frame(exc))
+    finally:
+        del future, coroutine  # see _start_coroutine_fork
 
 
 def _submit_sync_fork(
@@ -292,6 +348,11 @@ class _SyncJob(Work):
         return parts is None or parts[0].done()
 
     def steal(self) -> None:
+        # On a loop's thread, only a fork made since the loop last got control runs in the
+        # caller (forked and waited for with no await between them): which forks run there
+        # then follows from the code, never from how fast a worker thread picked one up.
+        if _loops.running_native_loop() is not None and not is_deferred(self):
+            return
         self(inline=True)
 
     def awaited(self) -> None:
@@ -337,10 +398,16 @@ class _SyncJob(Work):
                 # the program may exit, and a daemon thread that frees objects (a torch
                 # tensor) while the interpreter finalizes can abort the process.
                 del func, args, kwargs, context, grad_mode
+                if inline and isinstance(exc, RuntimeError):
+                    _explain_run_on_the_loop(exc, future)
                 settle_failed(future, without_catching_frame(exc))
                 if inline and isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
             else:
+                if type(result) is types.CoroutineType:
+                    context.run(_run_returned_coroutine, future, result, False)
+                    del func, args, kwargs, context, grad_mode, result
+                    return
                 del func, args, kwargs, context, grad_mode
                 if isinstance(result, _ASYNC_RESULTS):
                     settle_failed(future, _not_a_sync_result(future, result))
@@ -353,6 +420,30 @@ class _SyncJob(Work):
             del future
 
 
+def _explain_run_on_the_loop(exc: RuntimeError, future: Future[Any]) -> None:
+    """Say, on a RuntimeError of a sync fork that a blocking wait ran on a loop's thread,
+    why calls that need a worker thread of the loop (``anyio.from_thread``, an SDK's
+    ``asyncio.run``) fail there, and what to do instead."""
+    if _loops.running_native_loop() is None:
+        return
+    note = (
+        f"anyfork: {future.name} ran in the caller, on the event loop's thread: a blocking "
+        "wait (anyfork.wait, Future.wait, wait_all) asked for it before the loop handed it "
+        "to a worker thread. There, anyio.from_thread cannot reach the loop and asyncio.run "
+        "cannot start one. Use 'await fut' (or 'await anyfork.wait_async(fut)') instead: it "
+        "runs in a worker thread of the loop, as sync forks do."
+    )
+    notes: object = getattr(exc, "__notes__", None)
+    if notes is None:  # set by hand on Python 3.10 (no add_note); exceptiongroup prints it
+        notes = []
+        try:
+            exc.__notes__ = notes  # type: ignore[attr-defined,unused-ignore]
+        except AttributeError:  # pragma: no cover - an exception type with __slots__
+            return
+    if isinstance(notes, list):
+        cast("list[str]", notes).append(note)
+
+
 # What a sync fork must not return: only a task could await or iterate them.
 _ASYNC_RESULTS = (types.CoroutineType, types.AsyncGeneratorType)
 
@@ -360,12 +451,12 @@ _ASYNC_RESULTS = (types.CoroutineType, types.AsyncGeneratorType)
 def _not_a_sync_result(future: Future[Any], result: Any) -> TypeError:
     """The error for a sync fork that returned a coroutine or an async generator, which
     only a task could use."""
-    if inspect.iscoroutine(result):
+    if inspect.iscoroutine(result):  # not a native coroutine (those run as tasks)
         result.close()
         return TypeError(
-            f"{future.name} returned a coroutine from a worker thread; declare it with "
-            "'async def' (or fork the coroutine function itself) so that anyfork runs it "
-            "as a task"
+            f"{future.name} returned a coroutine-like object from a worker thread; declare "
+            "it with 'async def' (or fork the coroutine function itself) so that anyfork "
+            "runs it as a task"
         )
     return TypeError(  # an async generator
         f"{future.name} returned an async generator from a worker thread, which "
@@ -391,7 +482,11 @@ def _run_now(
         except BaseException as exc:
             settle_failed(future, without_catching_frame(exc))
         else:
-            settle(future, result)
+            if not is_async and type(result) is types.CoroutineType:
+                returned = cast("Coroutine[Any, Any, Any]", result)
+                context.run(_run_returned_coroutine, future, returned, True)
+            else:
+                settle(future, result)
     finally:
         # A failure's traceback keeps this frame and fork()'s alive (f_back).
         del future, func, args, kwargs

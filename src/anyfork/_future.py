@@ -37,6 +37,7 @@ from ._callbacks import (
 )
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 from ._reports import report_unretrieved, start_reporter
+from ._validate import check_seconds
 
 __all__ = [
     "Future",
@@ -48,6 +49,7 @@ __all__ = [
     "fork_record",
     "forget_callback",
     "note_forked",
+    "release_claim",
     "on_done",
     "has_callbacks",
     "has_failed",
@@ -316,9 +318,10 @@ class Future(Generic[T]):
         if _loops.running_native_loop() is not None:
             raise WouldBlockError(
                 f"blocking wait on {self!r} from an event-loop thread would freeze the "
-                "loop (there, only a sync fork that has not started yet, waited for without "
-                "a timeout, runs in the caller): use 'await fut' (or 'await "
-                "anyfork.wait_async(fut)') instead"
+                "loop (there, only a sync fork made since the loop last got control, i.e. "
+                "with no await between fork and wait, runs in the caller, when waited for "
+                "without a timeout): use 'await fut' (or 'await anyfork.wait_async(fut)') "
+                "instead"
             )
         # Only an untimed wait runs the work itself: work run inline cannot be interrupted at
         # a timeout, so a timed wait that stole could outlast its bound by the whole job.
@@ -628,9 +631,10 @@ def may_run_inline() -> bool:
     """Whether a blocking wait in this thread may run a sync fork itself.
 
     On an event loop's thread it always may, as ``torch.jit.wait`` does outside
-    TorchScript: a sync fork that has not started yet runs in the caller, which blocks the
-    loop for that long but is the only way to have its value there without awaiting. (A
-    waiter there cannot hand deep recursion to another thread: it could not block.)
+    TorchScript: a sync fork made since the loop last got control (the job decides, see
+    ``_SyncJob.steal``) runs in the caller, which blocks the loop for that long but is the
+    only way to have its value there without awaiting. (A waiter there cannot hand deep
+    recursion to another thread: it could not block.)
     """
     return _inline.depth < _max_inline_depth() or _loops.running_native_loop() is not None
 
@@ -648,15 +652,8 @@ def check_timeout(timeout: float | None) -> float | None:
     Linux), ``inf`` included, means no bound: handed on, it would make lock waits off the
     main thread raise ``OverflowError``.
     """
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(
-            f"timeout must be None or a number of seconds, got {type(timeout).__name__} {timeout!r}"
-        )
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
-    return None if timeout > threading.TIMEOUT_MAX else timeout
+    timeout = check_seconds(timeout, "timeout", allow_none=True)
+    return None if timeout is None or timeout > threading.TIMEOUT_MAX else timeout
 
 
 # --- the internal API for the code that runs a future's work ----------------------------
@@ -803,6 +800,13 @@ def claim(future: Future[Any]) -> bool:
     """Claim the right to run a sync fork's work now; ``False`` if it was cancelled or
     another thread claimed it. From then on ``cancel()`` cannot stop it."""
     return future._start_running()
+
+
+def release_claim(future: Future[Any]) -> None:
+    """Undo :func:`claim`: the work goes on elsewhere (a sync fork's returned coroutine, as
+    a task), where ``cancel()`` can stop it again."""
+    with future._lock:
+        future._running = False
 
 
 def settle(future: Future[T], result: T) -> bool:

@@ -235,6 +235,15 @@ class ForkGroup(Work):
             self._closed = True
             return list(self._pending)
 
+    def abandon_in_child(self) -> list[Future[Any]]:
+        """In a child made by ``os.fork``: close for good, forget the pending forks (the
+        parent's) and return them."""
+        self._lock = threading.RLock()  # another thread of the parent may have held it
+        self._closed = True
+        pending, self._pending = list(self._pending), {}
+        self._backlog = []
+        return pending
+
     # --- the fork's task ----------------------------------------------------------------
 
     async def run_coroutine_fork(
@@ -395,19 +404,26 @@ _exit_report_registered = False
 _ambient_groups: weakref.WeakValueDictionary[int, AmbientGroup] = weakref.WeakValueDictionary()
 
 
-def _forget_ambient_groups_in_child() -> None:
-    """In a child made by ``os.fork``: forget every loop's ambient group (their loops and
-    tasks are the parent's); their pending forks read as cancelled there."""
+def _forget_groups_in_child() -> None:
+    """In a child made by ``os.fork``: forget every fork group, scopes' and ambient ones
+    (their loops and tasks are the parent's), and every loop this thread was bound to.
+
+    The child starts clean wherever it was made (inside a scope, in a sync fork of a loop):
+    the scope still in its context is closed, so its forks go where no loop runs, and
+    ``pending()`` lists none of the parent's forks; those read as cancelled there.
+    """
     global _ambient_lock
     _ambient_lock = threading.RLock()
-    inherited = [f for group in list(_ambient_groups.values()) for f in group.pending_futures()]
+    _loops.forget_loops_in_child()
+    inherited = [f for group in live_groups() for f in group.abandon_in_child()]
     _ambient_groups.clear()
+    _live_groups.clear()
     for future in inherited:
         abandon_in_child(future)
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=_forget_ambient_groups_in_child)
+    os.register_at_fork(after_in_child=_forget_groups_in_child)
 
 
 def ambient_group(native: object, token: EventLoopToken | None = None) -> AmbientGroup:

@@ -33,6 +33,7 @@ __all__ = [
     "call_soon_here",
     "call_when_closed",
     "check_anyio",
+    "forget_loops_in_child",
     "forget_tasks_of_closed_loop",
     "in_task",
     "is_stopped",
@@ -82,15 +83,63 @@ check_anyio()
 
 
 def running_native_loop() -> object | None:
-    """Return the loop running in this thread (asyncio loop or trio token), else ``None``."""
+    """Return the loop running the calling code (asyncio loop or trio token), else ``None``.
+
+    Both may be visible in one thread: trio in guest mode (``start_guest_run``) runs its
+    tasks inside the callbacks of an asyncio host loop. Then sniffio decides, as it does for
+    anyio: trio marks the stretches in which it runs.
+    """
     loop = asyncio._get_running_loop()
-    if loop is not None:
+    if "trio" not in sys.modules:
         return loop
+    token = _trio_run_here(loop)
+    return loop if token is None else token
+
+
+def _trio_run_here(loop: asyncio.AbstractEventLoop | None) -> object | None:
+    """The token of the trio run that runs the calling code, else ``None``."""
+    trio = sys.modules["trio"]
+    if not trio.lowlevel.in_trio_run():
+        return None
+    if loop is not None:  # guest mode on an asyncio host: which of them runs this code?
+        import sniffio
+
+        try:
+            if sniffio.current_async_library() != "trio":
+                return None
+        except sniffio.AsyncLibraryNotFoundError:  # a host callback outside any task
+            return None
+    token: object = trio.lowlevel.current_trio_token()
+    if token is _trio_run_of_parent:  # a child made by os.fork inside a trio run
+        return None
+    return token
+
+
+# In a child made by os.fork inside a trio run: that run's token, which does not run there.
+_trio_run_of_parent: object = None
+
+
+def forget_loops_in_child() -> None:
+    """In a child made by ``os.fork``: no loop of the parent's runs here, so this thread
+    (the one that forked) belongs to none, whatever it was running in the parent.
+
+    The loop it was running (Python 3.12+ forgets asyncio's itself), a trio run, and the
+    loop an anyio worker thread (a sync fork, a FastAPI ``def`` endpoint) reaches with
+    ``anyio.from_thread``: forks made in the child must not go to any of them.
+    """
+    global _trio_run_of_parent
+    asyncio._set_running_loop(None)
     trio = sys.modules.get("trio")
     if trio is not None and trio.lowlevel.in_trio_run():
-        token: object = trio.lowlevel.current_trio_token()
-        return token
-    return None
+        _trio_run_of_parent = trio.lowlevel.current_trio_token()
+    values: dict[str, object] = threadlocals.__dict__
+    values.pop("current_token", None)
+    values.pop("current_cancel_scope", None)
+    if trio is not None:
+        from trio._threads import PARENT_TASK_DATA
+
+        for name in ("token", "abandon_on_cancel", "cancel_register"):
+            PARENT_TASK_DATA.__dict__.pop(name, None)
 
 
 def in_task() -> bool:
@@ -99,10 +148,10 @@ def in_task() -> bool:
     asyncio runs plain callbacks (``call_soon``, done callbacks) outside any task; anyio
     cannot detect the backend there. Trio marks its whole thread, so it always can.
     """
-    loop = asyncio._get_running_loop()
-    if loop is None:  # no asyncio loop in this thread: it is trio's
+    native = running_native_loop()
+    if not isinstance(native, asyncio.AbstractEventLoop):  # trio's
         return True
-    return asyncio.current_task(loop) is not None
+    return asyncio.current_task(native) is not None
 
 
 def token_for(native: object) -> EventLoopToken:
@@ -124,10 +173,18 @@ def worker_thread_token() -> EventLoopToken | None:
 
 def call_soon_here(native: object, func: Callable[..., object], *args: object) -> None:
     """Schedule ``func(*args)`` on the loop ``native``, which runs in this thread, for the
-    next time it gets control (cheaper than :func:`call_soon`: no wake-up of the loop
-    needed)."""
+    next time it gets control (cheaper than :func:`call_soon` in a task: no wake-up of the
+    loop needed).
+
+    Outside any task the loop may be idle in ``select()``: a ``signal.signal`` handler runs
+    there, and asyncio's ``call_soon`` would not wake it, so the call would wait for the
+    loop's next timer or I/O. There asyncio gets the thread-safe call, which does.
+    """
     if isinstance(native, asyncio.AbstractEventLoop):
-        native.call_soon(func, *args)
+        if asyncio.current_task(native) is None:
+            native.call_soon_threadsafe(func, *args)
+        else:
+            native.call_soon(func, *args)
     else:
         native.run_sync_soon(func, *args)  # type: ignore[attr-defined]  # a TrioToken
 
@@ -221,9 +278,9 @@ def loop_waiter() -> tuple[Callable[[object], None], Callable[[], Generator[Any,
     This sits on the hot path of every ``await fut``, so it uses each backend's cheapest
     primitive (an asyncio future, a trio event) instead of ``anyio.Event`` plus a token.
     """
-    loop = asyncio._get_running_loop()
+    loop = running_native_loop()
     loop_thread = threading.get_ident()
-    if loop is not None:
+    if isinstance(loop, asyncio.AbstractEventLoop):
         waiter = loop.create_future()
 
         def wake_asyncio(_: object) -> None:

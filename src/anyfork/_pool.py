@@ -35,6 +35,7 @@ __all__ = [
     "add_blocking_wait_hook",
     "hand_over",
     "hand_over_deferred",
+    "is_deferred",
     "rejoin",
     "run_in_slot",
     "secede",
@@ -333,6 +334,12 @@ def submit(job: Callable[[], object], native: object | None = None) -> None:
     _loops.call_soon_here(native, hand_over, job)
 
 
+def is_deferred(job: Callable[[], object]) -> bool:
+    """Whether ``job`` was made on a loop's thread that has not got control since (it has
+    not reached the pool yet)."""
+    return job in _deferred
+
+
 def hand_over(job: Callable[[], object]) -> None:
     """Queue a job that :func:`submit` deferred to the loop's next turn, now (a task awaits
     its future: the loop gets control anyway); nothing if it was queued already."""
@@ -369,6 +376,7 @@ def _reset_in_child() -> None:
     _lock = threading.RLock()
     _pool = None
     _deferred.clear()
+    _current.slot = None  # a worker thread that forked holds a slot of the parent's pool
 
 
 _MISSING = object()

@@ -28,6 +28,7 @@ from ._config import current_config
 from ._debug import PendingFork, describe
 from ._future import Future, is_unretrieved_failure, take_unretrieved_error
 from ._groups import ForkGroup, ambient_group
+from ._validate import check_seconds
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -132,7 +133,11 @@ class Scope:
 
         It cancels nothing: the caller decides what to do with the rest (``cancel()``, or
         ``cancel_pending = True`` before exiting).
+
+        :raises TypeError: if ``timeout`` is not a number (a string, a bool)
+        :raises ValueError: if ``timeout`` is negative or NaN
         """
+        check_seconds(timeout, "timeout")
         if self._group is None:
             return []
         with anyio.move_on_after(timeout):

@@ -40,6 +40,7 @@ except ImportError as exc:  # tests/test_fastapi.py hides Starlette to check thi
 from . import _loops
 from ._errors import CancelledError
 from ._scope import Scope
+from ._validate import check_seconds
 
 __all__ = [
     "AppScope",
@@ -91,13 +92,9 @@ def _check_policy(policy: object) -> Policy:
 
 
 def _check_grace(grace_period: object) -> float:
-    if isinstance(grace_period, bool) or not isinstance(grace_period, (int, float)):
-        raise TypeError(
-            f"grace_period must be a number of seconds, got {type(grace_period).__name__}"
-        )
-    if not grace_period >= 0:
-        raise ValueError(f"grace_period must be >= 0 seconds, got {grace_period!r}")
-    return float(grace_period)
+    seconds = check_seconds(grace_period, "grace_period")
+    assert seconds is not None  # None is not allowed
+    return float(seconds)
 
 
 class _LoggingScope(Scope):
