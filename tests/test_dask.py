@@ -498,6 +498,54 @@ def test_the_exit_bound_cancels_remote_forks_that_outlast_it(tmp_path: Path) -> 
     assert "too_long" in result.stderr
 
 
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds leftover processes in /proc")
+def test_a_script_with_an_embedded_cluster_and_queued_work_exits_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    from anyfork._exit import EXIT_STOP_GRACE
+
+    bound = 3
+    result = _run_dask_script(
+        tmp_path,
+        f"""
+        import atexit
+        import time
+        import anyfork
+        import anyfork.dask
+
+
+        @anyfork.dask.remote
+        def too_long() -> None:
+            time.sleep(60)
+
+
+        async def blocks_the_background_loop() -> None:
+            time.sleep(60)
+
+
+        def report() -> None:  # runs once anyfork's exit join has stopped everything
+            print("stopped after", time.monotonic() - exiting, flush=True)
+
+
+        if __name__ == "__main__":
+            anyfork.configure(exit_timeout={bound})
+            anyfork.dask.connect(n_workers=2, threads_per_worker=1).wait()
+            for _ in range(6):  # two run, four wait in the scheduler's queue
+                anyfork.fork(too_long)
+            anyfork.fork(blocks_the_background_loop)
+            atexit.register(report)
+            exiting = time.monotonic()
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"7 fork(s) did not finish within the exit bound of {bound}" in result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("stopped after")]
+    stopped_after = float(line.split()[-1])
+    # The bound, the participants' grace, and a second for a loaded machine: before the
+    # bound was shared out, the background loop added 0.5 s and the cluster's close 4 s.
+    assert stopped_after < bound + EXIT_STOP_GRACE + 1, (stopped_after, result.stderr)
+
+
 def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
     result = _run_dask_script(
         tmp_path,

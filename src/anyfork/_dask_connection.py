@@ -10,9 +10,12 @@ processes that import it (multiprocessing's spawn) are here too.
 from __future__ import annotations
 
 import ast
+import asyncio
 import copy
 import multiprocessing
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -200,29 +203,27 @@ class _Connection:
 
     def stop(self, timeout: float | None = None) -> None:
         """Close the client and the cluster this connection started, within ``timeout``
-        seconds if given (else Dask's own timeouts, 5 s and 10 s)."""
+        seconds if given (its share of the exit bound), else within Dask's own timeouts."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self.closed = True
             client, cluster, self._cluster = self.client, self._cluster, None
         if client is not None and self._owns_client:
-            try:
-                client.close(timeout=_left(deadline, 5))
+            try:  # at most half the time: the cluster needs the rest
+                client.close(timeout=_seconds_left(deadline, 5, share=0.5))
             except Exception:  # already closed, or its scheduler is gone
                 pass
         if cluster is not None:
-            try:
-                cluster.close(timeout=_left(deadline, 10))
-            except Exception:
-                pass
+            cluster.close(deadline)
 
 
-def _left(deadline: float | None, default: float) -> float:
-    """Seconds left until ``deadline``, for one Dask close call (never zero, which Dask
-    takes for "no timeout"); ``default`` with no deadline."""
+def _seconds_left(deadline: float | None, default: float, share: float = 1.0) -> float:
+    """``share`` of the seconds left until ``deadline`` (at most ``default``), for one Dask
+    call's timeout: never zero, which Dask takes for "no timeout"; ``default`` with no
+    deadline."""
     if deadline is None:
         return default
-    return max(min(deadline - time.monotonic(), default), 0.01)
+    return max(min((deadline - time.monotonic()) * share, default), 0.01)
 
 
 class _InLine(Work):
@@ -305,7 +306,7 @@ def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.
     try:
         return _Client(cluster, set_as_default=False), cluster_and_scratch
     except BaseException:
-        cluster_and_scratch.close(timeout=10)
+        cluster_and_scratch.close(time.monotonic() + 10)
         raise
 
 
@@ -316,11 +317,50 @@ class _OwnedCluster:
         self._cluster = cluster
         self._scratch = scratch
 
-    def close(self, timeout: float) -> None:
+    def close(self, deadline: float | None) -> None:
+        """Close the cluster by ``deadline`` (else within Dask's own timeouts).
+
+        Dask's cluster close gives a worker busy with a task 4 s to stop before its nanny
+        kills it, and a cluster close cut short by its timeout stays "closing" until Dask's
+        own exit hook waits 10 s more for it. So with a deadline the nannies close their
+        workers first, within half the time left (a busy one is killed after 80% of that),
+        and what still has not closed at the deadline is killed and left to the OS.
+        """
         try:
-            self._cluster.close(timeout=timeout)
+            if deadline is not None:
+                workers = list(self._cluster.workers.values())
+                grace = _seconds_left(deadline, 5, share=0.5) / 1.8  # Nanny.kill: 1.8 x
+                try:
+                    self._cluster.sync(_close_workers, workers, grace)
+                except Exception:
+                    pass
+            try:
+                self._cluster.close(timeout=_seconds_left(deadline, 10))
+            except Exception:  # timed out, or already closed
+                pass
+            if deadline is not None and _status(self._cluster) != "closed":
+                for worker in list(self._cluster.workers.values()):
+                    _kill(getattr(worker, "pid", None))  # a Nanny's worker process
+                self._cluster.shutdown_on_close = False  # Dask's exit hook: 10 s more
         finally:
             _remove(self._scratch)
+
+
+async def _close_workers(workers: list[Any], timeout: float) -> None:
+    """On the cluster's loop: close its workers (nannies, or in-process workers) at once."""
+    await asyncio.gather(*(worker.close(timeout=timeout) for worker in workers), return_exceptions=True)
+
+
+def _status(cluster: Any) -> str | None:
+    return getattr(getattr(cluster, "status", None), "name", None)
+
+
+def _kill(pid: int | None) -> None:
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone already
+            pass
 
 
 def _remove(directory: str | None) -> None:
