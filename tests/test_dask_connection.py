@@ -52,8 +52,10 @@ class LateScheduler:
         env.pop("DASK_SCHEDULER_ADDRESS", None)
         env["DASK_TEMPORARY_DIRECTORY"] = str(self._directory / "scratch")
         for args in (
-            ["scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
-            + ["--no-dashboard", "--dashboard-address", ":0"],
+            [
+                *("scheduler", "--host", "127.0.0.1", "--port", str(self.port)),
+                *("--no-dashboard", "--dashboard-address", ":0"),
+            ],
             ["worker", self.address, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny"],
         ):
             with open(self._directory / f"{args[0]}.log", "wb") as log:
@@ -162,9 +164,8 @@ def test_bad_connect_arguments_fail_at_the_call(
 def test_after_a_failed_connection_connect_succeeds_once_the_scheduler_is_up(
     late_scheduler: LateScheduler,
 ) -> None:
-    with _connect_timeout(1, late_scheduler.address):
-        with pytest.raises(OSError):
-            anyfork.wait(anyfork.fork(remote(os.getpid)), timeout=60)
+    with _connect_timeout(1, late_scheduler.address), pytest.raises(OSError):
+        anyfork.wait(anyfork.fork(remote(os.getpid)), timeout=60)
     late_scheduler.start()
     with _connect_timeout(120):
         anyfork.dask.connect(late_scheduler.address).wait(150)

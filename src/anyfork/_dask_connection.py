@@ -49,6 +49,8 @@ _Client: Any = distributed.Client
 _LocalCluster: Any = distributed.LocalCluster
 _get_client: Any = getattr(distributed, "get_client")  # noqa: B009
 _config_get: Any = getattr(dask.config, "get")  # noqa: B009
+_parse_address: Any = getattr(distributed.comm, "parse_address")  # noqa: B009
+_get_backend: Any = getattr(distributed.comm.registry, "get_backend")  # noqa: B009
 
 
 # --- the connection ----------------------------------------------------------------------
@@ -183,7 +185,7 @@ class _Connection:
 
     def back_off(self) -> float:
         """How long forks fail at once after this failed connection."""
-        return min(_RETRY_FIRST * 2 ** max(self.failures - 1, 0), _RETRY_MOST)
+        return min(_RETRY_FIRST * 2.0 ** max(self.failures - 1, 0), _RETRY_MOST)
 
     def _retry_error(self, error: BaseException) -> BaseException:
         """A fork's own error, made during the back-off after a failed connection."""
@@ -348,7 +350,9 @@ class _OwnedCluster:
 
 async def _close_workers(workers: list[Any], timeout: float) -> None:
     """On the cluster's loop: close its workers (nannies, or in-process workers) at once."""
-    await asyncio.gather(*(worker.close(timeout=timeout) for worker in workers), return_exceptions=True)
+    await asyncio.gather(
+        *(worker.close(timeout=timeout) for worker in workers), return_exceptions=True
+    )
 
 
 def _status(cluster: Any) -> str | None:
@@ -460,9 +464,9 @@ def _check_target(target: object) -> None:
             "connect(): address_or_client= is empty; pass a scheduler address such as "
             "'tcp://10.0.0.5:8786', or None for DASK_SCHEDULER_ADDRESS or an embedded cluster"
         )
-    scheme, location = distributed.comm.parse_address(target)
+    scheme, location = _parse_address(target)
     try:
-        distributed.comm.registry.get_backend(scheme)
+        _get_backend(scheme)
     except ValueError as exc:
         raise ValueError(f"connect(): address_or_client={target!r}: {exc}") from None
     if not location:
