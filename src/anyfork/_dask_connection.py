@@ -333,8 +333,13 @@ class _OwnedCluster:
                 workers = list(self._cluster.workers.values())
                 grace = _seconds_left(deadline, 5, share=0.5) / 1.8  # Nanny.kill: 1.8 x
                 try:
-                    self._cluster.sync(_close_workers, workers, grace)
-                except Exception:
+                    self._cluster.sync(
+                        _close_workers,
+                        workers,
+                        grace,
+                        callback_timeout=_seconds_left(deadline, 10, share=0.75),
+                    )
+                except Exception:  # timed out: what is left is killed below
                     pass
             try:
                 self._cluster.close(timeout=_seconds_left(deadline, 10))
@@ -342,7 +347,8 @@ class _OwnedCluster:
                 pass
             if deadline is not None and _status(self._cluster) != "closed":
                 for worker in list(self._cluster.workers.values()):
-                    _kill(getattr(worker, "pid", None))  # a Nanny's worker process
+                    if isinstance(worker, distributed.Nanny):  # not a worker in this process
+                        _kill(worker.pid)  # its worker process
                 self._cluster.shutdown_on_close = False  # Dask's exit hook: 10 s more
         finally:
             _remove(self._scratch)
@@ -360,7 +366,7 @@ def _status(cluster: Any) -> str | None:
 
 
 def _kill(pid: int | None) -> None:
-    if pid is not None:
+    if pid is not None and pid != os.getpid():
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:  # gone already
