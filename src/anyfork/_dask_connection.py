@@ -325,13 +325,15 @@ class _OwnedCluster:
         Dask's cluster close gives a worker busy with a task 4 s to stop before its nanny
         kills it, and a cluster close cut short by its timeout stays "closing" until Dask's
         own exit hook waits 10 s more for it. So with a deadline the nannies close their
-        workers first, within half the time left (a busy one is killed after 80% of that),
-        and what still has not closed at the deadline is killed and left to the OS.
+        workers first, within half the time left (at most Dask's usual time; a busy one is
+        killed after 80% of its timeout), and what still has not closed at the deadline is
+        killed and left to the OS.
         """
         try:
             if deadline is not None:
                 workers = list(self._cluster.workers.values())
-                grace = _seconds_left(deadline, 5, share=0.5) / 1.8  # Nanny.kill: 1.8 x
+                # Nanny.kill takes up to 1.8 x its timeout; Dask gives it 5 s when time allows.
+                grace = _seconds_left(deadline, 9, share=0.5) / 1.8
                 try:
                     self._cluster.sync(
                         _close_workers,
