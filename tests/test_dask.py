@@ -235,7 +235,7 @@ async def test_then_callbacks_never_run_on_dasks_loop_in_async_code(
 def test_a_dropped_remote_fork_still_runs(dask: Any, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     anyfork.fork(tasks.touch_after, str(marker), 0.2)  # the future is dropped at once
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert marker.exists()
@@ -254,18 +254,39 @@ def test_cancelling_queued_remote_work_never_runs_it(dask: Any, tmp_path: Path) 
     blockers = [anyfork.fork(tasks.hold_until, str(release), 30, str(s)) for s in started]
     _wait_for_files(started)  # the blockers hold both worker threads
     queued = anyfork.fork(tasks.touch_after, str(marker), 0)
-    time.sleep(0.2)
+    _wait_until_the_scheduler_has(dask, "touch_after-anyfork-")  # queued there, not in line
     before = time.monotonic()
     assert queued.cancel()
-    assert time.monotonic() - before < 0.05  # cancel() never blocks
+    # cancel() never blocks: it would otherwise wait for the blockers (until released).
+    assert time.monotonic() - before < 10
     assert queued.cancelled()
+    # The cancellation travels to the scheduler in the background: a worker freed before
+    # it arrives could still start the task. Release the blockers once it has arrived.
+    _wait_until_the_scheduler_has(dask, "touch_after-anyfork-", present=False)
     release.write_text("go")
-    anyfork.wait_all(blockers)
-    time.sleep(0.5)
+    anyfork.wait_all(blockers, timeout=60)
+    # Both worker threads take the tasks sent after it: had it not been dropped, it would
+    # have run before them.
+    anyfork.wait_all([anyfork.fork(tasks.add, i, i) for i in range(4)], timeout=60)
     assert not marker.exists()
 
 
-def _wait_for_files(paths: list[Path], timeout: float = 20) -> None:
+def _wait_until_the_scheduler_has(
+    client: Any, key_part: str, present: bool = True, timeout: float = 60
+) -> None:
+    """Wait until the scheduler has a task whose key contains ``key_part`` (or, with
+    ``present=False``, has none)."""
+
+    def keys(dask_scheduler: Any) -> list[str]:
+        return [str(key) for key in dask_scheduler.tasks]
+
+    deadline = time.monotonic() + timeout
+    while any(key_part in key for key in client.run_on_scheduler(keys)) != present:
+        assert time.monotonic() < deadline, f"{key_part}... never {'came' if present else 'left'}"
+        time.sleep(0.02)
+
+
+def _wait_for_files(paths: list[Path], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not all(p.exists() for p in paths):
         assert time.monotonic() < deadline, "the tasks did not start"
@@ -498,6 +519,54 @@ def test_the_exit_bound_cancels_remote_forks_that_outlast_it(tmp_path: Path) -> 
     assert "too_long" in result.stderr
 
 
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds leftover processes in /proc")
+def test_a_script_with_an_embedded_cluster_and_queued_work_exits_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    from anyfork._exit import EXIT_STOP_GRACE
+
+    bound = 3
+    result = _run_dask_script(
+        tmp_path,
+        f"""
+        import atexit
+        import time
+        import anyfork
+        import anyfork.dask
+
+
+        @anyfork.dask.remote
+        def too_long() -> None:
+            time.sleep(60)
+
+
+        async def blocks_the_background_loop() -> None:
+            time.sleep(60)
+
+
+        def report() -> None:  # runs once anyfork's exit join has stopped everything
+            print("stopped after", time.monotonic() - exiting, flush=True)
+
+
+        if __name__ == "__main__":
+            anyfork.configure(exit_timeout={bound})
+            anyfork.dask.connect(n_workers=2, threads_per_worker=1).wait()
+            for _ in range(6):  # two run, four wait in the scheduler's queue
+                anyfork.fork(too_long)
+            anyfork.fork(blocks_the_background_loop)
+            atexit.register(report)
+            exiting = time.monotonic()
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"7 fork(s) did not finish within the exit bound of {bound}" in result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("stopped after")]
+    stopped_after = float(line.split()[-1])
+    # The bound, the participants' grace, and a second for a loaded machine: before the
+    # bound was shared out, the background loop added 0.5 s and the cluster's close 4 s.
+    assert stopped_after < bound + EXIT_STOP_GRACE + 1, (stopped_after, result.stderr)
+
+
 def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
     result = _run_dask_script(
         tmp_path,
@@ -551,11 +620,17 @@ def test_the_first_remote_fork_never_blocks_the_loop_while_the_cluster_starts(
                 tg.start_soon(tick)
                 started = time.monotonic()
                 futures = [anyfork.fork(square, i) for i in range(3)]
-                assert time.monotonic() - started < 0.2
+                # The forks wait in line: they returned before the cluster was up.
+                ready = anyfork.dask.connect()
+                assert not ready.done()
+                await ready
+                start_took = time.monotonic() - started
                 print(await anyfork.collect_all(futures) and [f.value() for f in futures])
                 tg.cancel_scope.cancel()
-            print("worst loop step", round(worst, 3))
-            assert worst < 0.3, worst
+            print("worst loop step", round(worst, 3), "cluster start", round(start_took, 3))
+            # Blocked, the loop would have stood still for the whole start; a loaded
+            # machine may delay a step, never by half of it.
+            assert worst < max(0.5, start_took / 2), (worst, start_took)
 
 
         if __name__ == "__main__":

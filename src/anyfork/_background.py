@@ -35,9 +35,10 @@ __all__ = ["background"]
 
 logger = logging.getLogger("anyfork")
 
-# How long the background loop gets to stop at exit, once its forks have finished or been
-# given up on and cancelled. A loop stuck in a blocking call is abandoned after this (its
-# thread is a daemon), so the process exits within the exit bound plus this grace.
+# How long the background loop gets to stop when there is no exit bound to take a share
+# of (close at the end of a process with exit_timeout=None, where its forks have all
+# finished). A loop stuck in a blocking call is abandoned after its time (its thread is a
+# daemon).
 _LOOP_STOP_GRACE = 0.5
 
 
@@ -159,11 +160,12 @@ class _Background:
         group = self._group
         return [] if group is None else group.pending_futures()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None) -> None:
+        """Stop the loop within ``timeout`` seconds, its share of the exit bound."""
         with self._lock:
             loop, self._loop = self._loop, None
         if loop is not None:
-            loop.stop(_LOOP_STOP_GRACE)
+            loop.stop(_LOOP_STOP_GRACE if timeout is None else timeout)
 
     # --- done callbacks -------------------------------------------------------------------
 

@@ -10,21 +10,36 @@ processes that import it (multiprocessing's spawn) are here too.
 from __future__ import annotations
 
 import ast
+import asyncio
+import copy
 import multiprocessing
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 import dask.config
 import distributed
+import distributed.comm
+import distributed.comm.registry
 
 from . import _pool
 from ._dask_tasks import RemoteCall, submit_to
 from ._errors import WouldBlockError
 from ._exit import exit_join
-from ._future import Future, block_until_done, settle, settle_failed
+from ._future import (
+    Future,
+    Work,
+    attach,
+    block_until_done,
+    mark_retrieved,
+    settle,
+    settle_failed,
+)
 from ._loops import running_native_loop
 
 __all__ = ["close", "connect", "submit"]
@@ -34,6 +49,8 @@ _Client: Any = distributed.Client
 _LocalCluster: Any = distributed.LocalCluster
 _get_client: Any = getattr(distributed, "get_client")  # noqa: B009
 _config_get: Any = getattr(dask.config, "get")  # noqa: B009
+_parse_address: Any = getattr(distributed.comm, "parse_address")  # noqa: B009
+_get_backend: Any = getattr(distributed.comm.registry, "get_backend")  # noqa: B009
 
 
 # --- the connection ----------------------------------------------------------------------
@@ -60,25 +77,39 @@ def _warm_up(client: Any, *, embedded: bool) -> None:
         pass
 
 
+# After a failed connection, remote forks fail at once for a back-off that starts at
+# _RETRY_FIRST seconds and doubles with each failure in a row, up to _RETRY_MOST; the
+# first fork after it tries again (connect() tries at once). Documented in docs/dask.md.
+_RETRY_FIRST = 2.0
+_RETRY_MOST = 30.0
+
+
 class _Connection:
     """The client that remote forks go to, connected in a thread of its own: forks made
-    meanwhile wait in line, and no event loop ever waits for the connection."""
+    meanwhile wait in line, and no event loop ever waits for the connection. A connection
+    that failed stays failed: :func:`_current_connection` replaces it after its back-off."""
 
-    def __init__(self, target: object, cluster_options: dict[str, Any]) -> None:
+    def __init__(self, target: object, cluster_options: dict[str, Any], failures: int = 0) -> None:
         self._lock = threading.RLock()
-        self._target = target
-        self._cluster_options = cluster_options
+        self.target = target
+        self.cluster_options = cluster_options
         self.client: Any = None  # a distributed.Client once connected
         self._cluster: Any = None
         self._owns_client = not isinstance(target, distributed.Client)
-        self._error: BaseException | None = None
-        self._in_line: list[tuple[Future[Any], RemoteCall]] = []
+        self.error: BaseException | None = None
+        #: failed connections in a row, this one included once it fails
+        self.failures = failures
+        self.retry_at = 0.0  # time.monotonic() after which a fork connects again
+        self._in_line: dict[Future[Any], RemoteCall] = {}  # insertion-ordered
         self.ready: Future[distributed.Client] = Future(name="anyfork.dask connection")
         self.closed = False
 
     def start(self) -> None:
-        exit_join.add_participant(self)
         threading.Thread(target=self._connect, name="anyfork-dask-connect", daemon=True).start()
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
     def submit(self, future: Future[Any], remote_call: RemoteCall) -> None:
         if self.client is None and running_native_loop() is None:
@@ -87,15 +118,18 @@ class _Connection:
             # script that forked just before its end would find its cluster unable to start.
             block_until_done(self.ready, None)
         with self._lock:
-            client, error = self.client, self._error
+            client, error = self.client, self.error
             if client is None and error is None and not self.closed:
-                self._in_line.append((future, remote_call))
+                self._in_line[future] = remote_call
+                attach(future, _InLine(self))
                 return
+        if error is not None:
+            settle_failed(future, self._retry_error(error))
+            return
         if client is None or self.closed:
             settle_failed(
                 future,
-                error
-                or RuntimeError(
+                RuntimeError(
                     "anyfork.dask is closed: call anyfork.dask.connect() to connect again"
                 ),
             )
@@ -112,26 +146,35 @@ class _Connection:
             return
         submit_to(client, future, remote_call)
 
+    def leave_line(self, future: Future[Any]) -> None:
+        """``future``, waiting in line, was cancelled: it is never sent."""
+        with self._lock:
+            self._in_line.pop(future, None)
+
     def _connect(self) -> None:
         try:
-            client, cluster = _open(self._target, self._cluster_options)
+            client, cluster = _open(self.target, self.cluster_options)
             _warm_up(client, embedded=cluster is not None)
         except BaseException as exc:
             with self._lock:
-                self._error = exc
-                in_line, self._in_line = self._in_line, []
-            for future, _ in in_line:
-                settle_failed(future, exc)
+                self.failures += 1
+                self.retry_at = time.monotonic() + self.back_off()
+                self.error = exc
+                in_line, self._in_line = self._in_line, {}
+            for future in in_line:  # each its own error: waiters add to its traceback
+                settle_failed(future, _copy_of(exc))
             settle_failed(self.ready, exc)
             return
         self._cluster = cluster
         while True:  # hand the forks in line over, oldest first, then let callers submit
             with self._lock:
-                in_line, self._in_line = self._in_line, []
+                in_line, self._in_line = self._in_line, {}
                 if not in_line:
                     self.client = client
                     break
-            for future, remote_call in in_line:
+            for future, remote_call in in_line.items():
+                if future.done():  # cancelled just before it left the line
+                    continue
                 try:
                     submit_to(client, future, remote_call)
                 except BaseException as exc:
@@ -140,26 +183,93 @@ class _Connection:
         if self.closed:
             self.stop()
 
-    # --- the exit join's participant ------------------------------------------------------
+    def back_off(self) -> float:
+        """How long forks fail at once after this failed connection."""
+        return min(_RETRY_FIRST * 2.0 ** max(self.failures - 1, 0), _RETRY_MOST)
 
-    def pending_futures(self) -> list[Future[Any]]:
-        return []  # every remote fork is tracked by the exit join itself
+    def _retry_error(self, error: BaseException) -> BaseException:
+        """A fork's own error, made during the back-off after a failed connection."""
+        left = max(self.retry_at - time.monotonic(), 0)
+        message = (
+            f"anyfork.dask could not connect to {_describe(self.target)} ({error}); it "
+            f"tries again at the first remote fork after {left:.1f} s (a back-off of "
+            f"{self.back_off():g} s), or at once on anyfork.dask.connect()"
+        )
+        retry_error = (
+            ConnectionError(message) if isinstance(error, OSError) else RuntimeError(message)
+        )
+        retry_error.__cause__ = error
+        return retry_error
 
-    def stop(self) -> None:
-        """Close the client and the cluster this connection started (after the exit join)."""
+    # --- at exit, or on close() -----------------------------------------------------------
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Close the client and the cluster this connection started, within ``timeout``
+        seconds if given (its share of the exit bound), else within Dask's own timeouts."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self.closed = True
             client, cluster, self._cluster = self.client, self._cluster, None
         if client is not None and self._owns_client:
-            try:
-                client.close(timeout=5)
+            try:  # at most half the time: the cluster needs the rest
+                client.close(timeout=_seconds_left(deadline, 5, share=0.5))
             except Exception:  # already closed, or its scheduler is gone
                 pass
         if cluster is not None:
-            try:
-                cluster.close(timeout=10)
-            except Exception:
-                pass
+            cluster.close(deadline)
+
+
+def _seconds_left(deadline: float | None, default: float, share: float = 1.0) -> float:
+    """``share`` of the seconds left until ``deadline`` (at most ``default``), for one Dask
+    call's timeout: never zero, which Dask takes for "no timeout"; ``default`` with no
+    deadline."""
+    if deadline is None:
+        return default
+    return max(min((deadline - time.monotonic()) * share, default), 0.01)
+
+
+class _InLine(Work):
+    """A remote fork waiting in line for the connection: cancelling it takes it out of the
+    line, so it is never sent."""
+
+    __slots__ = ("_connection",)
+
+    kind = "remote"
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    def state(self, future: Future[Any]) -> str:
+        return "queued"
+
+    def cancel(self, future: Future[Any]) -> None:
+        self._connection.leave_line(future)
+
+
+def _copy_of(error: BaseException) -> BaseException:
+    """``error`` again, as an object of its own: an exception raised to many waiters
+    collects every waiter's frames in its one traceback (and keeps them alive)."""
+    try:
+        duplicate = copy.copy(error)
+    except Exception:
+        duplicate = None
+    if type(duplicate) is not type(error) or str(duplicate) != str(error):
+        duplicate = RuntimeError(f"anyfork.dask could not connect: {error!r}")
+        duplicate.__cause__ = error
+        return duplicate
+    assert duplicate is not None
+    # Sharing the traceback is safe: raising the copy prepends frames of its own.
+    duplicate.__traceback__ = error.__traceback__
+    duplicate.__cause__, duplicate.__context__ = error.__cause__, error.__context__
+    duplicate.__suppress_context__ = error.__suppress_context__
+    return duplicate
+
+
+def _describe(target: object) -> str:
+    if target is None:
+        address = _config_get("scheduler-address", None)
+        return str(address) if address is not None else "an embedded LocalCluster"
+    return repr(target) if isinstance(target, str) else f"the client {target!r}"
 
 
 def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.Client, Any]:
@@ -172,7 +282,6 @@ def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.
         return _Client(address, set_as_default=False), None
     options: dict[str, Any] = {
         "processes": True,
-        "host": "127.0.0.1",
         # The scheduler serves HTTP (health, metrics) even with no dashboard, on port 8787
         # unless told otherwise: a second cluster, or anything else there, would make it
         # warn and move. Port 0 takes a free one; dashboard=False keeps the dashboard off.
@@ -180,6 +289,10 @@ def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.
         "scheduler_kwargs": {"dashboard": False},
     }
     options.update(cluster_options)
+    if options["processes"] or "protocol" in options:
+        # Loopback only. Worker threads (processes=False) talk over the in-process
+        # transport instead, which takes no host.
+        options.setdefault("host", "127.0.0.1")
     if options["processes"]:
         _check_main_guard()
     scratch = None
@@ -195,7 +308,7 @@ def _open(target: object, cluster_options: dict[str, Any]) -> tuple[distributed.
     try:
         return _Client(cluster, set_as_default=False), cluster_and_scratch
     except BaseException:
-        cluster_and_scratch.close(timeout=10)
+        cluster_and_scratch.close(time.monotonic() + 10)
         raise
 
 
@@ -206,11 +319,60 @@ class _OwnedCluster:
         self._cluster = cluster
         self._scratch = scratch
 
-    def close(self, timeout: float) -> None:
+    def close(self, deadline: float | None) -> None:
+        """Close the cluster by ``deadline`` (else within Dask's own timeouts).
+
+        Dask's cluster close gives a worker busy with a task 4 s to stop before its nanny
+        kills it, and a cluster close cut short by its timeout stays "closing" until Dask's
+        own exit hook waits 10 s more for it. So with a deadline the nannies close their
+        workers first, within half the time left (at most Dask's usual time; a busy one is
+        killed after 80% of its timeout), and what still has not closed at the deadline is
+        killed and left to the OS.
+        """
         try:
-            self._cluster.close(timeout=timeout)
+            if deadline is not None:
+                workers = list(self._cluster.workers.values())
+                # Nanny.kill takes up to 1.8 x its timeout; Dask gives it 5 s when time allows.
+                grace = _seconds_left(deadline, 9, share=0.5) / 1.8
+                try:
+                    self._cluster.sync(
+                        _close_workers,
+                        workers,
+                        grace,
+                        callback_timeout=_seconds_left(deadline, 10, share=0.75),
+                    )
+                except Exception:  # timed out: what is left is killed below
+                    pass
+            try:
+                self._cluster.close(timeout=_seconds_left(deadline, 10))
+            except Exception:  # timed out, or already closed
+                pass
+            if deadline is not None and _status(self._cluster) != "closed":
+                for worker in list(self._cluster.workers.values()):
+                    if isinstance(worker, distributed.Nanny):  # not a worker in this process
+                        _kill(worker.pid)  # its worker process
+                self._cluster.shutdown_on_close = False  # Dask's exit hook: 10 s more
         finally:
             _remove(self._scratch)
+
+
+async def _close_workers(workers: list[Any], timeout: float) -> None:
+    """On the cluster's loop: close its workers (nannies, or in-process workers) at once."""
+    await asyncio.gather(
+        *(worker.close(timeout=timeout) for worker in workers), return_exceptions=True
+    )
+
+
+def _status(cluster: Any) -> str | None:
+    return getattr(getattr(cluster, "status", None), "name", None)
+
+
+def _kill(pid: int | None) -> None:
+    if pid is not None and pid != os.getpid():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone already
+            pass
 
 
 def _remove(directory: str | None) -> None:
@@ -255,7 +417,9 @@ def connect(
     Optional: with no call, the first remote fork connects as ``connect()`` does. It never
     blocks: it returns a future of the ``distributed.Client`` (``await`` it, ``wait`` it,
     or ignore it), and forks made before the connection is up wait in line. A client or
-    cluster that anyfork started is closed at exit, after the exit join.
+    cluster that anyfork started is closed at exit, after the exit join. A connection that
+    failed is no connection: ``connect`` tries again at once, and so does the first remote
+    fork after a back-off (2 s, doubling with each failure in a row, at most 30 s).
 
     :param address_or_client: a scheduler address (``"tcp://10.0.0.5:8786"``), a
         ``distributed.Client`` of your own (never closed by anyfork), or ``None``: the
@@ -264,14 +428,18 @@ def connect(
     :param cluster_options: arguments for that ``LocalCluster`` (``n_workers=``,
         ``threads_per_worker=``, ``processes=``, ``resources=``...)
     :return: a future of the client, failed if the connection fails
-    :raises RuntimeError: if anyfork is connected already (call :func:`close` first)
-    :raises TypeError: for cluster options together with an address or a client
+    :raises RuntimeError: if anyfork is connected, or connecting, elsewhere already (call
+        :func:`close` first)
+    :raises TypeError: for an ``address_or_client`` of another type, or cluster options
+        together with an address or a client
+    :raises ValueError: for an address Dask cannot read
 
     Example::
 
         anyfork.dask.connect("tcp://scheduler.internal:8786")
     """
     global _connection
+    _check_target(address_or_client)
     if cluster_options and address_or_client is not None:
         raise TypeError(
             "connect(): cluster options start an embedded LocalCluster; they do not apply "
@@ -279,16 +447,47 @@ def connect(
         )
     with _lock:
         current = _connection
-        if current is not None and not current.closed:
+        if current is not None and not current.closed and not current.failed:
             if address_or_client is None and not cluster_options:
                 return current.ready
             raise RuntimeError(
-                "anyfork.dask is connected already; call anyfork.dask.close() before "
-                "connecting elsewhere"
+                "anyfork.dask is connected (or connecting) already; call "
+                "anyfork.dask.close() before connecting elsewhere"
             )
-        _connection = _Connection(address_or_client, cluster_options)
-        _connection.start()
+        _connection = _start(_Connection(address_or_client, cluster_options))
         return _connection.ready
+
+
+def _check_target(target: object) -> None:
+    if target is None or isinstance(target, distributed.Client):
+        return
+    if not isinstance(target, str):
+        raise TypeError(
+            "connect(): address_or_client= takes a scheduler address (a str such as "
+            "'tcp://10.0.0.5:8786'), a distributed.Client or None, got "
+            f"{type(target).__name__} {target!r}"
+        )
+    if not target.strip():
+        raise ValueError(
+            "connect(): address_or_client= is empty; pass a scheduler address such as "
+            "'tcp://10.0.0.5:8786', or None for DASK_SCHEDULER_ADDRESS or an embedded cluster"
+        )
+    scheme, location = _parse_address(target)
+    try:
+        _get_backend(scheme)
+    except ValueError as exc:
+        raise ValueError(f"connect(): address_or_client={target!r}: {exc}") from None
+    if not location:
+        raise ValueError(
+            f"connect(): address_or_client={target!r} names no host; pass a scheduler "
+            "address such as 'tcp://10.0.0.5:8786'"
+        )
+
+
+def _start(connection: _Connection) -> _Connection:
+    exit_join.add_participant(_at_exit)  # raises ShutdownError once the exit join is over
+    connection.start()
+    return connection
 
 
 def close() -> None:
@@ -306,18 +505,43 @@ def close() -> None:
     with _lock:
         current, _connection = _connection, None
     if current is not None:
-        if not current.ready.done():
-            current.ready.wait()  # let it finish connecting, then close it
+        block_until_done(current.ready, None)  # let it finish connecting, then close it
         current.stop()
 
 
 def _current_connection() -> _Connection:
+    """The connection a remote fork goes to: the current one, or, with none (or a failed
+    one past its back-off), a new one. A failed connection within its back-off fails the
+    fork at once."""
+    global _connection
     with _lock:
-        if _connection is not None and not _connection.closed:
-            return _connection
-    connect()
-    assert _connection is not None
-    return _connection
+        current = _connection
+        if current is not None and not current.closed:
+            if not current.failed or time.monotonic() < current.retry_at:
+                return current
+            again = _Connection(current.target, current.cluster_options, current.failures)
+        else:
+            again = _Connection(None, {})
+        # Nobody holds this one's ready future: its failure is each fork's to report.
+        mark_retrieved(again.ready)
+        _connection = _start(again)
+        return again
+
+
+class _AtExit:
+    """The exit join's participant: it closes the connection after the join."""
+
+    def pending_futures(self) -> list[Future[Any]]:
+        return []  # every remote fork is tracked by the exit join itself
+
+    def stop(self, timeout: float | None = None) -> None:
+        with _lock:
+            current = _connection
+        if current is not None:
+            current.stop(timeout)
+
+
+_at_exit = _AtExit()
 
 
 # --- where a remote fork goes ------------------------------------------------------------

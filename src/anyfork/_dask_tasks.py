@@ -96,7 +96,11 @@ def submit_to(
         pure=False,
         **remote_call.options,
     )
-    attach(future, _DaskWork(client, dask_future))
+    work = _DaskWork(client, dask_future)
+    attach(future, work)
+    if future.cancelled():  # cancelled while it was being sent: its cancel missed the task
+        work.cancel(future)
+        return
     _follower(client).follow(dask_future, future)
 
 

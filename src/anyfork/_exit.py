@@ -28,7 +28,7 @@ from ._future import (
     steal,
 )
 
-__all__ = ["ExitParticipant", "exit_join", "exit_join_started"]
+__all__ = ["EXIT_STOP_GRACE", "ExitParticipant", "exit_join", "exit_join_started"]
 
 logger = logging.getLogger("anyfork")
 
@@ -43,8 +43,10 @@ class ExitParticipant(Protocol):
         """The forks it still has pending."""
         ...
 
-    def stop(self) -> None:
-        """Stop, after the join, without waiting longer than a short grace."""
+    def stop(self, timeout: float | None) -> None:
+        """Stop, after the join, within ``timeout`` seconds: its share of the exit bound
+        (``None``: no bound, take as long as stopping takes). What has not stopped by then
+        is abandoned, never waited for."""
         ...
 
 
@@ -164,6 +166,7 @@ class ExitJoin:
         """
         bound = current_config().exit_timeout
         deadline = None if bound is None else time.monotonic() + bound
+        interrupted = False
         try:
             # Inside the try: a Ctrl-C that lands right after this still ends the join.
             exit_join_started.set()
@@ -187,18 +190,16 @@ class ExitJoin:
                 "(anyfork.configure(exit_timeout=...), ANYFORK_EXIT_TIMEOUT)"
             )
         except KeyboardInterrupt:
+            interrupted = True
             self._give_up("were interrupted at exit (Ctrl-C)")
         except SystemExit:
+            interrupted = True
             self._give_up("were interrupted at exit (SystemExit raised by a fork the join ran)")
         finally:
             with self._lock:
                 self._over = True
                 participants, self._participants = self._participants, []
-            for participant in participants:
-                try:
-                    participant.stop()
-                except KeyboardInterrupt:
-                    pass
+            _stop_participants(participants, _stop_deadline(deadline, interrupted=interrupted))
 
     def _wait_for_done_callbacks(self, deadline: float | None) -> None:
         """Wait until the sync forks that are done have also run their done callbacks.
@@ -266,6 +267,37 @@ class ExitJoin:
         self._hand_offs = {}
         for future in inherited:
             abandon_in_child(future)
+
+
+# --- sharing the exit bound out to the participants ---------------------------------------
+
+#: Seconds the participants get in all to stop once the join is over, when the join used up
+#: the exit bound (or was interrupted): closing a cluster anyfork started takes about a
+#: second. So a process exits within ``exit_timeout`` plus this (docs/scripts.md).
+EXIT_STOP_GRACE = 2.0
+
+
+def _stop_deadline(join_deadline: float | None, *, interrupted: bool) -> float | None:
+    """When the participants must have stopped: at the exit bound, or, if the join used it
+    up (or was interrupted), :data:`EXIT_STOP_GRACE` seconds from now. ``None`` (no bound)
+    only when there was none and the join ended on its own."""
+    if join_deadline is None and not interrupted:
+        return None
+    grace_end = time.monotonic() + EXIT_STOP_GRACE
+    return grace_end if join_deadline is None else max(join_deadline, grace_end)
+
+
+def _stop_participants(participants: list[ExitParticipant], deadline: float | None) -> None:
+    """Stop each participant in turn with its share of the time left: an equal part of it,
+    plus what those before it left unused."""
+    for position, participant in enumerate(participants):
+        share = None
+        if deadline is not None:
+            share = max(deadline - time.monotonic(), 0.0) / (len(participants) - position)
+        try:
+            participant.stop(share)
+        except KeyboardInterrupt:
+            pass
 
 
 # How long a slice of the wait for done callbacks lasts (see ExitJoin._wait_for_done_callbacks).
