@@ -7,6 +7,7 @@ import concurrent.futures
 from typing import Any
 
 import anyio
+import pytest
 from typing_extensions import assert_type
 
 import anyfork
@@ -89,6 +90,7 @@ def test_async_for_over_as_completed_is_typed() -> None:
 
 
 def test_the_fastapi_integration_is_typed() -> None:
+    pytest.importorskip("fastapi")  # not installed on free-threaded Python
     import anyfork.fastapi
     from anyfork.fastapi import Policy, RequestScope
 
