@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -20,12 +21,22 @@ nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["tests", "tests_lowest", "stress", "lint", "typecheck", "docs", "build"]
 nox.options.reuse_venv = "yes"
 
-# Interpreters installed with pyenv but not on PATH still count as installed.
-_pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
-for _version in PYTHONS:
-    for _bin in sorted(glob.glob(str(_pyenv_root / "versions" / f"{_version}.*" / "bin"))):
-        if _bin not in os.environ.get("PATH", ""):
-            os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), _bin])
+# The free-threaded build the tests also run on with the GIL off (tests_freethreaded).
+FREE_THREADED = "3.13t"
+BUILD_FREE_THREADED = ROOT / "tools" / "build_freethreaded_python.sh"
+PYENV_ROOT = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+
+
+def add_pyenv_interpreters_to_path() -> None:
+    """Interpreters installed with pyenv but not on PATH still count as installed."""
+    patterns = [f"{version}.*" for version in PYTHONS] + ["3.13.*t"]
+    for pattern in patterns:
+        for bin_ in sorted(glob.glob(str(PYENV_ROOT / "versions" / pattern / "bin"))):
+            if bin_ not in os.environ.get("PATH", "").split(os.pathsep):
+                os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), bin_])
+
+
+add_pyenv_interpreters_to_path()
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 
@@ -92,6 +103,51 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
     if not has_torch:
         session.warn(f"TORCH TESTS SKIPPED on Python {session.python}: see 'TORCH SKIPPED' above")
+
+
+# Packages of the test group that cannot be installed on free-threaded 3.13: no cp313t wheel,
+# and their source builds download what the package registries do not serve. hypothesis: its
+# native part needs Rust crates; fastapi: pydantic-core needs Rust crates; ipykernel and
+# jupyter-client: pyzmq downloads libsodium. tests_freethreaded leaves them out and their tests
+# skip there (torch too: its local CPU wheel is for CPython 3.11). uvloop, Dask (distributed,
+# msgpack, psutil, tornado), trio and the rest install and run with the GIL off.
+NOT_FREE_THREADED = {"hypothesis", "fastapi", "ipykernel", "jupyter-client"}
+
+
+@nox.session(name="freethreaded_python", python=False)
+def freethreaded_python(session: nox.Session) -> None:
+    """Find a free-threaded CPython 3.13 (python3.13t), else build one (tools/, ~4 min)."""
+    found = shutil.which("python" + FREE_THREADED)
+    if found is None:
+        session.log(f"no python{FREE_THREADED} here: building one with pyenv, once")
+        session.run("bash", str(BUILD_FREE_THREADED), external=True)
+        add_pyenv_interpreters_to_path()
+        found = shutil.which("python" + FREE_THREADED)
+        if found is None:
+            session.error(f"{BUILD_FREE_THREADED.name} ran but no python{FREE_THREADED} is on PATH")
+    session.log(f"free-threaded Python: {found}")
+
+
+@nox.session(name="tests_freethreaded", python=FREE_THREADED, requires=["freethreaded_python"])
+def tests_freethreaded(session: nox.Session) -> None:
+    """Run the test suite on free-threaded CPython 3.13 with the GIL off (PYTHON_GIL=0)."""
+    requirements = [
+        requirement
+        for requirement in nox.project.dependency_groups(PYPROJECT, "test")
+        if requirement_name(requirement) not in NOT_FREE_THREADED
+    ]
+    session.install("-e", ".", *requirements)
+    gil_off = {"PYTHON_GIL": "0"}  # also for the scripts the tests start (they inherit it)
+    session.run("python", "-c", "import sys; assert not sys._is_gil_enabled()", env=gil_off)
+    session.run("pytest", *session.posargs, env=gil_off)
+    left_out = ", ".join(sorted(NOT_FREE_THREADED))
+    session.warn(f"FREE-THREADED: {left_out} and torch not installed, so their tests skipped")
+
+
+def requirement_name(requirement: str) -> str:
+    """A requirement's project name, normalized: 'uvloop>=0.21; ...' -> 'uvloop'."""
+    name = re.split(r"[\s\[<>=!~;@]", requirement, maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @nox.session(name="tests_lowest", python="3.10")

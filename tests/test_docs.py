@@ -22,14 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 CELL = re.compile(r'^```python title="Cell (\d+)"\n(.*?)^```', re.DOTALL | re.MULTILINE)
-NEEDS_TORCH = re.compile(r"^(import torch|from torch)\b", re.MULTILINE)
-HAS_TORCH = importlib.util.find_spec("torch") is not None
+# torch is installed only where its CPU wheel is on disk (Python 3.11, by nox); fastapi is not
+# installed on free-threaded Python (no free-threaded wheel of pydantic-core).
+OPTIONAL_PACKAGES = ("torch", "fastapi")
 
 
-def _skip_without_torch(source: str) -> None:
-    # torch is installed only where its CPU wheel is on disk (Python 3.11, by nox).
-    if NEEDS_TORCH.search(source) and not HAS_TORCH:
-        pytest.skip("needs torch, which is not installed for this Python")
+def _skip_without_optional_packages(source: str) -> None:
+    for package in OPTIONAL_PACKAGES:
+        needs = re.search(rf"^\s*(import|from) ([\w.]+\.)?{package}\b", source, re.MULTILINE)
+        if needs and importlib.util.find_spec(package) is None:
+            pytest.skip(f"needs {package}, which is not installed for this Python")
 
 
 def _blocks() -> list[object]:
@@ -62,7 +64,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("source", _blocks())
 def test_docs_example_runs(source: str) -> None:
-    _skip_without_torch(source)
+    _skip_without_optional_packages(source)
     result = _run(["-c", source])
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -71,7 +73,7 @@ def test_docs_example_runs(source: str) -> None:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("cells", _notebooks())
 def test_docs_notebook_cells_run_in_order(cells: list[str]) -> None:
-    _skip_without_torch("".join(cells))
+    _skip_without_optional_packages("".join(cells))
     result = run_notebook_cells(cells)
     assert result.returncode == 0, result.stderr
     # Cells that block the loop for a while (as notebooks do) are let through.
@@ -82,7 +84,7 @@ def test_docs_notebook_cells_run_in_order(cells: list[str]) -> None:
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
 def test_example_program_runs(example: Path) -> None:
     source = example.read_text()
-    _skip_without_torch(source)
+    _skip_without_optional_packages(source)
     # Every example runs in dev mode, the torch one too: asyncio's debug mode records a stack
     # at every task it creates, which under torch's busy threads made steps slow, not blocking.
     result = _run([str(example)])

@@ -20,6 +20,10 @@ import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+
+# Not installed on free-threaded Python (no free-threaded wheel): see noxfile.py.
+pytest.importorskip("fastapi")
+
 from fastapi import Depends, FastAPI, HTTPException
 
 import anyfork

@@ -18,6 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+# Not installed on free-threaded Python (no free-threaded wheel): see noxfile.py.
+pytest.importorskip("fastapi")  # server_app.py, run by serve.py
+
 SERVE = Path(__file__).parent / "serve.py"
 SERVERS = ["uvicorn-asyncio", "uvicorn-uvloop", "hypercorn-trio"]
 

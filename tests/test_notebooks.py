@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Not installed on free-threaded Python (no free-threaded wheel): see noxfile.py.
+pytest.importorskip("jupyter_client")
+
 from jupyter_client import BlockingKernelClient, KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_core.utils import ensure_event_loop

@@ -26,6 +26,10 @@ from typing import Any
 
 import anyio.from_thread
 import pytest
+
+# Not installed on free-threaded Python (no free-threaded wheel): see noxfile.py.
+pytest.importorskip("hypothesis")
+
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
