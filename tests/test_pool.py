@@ -274,3 +274,22 @@ def test_threads_retiring_as_jobs_arrive_never_strand_a_job(repeat: int) -> None
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{[sum(range(300))] * 4}\n"
+
+
+@pytest.mark.parametrize("idle_timeout", ["float('inf')", "10**12", "1e10"])
+def test_an_idle_timeout_too_long_for_a_thread_wait_keeps_idle_threads(idle_timeout: str) -> None:
+    # A timeout longer than a thread can wait means "never retire" (as wait timeouts that
+    # long mean "no bound"): the idle workers stay, and later forks run on them.
+    result = run_script(
+        f"""
+        import threading, anyfork
+        anyfork.configure(worker_idle_timeout={idle_timeout}, exit_timeout=2)
+        barrier = threading.Barrier(3, timeout=10)
+        anyfork.wait_all([anyfork.fork(barrier.wait) for _ in range(3)], timeout=10)
+        print([anyfork.fork(abs, -i).wait(timeout=10) for i in range(5)])
+        print(sum(t.name.startswith("anyfork-worker") for t in threading.enumerate()) >= 3)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[0, 1, 2, 3, 4]\nTrue\n"
+    assert result.stderr == ""

@@ -28,9 +28,10 @@ class Config:
         default limiter, so sync forks and FastAPI ``def`` endpoints cannot starve each
         other. Environment variable: ``ANYFORK_WORKER_THREADS``.
     :ivar worker_idle_timeout: how many seconds a worker thread with no job waits for one
-        before it exits (as anyio's worker threads do, after 10 s); ``None`` keeps idle
-        threads for the life of the process, as ``ThreadPoolExecutor`` does. Threads start
-        again on demand.
+        before it exits (as anyio's worker threads do, after 10 s); ``None``, or a timeout
+        longer than a thread can wait (``math.inf``, anything above
+        ``threading.TIMEOUT_MAX``), keeps idle threads for the life of the process, as
+        ``ThreadPoolExecutor`` does. Threads start again on demand.
     :ivar exit_timeout: at interpreter exit, how many seconds anyfork waits in total for
         unfinished forks before it gives up on them: it then logs an ERROR naming each one,
         cancels those that can be cancelled and lets the process exit. ``None`` waits for
@@ -158,7 +159,7 @@ def configure(
     :param eager: run forks to completion at the call (see :class:`Config`)
     :param worker_threads: the most sync forks running in worker threads at once
     :param worker_idle_timeout: seconds an idle worker thread waits for a job before it
-        exits, or ``None`` to keep idle threads (see :class:`Config`)
+        exits, or ``None`` (or ``math.inf``) to keep idle threads (see :class:`Config`)
     :param exit_timeout: seconds to wait for unfinished forks at interpreter exit, or
         ``None`` for no bound
     :param debug: record where forks are made and warn about slow ones (see

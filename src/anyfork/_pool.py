@@ -239,7 +239,7 @@ class WorkerPool:
                         self._idle += 1
             promised = False
             try:
-                job = self._jobs.get(timeout=current_config().worker_idle_timeout)
+                job = self._next_job()
             except queue.Empty:
                 with self._lock:
                     if self._idle and self._threads > self._keep:
@@ -267,6 +267,25 @@ class WorkerPool:
                 if self._threads > self._limit + self._blocked:
                     self._threads -= 1  # a stand-in for a blocked thread: no longer needed
                     return
+
+    def _next_job(self) -> Callable[[], object] | None:
+        """Wait for the next item; raises ``queue.Empty`` after ``worker_idle_timeout``.
+
+        A timeout longer than a thread can wait (``threading.TIMEOUT_MAX``, ``inf``
+        included) means "never retire", as long wait timeouts mean "no bound". Nothing
+        here may end the thread's loop with its accounting half-done: if the timed wait
+        fails anyway, the thread logs it and waits without a timeout.
+        """
+        idle_timeout = current_config().worker_idle_timeout
+        if idle_timeout is None or idle_timeout > threading.TIMEOUT_MAX:
+            return self._jobs.get()
+        try:
+            return self._jobs.get(timeout=idle_timeout)
+        except queue.Empty:
+            raise
+        except Exception:  # pragma: no cover - a timeout the platform refuses
+            logger.exception("anyfork: a worker thread's timed wait for work failed")
+            return self._jobs.get()
 
     def worker_blocked(self) -> None:
         """A worker thread blocks in a wait: its place goes to a stand-in if work is waiting."""
