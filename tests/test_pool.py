@@ -293,3 +293,45 @@ def test_an_idle_timeout_too_long_for_a_thread_wait_keeps_idle_threads(idle_time
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[0, 1, 2, 3, 4]\nTrue\n"
     assert result.stderr == ""
+
+
+def test_raising_worker_threads_starts_threads_for_forks_already_queued() -> None:
+    result = run_script(
+        """
+        import threading, anyfork
+        anyfork.configure(worker_threads=1, exit_timeout=2)
+        release = threading.Event()
+        busy = anyfork.fork(release.wait, 30)  # holds the one thread
+        queued = anyfork.fork(abs, -7)  # queued behind it
+        anyfork.configure(worker_threads=2)
+        print(queued.wait(timeout=10))  # runs while the first fork still holds its thread
+        release.set()
+        print(busy.wait(timeout=10))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "7\nTrue\n"
+    assert result.stderr == ""
+
+
+def test_lowering_worker_threads_retires_idle_threads_at_once() -> None:
+    result = run_script(
+        """
+        import threading, time, anyfork
+        anyfork.configure(worker_threads=4, worker_idle_timeout=None)
+
+        def workers():
+            return sum(t.name.startswith("anyfork-worker") for t in threading.enumerate())
+
+        barrier = threading.Barrier(4, timeout=10)
+        anyfork.wait_all([anyfork.fork(barrier.wait) for _ in range(4)], timeout=10)
+        anyfork.configure(worker_threads=1)  # no fork after this
+        deadline = time.monotonic() + 10
+        while workers() > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print(workers())
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\n"
+    assert result.stderr == ""

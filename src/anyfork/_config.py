@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["Config", "configure", "current_config"]
+__all__ = ["Config", "configure", "current_config", "on_configure"]
 
 DEFAULT_WORKER_THREADS = 40
 DEFAULT_EXIT_TIMEOUT = 60.0
@@ -132,10 +133,18 @@ def _validated(config: Config) -> Config:
 
 _lock = threading.RLock()
 _config = _from_environment()
+# Called after every configure() that changed a setting: what keeps state derived from the
+# settings (the worker pool's thread count) applies a new value at once.
+_listeners: list[Callable[[], object]] = []
 
 
 def current_config() -> Config:
     return _config
+
+
+def on_configure(listener: Callable[[], object]) -> None:
+    """Have ``listener`` called (with no argument) after each change made by configure()."""
+    _listeners.append(listener)
 
 
 _UNSET: Any = object()
@@ -153,8 +162,9 @@ def configure(
     """Change anyfork's settings for the whole process and return the settings now in force.
 
     Arguments left out keep their value, so ``anyfork.configure()`` just reads them.
-    A new worker-thread limit applies to the sync forks queued after the call; idle worker
-    threads above a lowered limit retire.
+    A new worker-thread limit applies at once: raised, it starts threads for the sync forks
+    already queued; lowered, idle worker threads above it retire (busy ones when their
+    fork is over).
 
     :param eager: run forks to completion at the call (see :class:`Config`)
     :param worker_threads: the most sync forks running in worker threads at once
@@ -191,5 +201,9 @@ def configure(
             changes["debug"] = debug
         if slow_fork_warning is not None:
             changes["slow_fork_warning"] = slow_fork_warning
-        _config = _validated(replace(_config, **changes))  # type: ignore[arg-type]
-        return _config
+        old, _config = _config, _validated(replace(_config, **changes))  # type: ignore[arg-type]
+        new = _config
+    if new != old:
+        for listener in _listeners:
+            listener()
+    return new

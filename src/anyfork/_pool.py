@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from . import _loops
-from ._config import current_config
+from ._config import current_config, on_configure
 
 __all__ = [
     "BlockingWaitHook",
@@ -160,8 +160,7 @@ class WorkerPool:
 
     @property
     def max_workers(self) -> int:
-        """``worker_threads`` of :func:`anyfork.configure`, read live: a new value applies
-        from the next job on."""
+        """``worker_threads`` of :func:`anyfork.configure` (a new value applies at once)."""
         return self._limit
 
     @property
@@ -171,8 +170,6 @@ class WorkerPool:
     def submit(self, job: Callable[[], object]) -> None:
         """Queue ``job``; raises RuntimeError if a needed thread cannot start (it stays
         queued, in the backlog)."""
-        if current_config().worker_threads != self._limit:
-            self._apply_new_limit()
         self._jobs.put(job)
         self._promise_an_item()
 
@@ -192,11 +189,24 @@ class WorkerPool:
             self._threads += 1
         self._start_thread(promised=False)
 
-    def _apply_new_limit(self) -> None:
+    def apply_new_limit(self) -> None:
+        """Apply ``worker_threads`` now (configure() calls this): start threads for the
+        backlog up to a raised limit, or ask threads above a lowered one to retire."""
         with self._lock:
             self._limit = current_config().worker_threads
             excess = self._threads - self._limit - self._blocked
-        # Idle threads take these before the jobs queued after them, and retire.
+            starts = 0
+            while self._backlog and self._threads < self._limit + self._blocked:
+                self._backlog -= 1
+                self._threads += 1
+                starts += 1
+        for _ in range(starts):
+            try:
+                self._start_thread(promised=True)
+            except RuntimeError:  # no new thread at interpreter exit: it stays in the backlog
+                break
+        # Idle threads take these before the jobs queued after them, and retire; busy
+        # threads above the limit retire after their job.
         for _ in range(excess):
             self._jobs.put(None)
             self._promise_an_item()
@@ -334,6 +344,15 @@ def worker_pool() -> WorkerPool:
             # A signal handler that forked while this thread was here made one already.
             pool = _pool = _pool or WorkerPool()
     return pool
+
+
+def _apply_new_config() -> None:
+    pool = _pool
+    if pool is not None and pool.max_workers != current_config().worker_threads:
+        pool.apply_new_limit()
+
+
+on_configure(_apply_new_config)
 
 
 def submit(job: Callable[[], object], native: object | None = None) -> None:
