@@ -140,6 +140,18 @@ def test_a_remote_fork_runs_in_a_worker_process_and_returns_its_value(dask: Any)
     assert anyfork.wait(anyfork.fork(tasks.add, 2, b=3)) == 5
 
 
+def test_a_finished_remote_fork_settles_while_every_worker_thread_is_busy(dask: Any) -> None:
+    # Settling it is anyfork's own hand-off: it never queues behind the user's sync forks.
+    anyfork.configure(worker_threads=1)
+    release = threading.Event()
+    busy = [anyfork.fork(release.wait, 60) for _ in range(3)]  # one runs, two queue
+    try:
+        assert anyfork.fork(tasks.add, 2, b=3).wait(timeout=30) == 5
+    finally:
+        release.set()
+    assert anyfork.wait_all(busy, timeout=30) == [True, True, True]
+
+
 def test_a_remote_error_keeps_its_type_and_message(dask: Any) -> None:
     with pytest.raises(ValueError, match="remote boom"):
         anyfork.wait(anyfork.fork(tasks.fail, "remote boom"))

@@ -335,3 +335,32 @@ def test_lowering_worker_threads_retires_idle_threads_at_once() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "1\n"
     assert result.stderr == ""
+
+
+def test_anyforks_own_hand_offs_never_wait_behind_busy_worker_threads() -> None:
+    # then(), as_completed() and collect_all() over background-loop forks are completed
+    # by hand-offs to the worker pool: those run at once, even with every worker thread
+    # held by a long sync fork and more sync forks queued behind it.
+    result = run_script(
+        """
+        import threading, anyio, anyfork
+        anyfork.configure(worker_threads=1, exit_timeout=2)
+
+        async def coro():
+            await anyio.sleep(0.05)
+            return 5
+
+        print(anyfork.fork(coro).wait(timeout=10))
+        release = threading.Event()
+        busy = anyfork.fork(release.wait, 60)
+        queued = [anyfork.fork(release.wait, 60) for _ in range(3)]
+        print(anyfork.fork(coro).then(lambda f: f.value() + 1).wait(timeout=10))
+        print([f.value() for f in anyfork.as_completed([anyfork.fork(coro)], timeout=10)])
+        print([f.value() for f in anyfork.collect_all([anyfork.fork(coro)]).wait(timeout=10)])
+        release.set()
+        print(anyfork.wait_all([busy, *queued], timeout=10))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "5\n6\n[5]\n[5]\n[True, True, True, True]\n"
+    assert result.stderr == ""

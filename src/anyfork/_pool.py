@@ -9,6 +9,11 @@ slot with :func:`run_in_slot`; every blocking wait goes through :func:`secede` a
 hook (:func:`add_blocking_wait_hook`), registered by their integration, so that the core
 never imports them.
 
+anyfork's own hand-offs (settling a finished Dask fork, running the done callbacks of a
+background-loop fork, which complete ``then``, ``collect_all`` and ``as_completed``) go
+through :func:`submit`: they never queue behind sync forks, but run on an idle thread or
+on one started for them above the limit, which retires after.
+
 The locks here are reentrant and the job queue is a ``SimpleQueue``, whose ``put`` is
 reentrant: a signal handler that forks while the interrupted code is inside the pool does
 not deadlock.
@@ -21,6 +26,7 @@ import os
 import queue
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -39,6 +45,7 @@ __all__ = [
     "run_in_slot",
     "secede",
     "submit",
+    "submit_fork",
     "worker_pool",
 ]
 
@@ -157,6 +164,9 @@ class WorkerPool:
         self._backlog = 0  # queued items promised to no thread yet
         self._blocked = 0  # worker threads blocked in a wait (their place given back)
         self._keep = 0  # threads that never retire for being idle
+        # anyfork's own hand-offs: every worker runs these before the next item it takes.
+        # An item _HAND_OFF in the queue wakes an idle thread for them.
+        self._hand_offs: deque[Callable[[], object]] = deque()
 
     @property
     def max_workers(self) -> int:
@@ -172,6 +182,26 @@ class WorkerPool:
         queued, in the backlog)."""
         self._jobs.put(job)
         self._promise_an_item()
+
+    def hand_off(self, job: Callable[[], object]) -> None:
+        """Run ``job``, anyfork's own short completion work, at once: on an idle thread, or
+        on one started for it even at the limit (it retires after, unless it is needed);
+        never behind queued sync forks. Raises RuntimeError if no thread is idle and none
+        can start (a worker back from its job, or blocked in a wait, runs it then)."""
+        self._hand_offs.append(job)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put(_HAND_OFF)
+                return
+            self._threads += 1
+        try:
+            self._start_thread(promised=False, hand_offs_first=True)
+        except RuntimeError:
+            # Queue a wake-up, so that a thread going idle meanwhile does not miss the job.
+            self._jobs.put(_HAND_OFF)
+            self._promise_an_item(may_start=False)
+            raise
 
     def ensure_a_thread(self) -> None:
         """Start one thread now if there is none, so that work queued while the
@@ -211,23 +241,26 @@ class WorkerPool:
             self._jobs.put(None)
             self._promise_an_item()
 
-    def _promise_an_item(self) -> None:
+    def _promise_an_item(self, *, may_start: bool = True) -> None:
         """Promise the item just queued to a thread: an idle one, a new one, or the backlog."""
         with self._lock:
             if self._idle:
                 self._idle -= 1
                 return
-            if self._threads >= self._limit + self._blocked:
+            if not may_start or self._threads >= self._limit + self._blocked:
                 self._backlog += 1
                 return
             self._threads += 1
         self._start_thread(promised=True)
 
-    def _start_thread(self, *, promised: bool) -> None:
+    def _start_thread(self, *, promised: bool, hand_offs_first: bool = False) -> None:
         with self._lock:
             number = self._threads
         thread = threading.Thread(
-            target=self._work, args=(promised,), name=f"anyfork-worker-{number}", daemon=True
+            target=self._work,
+            args=(promised, hand_offs_first),
+            name=f"anyfork-worker-{number}",
+            daemon=True,
         )
         try:
             thread.start()
@@ -238,8 +271,14 @@ class WorkerPool:
                     self._backlog += 1  # the next thread back for work takes it
             raise
 
-    def _work(self, promised: bool) -> None:
+    def _work(self, promised: bool, hand_offs_first: bool) -> None:
         slot = _PoolSlot(self)
+        if hand_offs_first:  # started for a hand-off, maybe above the limit
+            self._run_hand_offs(slot)
+            with self._lock:
+                if self._threads > self._limit + self._blocked:
+                    self._threads -= 1
+                    return
         while True:
             if not promised:
                 with self._lock:
@@ -260,23 +299,47 @@ class WorkerPool:
                 # wait for it, without counting as idle a second time.
                 promised = True
                 continue
-            if job is None:
+            if self._hand_offs:
+                self._run_hand_offs(slot)
+            if job is None or job is _HAND_OFF:
                 with self._lock:
-                    if self._threads > self._limit + self._blocked:
+                    if job is None and self._threads > self._limit + self._blocked:
                         self._threads -= 1
                         return
                 continue
-            try:
-                run_in_slot(slot, job)
-            except BaseException:
-                # A job completes its future itself; what escapes is an interrupt raised
-                # by a done callback it ran, which has no caller to reach in this thread.
-                logger.exception("anyfork: a worker thread's job raised")
+            self._run(slot, job)
             del job
+            if self._hand_offs:
+                self._run_hand_offs(slot)
             with self._lock:
                 if self._threads > self._limit + self._blocked:
                     self._threads -= 1  # a stand-in for a blocked thread: no longer needed
                     return
+
+    def run_hand_offs_here(self) -> None:
+        """Run the hand-offs no worker has taken yet, in this thread (not a worker's)."""
+        self._run_hand_offs(None)
+
+    def _run_hand_offs(self, slot: Slot | None) -> None:
+        while True:
+            try:
+                job = self._hand_offs.popleft()
+            except IndexError:
+                return
+            self._run(slot, job)
+            del job
+
+    @staticmethod
+    def _run(slot: Slot | None, job: Callable[[], object]) -> None:
+        try:
+            if slot is None:
+                job()
+            else:
+                run_in_slot(slot, job)
+        except BaseException:
+            # A job completes its future itself; what escapes is an interrupt raised by a
+            # done callback it ran, which has no caller to reach in this thread.
+            logger.exception("anyfork: a worker thread's job raised")
 
     def _next_job(self) -> Callable[[], object] | None:
         """Wait for the next item; raises ``queue.Empty`` after ``worker_idle_timeout``.
@@ -355,8 +418,21 @@ def _apply_new_config() -> None:
 on_configure(_apply_new_config)
 
 
-def submit(job: Callable[[], object], native: object | None = None) -> None:
-    """Run ``job`` on the worker pool.
+def submit(job: Callable[[], object]) -> None:
+    """Hand ``job``, anyfork's own short completion work (settling a future, running the
+    done callbacks of a background-loop fork), to the worker pool: it runs at once, ahead
+    of queued sync forks (see :meth:`WorkerPool.hand_off`)."""
+    try:
+        worker_pool().hand_off(job)
+    except RuntimeError:
+        # No thread is idle and none can start (Python 3.12+ at exit): a worker runs it
+        # when back from its job, or while blocked in a wait. In a plain thread, run it here.
+        if _loops.running_native_loop() is None:
+            worker_pool().run_hand_offs_here()
+
+
+def submit_fork(job: Callable[[], object], native: object | None = None) -> None:
+    """Run ``job``, a sync fork, on the worker pool.
 
     :param native: the loop running in this thread, if any: the job then reaches the pool
         when that loop next gets control, so that a blocking wait before that (a forward
@@ -410,6 +486,8 @@ def _reset_in_child() -> None:
 
 
 _MISSING = object()
+# An item of a worker pool's queue that wakes a thread for the hand-offs (see hand_off).
+_HAND_OFF: Callable[[], object] = lambda: None  # noqa: E731
 
 if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=_reset_in_child)
