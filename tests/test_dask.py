@@ -484,6 +484,42 @@ def test_the_exit_join_waits_for_remote_forks_then_closes_the_cluster(tmp_path: 
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds leftover processes in /proc")
+def test_a_sync_fork_waiting_for_a_remote_fork_at_exit_gets_its_result(tmp_path: Path) -> None:
+    # During the exit join, a sync fork on the one worker thread waits for a remote fork.
+    # Python 3.12+ starts no thread then: the blocked worker settles the remote fork itself.
+    result = _run_dask_script(
+        tmp_path,
+        """
+        import sys, time
+        import anyfork
+        import anyfork.dask
+        from anyfork._exit import exit_join_started
+
+
+        @anyfork.dask.remote
+        def square(x: int) -> int:
+            return x * x
+
+
+        def outer() -> tuple[int, bool]:
+            exit_join_started.wait(30)
+            started = time.monotonic()
+            return anyfork.wait(anyfork.fork(square, 3)), time.monotonic() - started < 20
+
+
+        if __name__ == "__main__":
+            anyfork.configure(exit_timeout=60)
+            print(anyfork.wait(anyfork.fork(square, 2)), flush=True)
+            anyfork.fork(outer).add_done_callback(
+                lambda f: sys.stdout.write(f"result {f.value()}\\n")
+            )
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["4", "result (9, True)"], result.stderr
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds leftover processes in /proc")
 def test_the_exit_bound_cancels_remote_forks_that_outlast_it(tmp_path: Path) -> None:
     result = _run_dask_script(
         tmp_path,

@@ -46,6 +46,7 @@ __all__ = [
     "secede",
     "submit",
     "submit_fork",
+    "wait_for_event",
     "worker_pool",
 ]
 
@@ -122,6 +123,18 @@ def secede() -> Slot | Departure | None:
     return Departure(slot, rejoins) if rejoins else slot
 
 
+def wait_for_event(
+    departure: Slot | Departure | None, event: threading.Event, timeout: float | None
+) -> bool:
+    """``event.wait(timeout)``, between :func:`secede` (which gave ``departure``) and
+    :func:`rejoin`. A worker thread of anyfork's pool in an untimed wait runs queued work
+    that no thread can take meanwhile (see :meth:`WorkerPool.wait_helping`)."""
+    slot = departure.slot if isinstance(departure, Departure) else departure
+    if timeout is None and isinstance(slot, _PoolSlot):
+        return slot.pool.wait_helping(slot, event)
+    return event.wait(timeout)
+
+
 def rejoin(slot: Slot | Departure | None) -> None:
     """After the wait: take back what :func:`secede` gave (a slot, another pool's place)."""
     if isinstance(slot, Departure):
@@ -164,6 +177,8 @@ class WorkerPool:
         self._backlog = 0  # queued items promised to no thread yet
         self._blocked = 0  # worker threads blocked in a wait (their place given back)
         self._keep = 0  # threads that never retire for being idle
+        # Set once a thread failed to start (Python 3.12+ at exit): blocked workers help.
+        self._starved = False
         # anyfork's own hand-offs: every worker runs these before the next item it takes.
         # An item _HAND_OFF in the queue wakes an idle thread for them.
         self._hand_offs: deque[Callable[[], object]] = deque()
@@ -266,6 +281,7 @@ class WorkerPool:
             thread.start()
         except RuntimeError:
             with self._lock:
+                self._starved = True
                 self._threads -= 1
                 if promised:
                     self._backlog += 1  # the next thread back for work takes it
@@ -360,6 +376,47 @@ class WorkerPool:
             logger.exception("anyfork: a worker thread's timed wait for work failed")
             return self._jobs.get()
 
+    def wait_helping(self, slot: Slot, event: threading.Event) -> bool:
+        """Wait, without a timeout, for ``event``, in a worker thread blocked in a wait.
+
+        Where no thread can start (Python 3.12+ while the interpreter exits), the stand-in
+        this thread's place should go to never comes, and work queued behind it (the inner
+        sync fork of a sync fork that waits for a coroutine fork, a finished Dask fork's
+        settling) has nothing to run it. The blocked thread then runs that work itself, as
+        its stand-in would have, so nested fork-and-wait cannot deadlock at exit either.
+        On 3.12+ it looks for such work every :data:`_HELP_POLL` seconds (only waits that
+        began before a thread failed to start need it), then every
+        :data:`_HELP_POLL_STARVED`.
+        """
+        if not (self._starved or _NO_THREADS_AT_EXIT):
+            return event.wait()
+        while True:
+            if self._starved:
+                self._help(slot)
+            if event.wait(_HELP_POLL_STARVED if self._starved else _HELP_POLL):
+                return True
+
+    def _help(self, slot: Slot) -> None:
+        """Run queued items promised to no thread, in this blocked worker thread."""
+        while True:
+            if self._hand_offs:
+                self._run_hand_offs(slot)
+            with self._lock:
+                if not self._backlog:
+                    return
+                self._backlog -= 1
+            job = self._jobs.get()  # there is one: the backlog counts queued items
+            if job is None or job is _HAND_OFF:
+                continue  # a request to retire (this thread is needed), or a wake-up
+            # The job holds this thread's place while it runs, as a stand-in's would.
+            self.worker_resumed()
+            try:
+                self._run(slot, job)
+            finally:
+                del job
+                with self._lock:
+                    self._blocked += 1
+
     def worker_blocked(self) -> None:
         """A worker thread blocks in a wait: its place goes to a stand-in if work is waiting."""
         with self._lock:
@@ -380,13 +437,13 @@ class WorkerPool:
 
 class _PoolSlot:
     def __init__(self, pool: WorkerPool) -> None:
-        self._pool = pool
+        self.pool = pool
 
     def release(self) -> None:
-        self._pool.worker_blocked()
+        self.pool.worker_blocked()
 
     def reacquire(self) -> None:
-        self._pool.worker_resumed()
+        self.pool.worker_resumed()
 
 
 # --- the one worker pool of the process -------------------------------------------------
@@ -486,6 +543,10 @@ def _reset_in_child() -> None:
 
 
 _MISSING = object()
+# How often a blocked worker thread on Python 3.12+ looks for work no thread can take, and
+# how often once a thread failed to start (see WorkerPool.wait_helping).
+_HELP_POLL = 0.25
+_HELP_POLL_STARVED = 0.01
 # An item of a worker pool's queue that wakes a thread for the hand-offs (see hand_off).
 _HAND_OFF: Callable[[], object] = lambda: None  # noqa: E731
 
