@@ -528,8 +528,10 @@ def _submit_now(pool: WorkerPool, job: Callable[[], object]) -> None:
         # is idle. In a plain thread, run the job here and now, as eager mode would,
         # rather than leave it queued behind a bound nobody may wait out. On a loop's
         # thread it stays queued for the next free worker: it must not block the loop
-        # (the background loop keeps one worker for this: see ensure_a_thread).
-        if _loops.running_native_loop() is None:
+        # (the background loop keeps one worker for this: see ensure_a_thread), unless
+        # there is no worker at all (a loop in a non-daemon thread that forks after the
+        # main thread returned): then nothing else could ever run it.
+        if _loops.running_native_loop() is None or pool.threads == 0:
             job()  # if a worker took the queued copy first, this does nothing
 
 
