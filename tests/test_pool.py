@@ -364,3 +364,24 @@ def test_anyforks_own_hand_offs_never_wait_behind_busy_worker_threads() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "5\n6\n[5]\n[5]\n[True, True, True, True]\n"
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("worker_threads", [1, 2])
+async def test_sync_forks_blocked_in_from_thread_run_give_their_place_back(
+    worker_threads: int,
+) -> None:
+    # Each sync fork calls back into its loop, whose helper awaits a sync fork: with every
+    # slot held by a fork blocked in anyio.from_thread.run, that one needs a freed slot.
+    anyfork.configure(worker_threads=worker_threads)
+
+    async def helper(x: int) -> int:
+        return await anyfork.fork(leaf, x)
+
+    def outer(x: int) -> int:
+        return anyio.from_thread.run(helper, x) + anyio.from_thread.run_sync(leaf, 0)
+
+    count = worker_threads + 2
+    with anyio.fail_after(20):
+        futures = [anyfork.fork(outer, i) for i in range(count)]
+        results = [await future for future in futures]
+    assert results == [i + 2 for i in range(count)]

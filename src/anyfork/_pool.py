@@ -466,6 +466,10 @@ def worker_pool() -> WorkerPool:
     return pool
 
 
+# Sync forks that call back into their loop (anyio.from_thread) block there: managed too.
+_loops.set_managed_blocking(secede, rejoin)
+
+
 def _apply_new_config() -> None:
     pool = _pool
     if pool is not None and pool.max_workers != current_config().worker_threads:
