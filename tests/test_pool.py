@@ -385,3 +385,32 @@ async def test_sync_forks_blocked_in_from_thread_run_give_their_place_back(
         futures = [anyfork.fork(outer, i) for i in range(count)]
         results = [await future for future in futures]
     assert results == [i + 2 for i in range(count)]
+
+
+def test_a_script_that_ran_a_coroutine_fork_keeps_only_a_few_idle_worker_threads() -> None:
+    # The pool keeps threads for the exit join (Python 3.12+ starts none then), but a
+    # burst of sync forks does not leave all of its threads behind.
+    result = run_script(
+        """
+        import threading, time, anyfork
+        anyfork.configure(worker_idle_timeout=0.2)
+
+        async def coro():
+            return 1
+
+        def workers():
+            return sum(t.name.startswith("anyfork-worker") for t in threading.enumerate())
+
+        print(anyfork.fork(coro).wait(timeout=10))  # the background loop
+        barrier = threading.Barrier(12, timeout=10)
+        anyfork.wait_all([anyfork.fork(barrier.wait) for _ in range(12)], timeout=10)
+        print(workers() >= 12)
+        deadline = time.monotonic() + 10
+        while workers() > 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(1 <= workers() <= 4)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\nTrue\nTrue\n"
+    assert result.stderr == ""

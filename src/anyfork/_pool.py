@@ -54,6 +54,8 @@ logger = logging.getLogger("anyfork")
 
 # Python 3.12+ starts no new thread once the interpreter is exiting (the exit join included).
 _NO_THREADS_AT_EXIT = sys.version_info >= (3, 12)
+# How many idle threads the pool keeps for the exit join there (see ensure_a_thread).
+_KEPT_AT_EXIT = 4
 
 
 class Slot(Protocol):
@@ -164,7 +166,7 @@ class WorkerPool:
     A thread that waits ``worker_idle_timeout`` seconds without a job retires if it is
     still idle, i.e. nothing was promised to it meanwhile; otherwise it takes the job
     promised to it. Once the background loop has asked for a thread at exit (see
-    :meth:`ensure_a_thread`), the pool keeps one, or on Python 3.12+ all of them.
+    :meth:`ensure_a_thread`), the pool keeps one, or on Python 3.12+ a few.
     """
 
     def __init__(self) -> None:
@@ -222,13 +224,15 @@ class WorkerPool:
         """Start one thread now if there is none, so that work queued while the
         interpreter exits (when Python 3.12 starts no new thread) still has one.
 
-        On Python 3.12+ the pool then keeps every thread it starts: one is not enough at
-        exit, since a fork running there may block waiting for work that needs another
-        thread (a coroutine fork that awaits a sync fork), and none can start in its place.
+        On Python 3.12+ the pool then keeps up to :data:`_KEPT_AT_EXIT` threads: a fork
+        running at exit may block waiting for work that needs another thread, and none
+        can start then. A blocked worker runs such work itself if it must (see
+        :meth:`wait_helping`); the kept threads spare it that, and let timed waits (which
+        run nothing inline) find a thread, without keeping every thread a burst started.
         """
         with self._lock:
             # The threads are needed then, however long they were idle before.
-            self._keep = sys.maxsize if _NO_THREADS_AT_EXIT else 1
+            self._keep = _KEPT_AT_EXIT if _NO_THREADS_AT_EXIT else 1
             if self._threads:
                 return
             self._threads += 1
