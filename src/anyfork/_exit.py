@@ -252,9 +252,7 @@ def _python_waits_for_this_thread() -> bool:
     """Whether this is a non-daemon thread, other than the main one: a thread Python joins
     before the interpreter exits (rather than an atexit handler or a finalizer)."""
     current = threading.current_thread()
-    return (
-        not current.daemon and current is not threading.main_thread() and current.is_alive()
-    )
+    return not current.daemon and current is not threading.main_thread() and current.is_alive()
 
 
 # How long a slice of the wait for done callbacks lasts (see ExitJoin._wait_for_done_callbacks).

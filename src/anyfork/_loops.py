@@ -24,6 +24,7 @@ from typing import Any
 
 from anyio import RunFinishedError
 from anyio._core._eventloop import get_async_backend, threadlocals
+from anyio.abc import AsyncBackend
 from anyio.lowlevel import EventLoopToken
 
 __all__ = [
@@ -136,7 +137,7 @@ def call_soon_here(native: object, func: Callable[..., object], *args: object) -
 # What a worker thread does around a blocking call back into its loop (managed blocking,
 # set by the worker pool: secede before, rejoin after). _loops imports nothing of anyfork.
 _managed_blocking: tuple[Callable[[], object], Callable[[Any], object]] | None = None
-_seceding_backends: dict[type[Any], type[Any]] = {}
+_seceding_backends: dict[type[AsyncBackend], type[AsyncBackend]] = {}
 # The thread-local entry that keeps the loop's own token while current_token is the
 # seceding one (see WorkerThreadClaim).
 _ORIGINAL_TOKEN = "anyfork_original_token"
@@ -149,7 +150,7 @@ def set_managed_blocking(secede: Callable[[], object], rejoin: Callable[[Any], o
     _managed_blocking = (secede, rejoin)
 
 
-def _seceding_backend(backend_class: type[Any]) -> type[Any]:
+def _seceding_backend(backend_class: type[AsyncBackend]) -> type[AsyncBackend]:
     """A subclass of anyio's backend class whose blocking calls from a thread back into
     the loop (``from_thread.run``/``run_sync`` go through them) give the worker thread's
     place in the pool back while they block, as anyfork's own waits do."""
