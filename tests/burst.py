@@ -291,14 +291,14 @@ def run(runner: str, forks: int, seed: int) -> dict[str, Any]:
     threads_before = threading.active_count()
     # Idle worker threads exit after worker_idle_timeout (10 s), whichever runner forked;
     # a script keeps the background loop's thread and the one worker thread it keeps for
-    # the exit join (on Python 3.12+, which starts no thread at exit, all its worker
+    # the exit join (on Python 3.12+, which starts no thread at exit, up to four worker
     # threads). Nothing else may stay.
     # anyfork's reporter thread (failures nobody retrieved), started by the first failure.
     threads_bound = threads_before + 1
     if runner == "script":
         threads_bound += 2
         if sys.version_info >= (3, 12):
-            threads_bound += anyfork.configure().worker_threads
+            threads_bound += 3
     one(WAVE * 2, seed + 1)  # warm-up: imports, caches, thread pools
     rss_baseline = rss_mib()
     elapsed = one(forks, seed)

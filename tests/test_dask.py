@@ -140,6 +140,18 @@ def test_a_remote_fork_runs_in_a_worker_process_and_returns_its_value(dask: Any)
     assert anyfork.wait(anyfork.fork(tasks.add, 2, b=3)) == 5
 
 
+def test_a_finished_remote_fork_settles_while_every_worker_thread_is_busy(dask: Any) -> None:
+    # Settling it is anyfork's own hand-off: it never queues behind the user's sync forks.
+    anyfork.configure(worker_threads=1)
+    release = threading.Event()
+    busy = [anyfork.fork(release.wait, 60) for _ in range(3)]  # one runs, two queue
+    try:
+        assert anyfork.fork(tasks.add, 2, b=3).wait(timeout=30) == 5
+    finally:
+        release.set()
+    assert anyfork.wait_all(busy, timeout=30) == [True, True, True]
+
+
 def test_a_remote_error_keeps_its_type_and_message(dask: Any) -> None:
     with pytest.raises(ValueError, match="remote boom"):
         anyfork.wait(anyfork.fork(tasks.fail, "remote boom"))
@@ -490,6 +502,42 @@ def test_the_exit_join_waits_for_remote_forks_then_closes_the_cluster(tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     assert marker.read_text() == "ran"
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds leftover processes in /proc")
+def test_a_sync_fork_waiting_for_a_remote_fork_at_exit_gets_its_result(tmp_path: Path) -> None:
+    # During the exit join, a sync fork on the one worker thread waits for a remote fork.
+    # Python 3.12+ starts no thread then: the blocked worker settles the remote fork itself.
+    result = _run_dask_script(
+        tmp_path,
+        """
+        import sys, time
+        import anyfork
+        import anyfork.dask
+        from anyfork._exit import exit_join_started
+
+
+        @anyfork.dask.remote
+        def square(x: int) -> int:
+            return x * x
+
+
+        def outer() -> tuple[int, bool]:
+            exit_join_started.wait(30)
+            started = time.monotonic()
+            return anyfork.wait(anyfork.fork(square, 3)), time.monotonic() - started < 20
+
+
+        if __name__ == "__main__":
+            anyfork.configure(exit_timeout=60)
+            print(anyfork.wait(anyfork.fork(square, 2)), flush=True)
+            anyfork.fork(outer).add_done_callback(
+                lambda f: sys.stdout.write(f"result {f.value()}\\n")
+            )
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["4", "result (9, True)"], result.stderr
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds leftover processes in /proc")

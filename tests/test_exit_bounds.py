@@ -158,3 +158,35 @@ def test_nested_work_at_exit_still_finds_a_thread_after_idle_threads_timed_out()
     assert result.returncode == 0, result.stderr
     assert result.stdout == "1\nresult 2\n"
     assert without_slow_steps_under_the_bound(result.stderr) == ""
+
+
+@pytest.mark.parametrize("repeat", range(2))
+def test_nested_work_at_exit_runs_when_the_only_worker_thread_blocks(repeat: int) -> None:
+    # At exit a sync fork, on the one worker thread the script ever had, waits for a
+    # coroutine fork that awaits a sync fork. Python 3.12+ starts no thread then: the
+    # blocked worker runs the inner sync fork itself, well within the exit bound.
+    result = run_script(
+        """
+        import sys, time, anyfork
+        from anyfork._exit import exit_join_started
+        anyfork.configure(exit_timeout=30)
+
+        async def inner():
+            return await anyfork.fork(abs, -1)
+
+        print(anyfork.fork(inner).wait(timeout=10))  # starts the background loop
+
+        def outer():
+            exit_join_started.wait(30)
+            started = time.monotonic()
+            value = anyfork.wait(anyfork.fork(inner)) + 1
+            return value, time.monotonic() - started < 10
+
+        anyfork.fork(outer).add_done_callback(
+            lambda f: sys.stdout.write(f"result {f.value()}\\n")
+        )
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\nresult (2, True)\n"
+    assert without_slow_steps_under_the_bound(result.stderr) == ""

@@ -274,3 +274,143 @@ def test_threads_retiring_as_jobs_arrive_never_strand_a_job(repeat: int) -> None
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{[sum(range(300))] * 4}\n"
+
+
+@pytest.mark.parametrize("idle_timeout", ["float('inf')", "10**12", "1e10"])
+def test_an_idle_timeout_too_long_for_a_thread_wait_keeps_idle_threads(idle_timeout: str) -> None:
+    # A timeout longer than a thread can wait means "never retire" (as wait timeouts that
+    # long mean "no bound"): the idle workers stay, and later forks run on them.
+    result = run_script(
+        f"""
+        import threading, anyfork
+        anyfork.configure(worker_idle_timeout={idle_timeout}, exit_timeout=2)
+        barrier = threading.Barrier(3, timeout=10)
+        anyfork.wait_all([anyfork.fork(barrier.wait) for _ in range(3)], timeout=10)
+        print([anyfork.fork(abs, -i).wait(timeout=10) for i in range(5)])
+        print(sum(t.name.startswith("anyfork-worker") for t in threading.enumerate()) >= 3)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[0, 1, 2, 3, 4]\nTrue\n"
+    assert result.stderr == ""
+
+
+def test_raising_worker_threads_starts_threads_for_forks_already_queued() -> None:
+    result = run_script(
+        """
+        import threading, anyfork
+        anyfork.configure(worker_threads=1, exit_timeout=2)
+        release = threading.Event()
+        busy = anyfork.fork(release.wait, 30)  # holds the one thread
+        queued = anyfork.fork(abs, -7)  # queued behind it
+        anyfork.configure(worker_threads=2)
+        print(queued.wait(timeout=10))  # runs while the first fork still holds its thread
+        release.set()
+        print(busy.wait(timeout=10))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "7\nTrue\n"
+    assert result.stderr == ""
+
+
+def test_lowering_worker_threads_retires_idle_threads_at_once() -> None:
+    result = run_script(
+        """
+        import threading, time, anyfork
+        anyfork.configure(worker_threads=4, worker_idle_timeout=None)
+
+        def workers():
+            return sum(t.name.startswith("anyfork-worker") for t in threading.enumerate())
+
+        barrier = threading.Barrier(4, timeout=10)
+        anyfork.wait_all([anyfork.fork(barrier.wait) for _ in range(4)], timeout=10)
+        anyfork.configure(worker_threads=1)  # no fork after this
+        deadline = time.monotonic() + 10
+        while workers() > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print(workers())
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\n"
+    assert result.stderr == ""
+
+
+def test_anyforks_own_hand_offs_never_wait_behind_busy_worker_threads() -> None:
+    # then(), as_completed() and collect_all() over background-loop forks are completed
+    # by hand-offs to the worker pool: those run at once, even with every worker thread
+    # held by a long sync fork and more sync forks queued behind it.
+    result = run_script(
+        """
+        import threading, anyio, anyfork
+        anyfork.configure(worker_threads=1, exit_timeout=2)
+
+        async def coro():
+            await anyio.sleep(0.05)
+            return 5
+
+        print(anyfork.fork(coro).wait(timeout=10))
+        release = threading.Event()
+        busy = anyfork.fork(release.wait, 60)
+        queued = [anyfork.fork(release.wait, 60) for _ in range(3)]
+        print(anyfork.fork(coro).then(lambda f: f.value() + 1).wait(timeout=10))
+        print([f.value() for f in anyfork.as_completed([anyfork.fork(coro)], timeout=10)])
+        print([f.value() for f in anyfork.collect_all([anyfork.fork(coro)]).wait(timeout=10)])
+        release.set()
+        print(anyfork.wait_all([busy, *queued], timeout=10))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "5\n6\n[5]\n[5]\n[True, True, True, True]\n"
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("worker_threads", [1, 2])
+async def test_sync_forks_blocked_in_from_thread_run_give_their_place_back(
+    worker_threads: int,
+) -> None:
+    # Each sync fork calls back into its loop, whose helper awaits a sync fork: with every
+    # slot held by a fork blocked in anyio.from_thread.run, that one needs a freed slot.
+    anyfork.configure(worker_threads=worker_threads)
+
+    async def helper(x: int) -> int:
+        return await anyfork.fork(leaf, x)
+
+    def outer(x: int) -> int:
+        return anyio.from_thread.run(helper, x) + anyio.from_thread.run_sync(leaf, 0)
+
+    count = worker_threads + 2
+    with anyio.fail_after(20):
+        futures = [anyfork.fork(outer, i) for i in range(count)]
+        results = [await future for future in futures]
+    assert results == [i + 2 for i in range(count)]
+
+
+def test_a_script_that_ran_a_coroutine_fork_keeps_only_a_few_idle_worker_threads() -> None:
+    # The pool keeps threads for the exit join (Python 3.12+ starts none then), but a
+    # burst of sync forks does not leave all of its threads behind.
+    result = run_script(
+        """
+        import threading, time, anyfork
+        anyfork.configure(worker_idle_timeout=0.2)
+
+        async def coro():
+            return 1
+
+        def workers():
+            return sum(t.name.startswith("anyfork-worker") for t in threading.enumerate())
+
+        print(anyfork.fork(coro).wait(timeout=10))  # the background loop
+        barrier = threading.Barrier(12, timeout=10)
+        anyfork.wait_all([anyfork.fork(barrier.wait) for _ in range(12)], timeout=10)
+        print(workers() >= 12)
+        deadline = time.monotonic() + 10
+        while workers() > 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(1 <= workers() <= 4)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\nTrue\nTrue\n"
+    assert result.stderr == ""

@@ -487,3 +487,56 @@ def test_a_worker_that_finds_its_fork_run_by_a_waiter_leaves_it_to_the_exit_join
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "worker lost the race: True\nfinished\n"
+
+
+# What a non-daemon thread runs once the main thread has returned: forks, waits, and one
+# fork nobody waits for, which the exit join must still join (its callback prints).
+_AFTER_MAIN_RETURNED = """
+import asyncio, concurrent.futures, sys, threading, time, anyfork
+
+def after_main_returned():
+    # Python's exit has begun (threading._shutdown), waiting for this thread to end.
+    while not threading._SHUTTING_DOWN:
+        time.sleep(0.01)
+
+async def double(x):
+    return 2 * x
+
+def forks():
+    after_main_returned()
+    print("sync", anyfork.fork(abs, -3).wait(timeout=20), flush=True)
+    print("coroutine", anyfork.fork(double, 2).wait(timeout=20), flush=True)
+    anyfork.fork(time.sleep, 0.3).add_done_callback(
+        lambda f: sys.stdout.write("joined\\n")
+    )
+
+async def service():
+    while not threading._SHUTTING_DOWN:
+        await asyncio.sleep(0.01)
+    print("sync", await anyfork.fork(abs, -3), flush=True)
+    print("coroutine", await anyfork.fork(double, 2), flush=True)
+    # Short: on Python 3.12, with no worker thread yet, it runs on this loop's thread.
+    anyfork.fork(time.sleep, 0.05).add_done_callback(
+        lambda f: sys.stdout.write("joined\\n")
+    )
+"""
+
+
+@pytest.mark.parametrize("forked_before", [False, True], ids=["first-fork-late", "forked-before"])
+@pytest.mark.parametrize("thread", ["thread", "executor", "asyncio"])
+def test_non_daemon_threads_still_fork_after_the_main_thread_returns(
+    thread: str, forked_before: bool
+) -> None:
+    # Python keeps a program working until its non-daemon threads end: so does anyfork,
+    # and the exit join then joins what they forked.
+    start = {
+        "thread": "threading.Thread(target=forks).start()",
+        "executor": "concurrent.futures.ThreadPoolExecutor(1).submit(forks)",
+        "asyncio": "threading.Thread(target=asyncio.run, args=(service(),)).start()",
+    }[thread]
+    before = "print(anyfork.fork(abs, -1).wait(timeout=20))\n" if forked_before else ""
+    result = run_script(_AFTER_MAIN_RETURNED + before + start + "\n")
+    assert result.returncode == 0, result.stderr
+    expected = "sync 3\ncoroutine 4\njoined\n"
+    assert result.stdout == ("1\n" if forked_before else "") + expected, result.stderr
+    assert result.stderr == ""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ._validate import check_count, check_seconds
 
-__all__ = ["Config", "configure", "current_config"]
+__all__ = ["Config", "configure", "current_config", "on_configure"]
 
 DEFAULT_WORKER_THREADS = 40
 DEFAULT_EXIT_TIMEOUT = 60.0
@@ -32,9 +33,10 @@ class Config:
         default limiter, so sync forks and FastAPI ``def`` endpoints cannot starve each
         other. Environment variable: ``ANYFORK_WORKER_THREADS``.
     :ivar worker_idle_timeout: how many seconds a worker thread with no job waits for one
-        before it exits (as anyio's worker threads do, after 10 s); ``None`` keeps idle
-        threads for the life of the process, as ``ThreadPoolExecutor`` does. Threads start
-        again on demand.
+        before it exits (as anyio's worker threads do, after 10 s); ``None``, or a timeout
+        longer than a thread can wait (``math.inf``, anything above
+        ``threading.TIMEOUT_MAX``), keeps idle threads for the life of the process, as
+        ``ThreadPoolExecutor`` does. Threads start again on demand.
     :ivar exit_timeout: at interpreter exit, how many seconds anyfork waits in total for
         unfinished forks before it gives up on them: it then logs an ERROR naming each one,
         cancels those that can be cancelled and lets the process exit. ``None`` waits for
@@ -121,10 +123,18 @@ def _validated(config: Config) -> Config:
 
 _lock = threading.RLock()
 _config = _from_environment()
+# Called after every configure() that changed a setting: what keeps state derived from the
+# settings (the worker pool's thread count) applies a new value at once.
+_listeners: list[Callable[[], object]] = []
 
 
 def current_config() -> Config:
     return _config
+
+
+def on_configure(listener: Callable[[], object]) -> None:
+    """Have ``listener`` called (with no argument) after each change made by configure()."""
+    _listeners.append(listener)
 
 
 _UNSET: Any = object()
@@ -142,13 +152,14 @@ def configure(
     """Change anyfork's settings for the whole process and return the settings now in force.
 
     Arguments left out keep their value, so ``anyfork.configure()`` just reads them.
-    A new worker-thread limit applies to the sync forks queued after the call; idle worker
-    threads above a lowered limit retire.
+    A new worker-thread limit applies at once: raised, it starts threads for the sync forks
+    already queued; lowered, idle worker threads above it retire (busy ones when their
+    fork is over).
 
     :param eager: run forks to completion at the call (see :class:`Config`)
     :param worker_threads: the most sync forks running in worker threads at once
     :param worker_idle_timeout: seconds an idle worker thread waits for a job before it
-        exits, or ``None`` to keep idle threads (see :class:`Config`)
+        exits, or ``None`` (or ``math.inf``) to keep idle threads (see :class:`Config`)
     :param exit_timeout: seconds to wait for unfinished forks at interpreter exit, or
         ``None`` for no bound
     :param debug: record where forks are made and warn about slow ones (see
@@ -181,5 +192,9 @@ def configure(
             changes["debug"] = debug
         if slow_fork_warning is not None:
             changes["slow_fork_warning"] = slow_fork_warning
-        _config = _validated(replace(_config, **changes))  # type: ignore[arg-type]
-        return _config
+        old, _config = _config, _validated(replace(_config, **changes))  # type: ignore[arg-type]
+        new = _config
+    if new != old:
+        for listener in _listeners:
+            listener()
+    return new

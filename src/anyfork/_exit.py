@@ -4,11 +4,14 @@ Every sync fork is tracked here from the moment it is forked (it runs on the wor
 which outlives any event loop), and so is every fork of the background loop, through that
 loop's participation (``_background.py``). At exit, before Python joins non-daemon
 threads, :meth:`ExitJoin.join` waits for them within the exit bound, then stops the
-participants. Nothing here imports the modules that run work: they come to it.
+participants. Non-daemon threads still running then keep the program working, as Python
+does: the join then waits until they have ended (it runs as an atexit handler instead).
+Nothing here imports the modules that run work: they come to it.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -82,8 +85,15 @@ class ExitJoin:
                     return
                 # Runs before threads are joined at exit, unlike atexit.register.
                 try:
-                    threading._register_atexit(self.join)  # type: ignore[attr-defined]
+                    threading._register_atexit(self._at_threads_exit)  # type: ignore[attr-defined]
                 except RuntimeError:
+                    if _python_waits_for_this_thread():
+                        # The main thread has returned and Python waits for this thread
+                        # (and maybe others) to end: the program still works until they
+                        # do, and atexit handlers run after that.
+                        atexit.register(self.join)
+                        self._hook_registered = True
+                        return
                     raise ShutdownError(
                         "anyfork cannot start new work: the interpreter is already shutting "
                         "down (forking from an atexit handler or a finalizer), so nothing "
@@ -157,6 +167,20 @@ class ExitJoin:
         for participant in participants:
             unfinished.extend(participant.pending_futures())
         return [future for future in unfinished if not future.done()]
+
+    def _at_threads_exit(self) -> None:
+        """The hook Python calls once the main thread has returned, before it waits for
+        the non-daemon threads.
+
+        While non-daemon threads still run, the program still works (Python waits for
+        them), and their forks must too: the join then runs as an atexit handler, after
+        they have ended. (Waiting for them here could wait for a thread that only ends
+        through a hook run after this one, a ``ThreadPoolExecutor``'s.)
+        """
+        if _other_non_daemon_threads():
+            atexit.register(self.join)
+        else:
+            self.join()
 
     def join(self) -> None:
         """Wait (within the exit bound) for every unfinished fork, then stop the participants.
@@ -298,6 +322,22 @@ def _stop_participants(participants: list[ExitParticipant], deadline: float | No
             participant.stop(share)
         except KeyboardInterrupt:
             pass
+
+
+def _other_non_daemon_threads() -> bool:
+    """Whether a non-daemon thread other than this one and the main thread is alive."""
+    current, main = threading.current_thread(), threading.main_thread()
+    return any(
+        not thread.daemon and thread is not current and thread is not main and thread.is_alive()
+        for thread in threading.enumerate()
+    )
+
+
+def _python_waits_for_this_thread() -> bool:
+    """Whether this is a non-daemon thread, other than the main one: a thread Python joins
+    before the interpreter exits (rather than an atexit handler or a finalizer)."""
+    current = threading.current_thread()
+    return not current.daemon and current is not threading.main_thread() and current.is_alive()
 
 
 # How long a slice of the wait for done callbacks lasts (see ExitJoin._wait_for_done_callbacks).

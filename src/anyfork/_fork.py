@@ -52,7 +52,7 @@ from ._future import (
     without_catching_frame,
 )
 from ._groups import ForkGroup, ambient_group
-from ._pool import hand_over, is_deferred, submit
+from ._pool import hand_over, is_deferred, submit_fork
 from ._remote import RemoteCallable
 from ._scope import current_scope_group
 from ._torch import capture_grad_mode
@@ -259,7 +259,7 @@ def _submit_sync_fork(
     attach(future, job)  # a blocking waiter may run it inline
     # On a loop's thread the job reaches the pool when the loop next gets control: a
     # blocking wait before that runs it in the caller, as torch.jit.wait does.
-    submit(job, native)
+    submit_fork(job, native)
 
 
 def _remote_call(

@@ -353,7 +353,7 @@ class Future(Generic[T]):
                 if deadline is not None:
                     left = max(deadline - time.monotonic(), 0)
                     wait_for = left if poll is None else min(poll, left)
-                if event.wait(wait_for):
+                if _pool.wait_for_event(slot, event, wait_for):
                     return
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"{self!r} was not done within {timeout} seconds")

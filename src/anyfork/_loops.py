@@ -24,6 +24,7 @@ from typing import Any
 
 from anyio import RunFinishedError
 from anyio._core._eventloop import get_async_backend, threadlocals
+from anyio.abc import AsyncBackend
 from anyio.lowlevel import EventLoopToken
 
 __all__ = [
@@ -167,7 +168,8 @@ def token_for(native: object) -> EventLoopToken:
 def worker_thread_token() -> EventLoopToken | None:
     """Return the loop token of an anyio worker thread (``to_thread.run_sync``), else None."""
     # The thread's own dict of the thread-local: a missing name costs no AttributeError.
-    token: EventLoopToken | None = threadlocals.__dict__.get("current_token")
+    values: dict[str, Any] = threadlocals.__dict__
+    token: EventLoopToken | None = values.get(_ORIGINAL_TOKEN) or values.get("current_token")
     return token
 
 
@@ -189,6 +191,56 @@ def call_soon_here(native: object, func: Callable[..., object], *args: object) -
         native.run_sync_soon(func, *args)  # type: ignore[attr-defined]  # a TrioToken
 
 
+# What a worker thread does around a blocking call back into its loop (managed blocking,
+# set by the worker pool: secede before, rejoin after). _loops imports nothing of anyfork.
+_managed_blocking: tuple[Callable[[], object], Callable[[Any], object]] | None = None
+_seceding_backends: dict[type[AsyncBackend], type[AsyncBackend]] = {}
+# The thread-local entry that keeps the loop's own token while current_token is the
+# seceding one (see WorkerThreadClaim).
+_ORIGINAL_TOKEN = "anyfork_original_token"
+
+
+def set_managed_blocking(secede: Callable[[], object], rejoin: Callable[[Any], object]) -> None:
+    """Have sync forks that call ``anyio.from_thread.run``/``run_sync`` call ``secede``
+    before that blocking call and ``rejoin`` (with what ``secede`` returned) after it."""
+    global _managed_blocking
+    _managed_blocking = (secede, rejoin)
+
+
+def _seceding_backend(backend_class: type[AsyncBackend]) -> type[AsyncBackend]:
+    """A subclass of anyio's backend class whose blocking calls from a thread back into
+    the loop (``from_thread.run``/``run_sync`` go through them) give the worker thread's
+    place in the pool back while they block, as anyfork's own waits do."""
+    seceding = _seceding_backends.get(backend_class)
+    if seceding is not None:
+        return seceding
+
+    class SecedingBackend(backend_class):  # type: ignore[misc, valid-type]
+        @classmethod
+        def run_async_from_thread(cls, func: Any, args: Any, token: object) -> Any:
+            assert _managed_blocking is not None
+            secede, rejoin = _managed_blocking
+            departure = secede()
+            try:
+                return super().run_async_from_thread(func, args, token)
+            finally:
+                rejoin(departure)
+
+        @classmethod
+        def run_sync_from_thread(cls, func: Any, args: Any, token: object) -> Any:
+            assert _managed_blocking is not None
+            secede, rejoin = _managed_blocking
+            departure = secede()
+            try:
+                return super().run_sync_from_thread(func, args, token)
+            finally:
+                rejoin(departure)
+
+    SecedingBackend.__name__ = SecedingBackend.__qualname__ = backend_class.__name__
+    _seceding_backends[backend_class] = SecedingBackend
+    return SecedingBackend
+
+
 class WorkerThreadClaim:
     """Make this thread look like one of anyio's worker threads of a loop, for a while.
 
@@ -202,6 +254,12 @@ class WorkerThreadClaim:
 
     Every sync fork started from a loop goes through this, so it works on the
     thread-locals' per-thread dicts directly (no ``getattr`` that fails for a missing name).
+
+    The token anyio's ``from_thread`` finds is the loop's, with a backend class whose
+    blocking calls back into the loop secede from the worker pool while they block (see
+    :func:`set_managed_blocking`): a fork blocked there gives its place back, so the work
+    its loop-side helper awaits (another sync fork) finds one at any ``worker_threads``.
+    :func:`worker_thread_token` still returns the loop's own token.
     """
 
     __slots__ = ("_outer", "_trio_outer")
@@ -211,8 +269,15 @@ class WorkerThreadClaim:
         self._outer = (
             values.get("current_token", _MISSING),
             values.get("current_cancel_scope", _MISSING),
+            values.get(_ORIGINAL_TOKEN, _MISSING),
         )
-        values["current_token"] = token
+        if _managed_blocking is None:
+            values["current_token"] = token
+        else:
+            values["current_token"] = EventLoopToken(
+                _seceding_backend(token.backend_class), token.native_token
+            )
+            values[_ORIGINAL_TOKEN] = token
         values["current_cancel_scope"] = None
         self._trio_outer: dict[str, object] | None = None
         if not isinstance(token.native_token, asyncio.AbstractEventLoop):
@@ -230,6 +295,7 @@ class WorkerThreadClaim:
         values: dict[str, object] = threadlocals.__dict__
         _restore(values, "current_token", self._outer[0])
         _restore(values, "current_cancel_scope", self._outer[1])
+        _restore(values, _ORIGINAL_TOKEN, self._outer[2])
         if self._trio_outer is not None:
             from trio._threads import PARENT_TASK_DATA
 

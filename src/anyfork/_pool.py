@@ -9,6 +9,11 @@ slot with :func:`run_in_slot`; every blocking wait goes through :func:`secede` a
 hook (:func:`add_blocking_wait_hook`), registered by their integration, so that the core
 never imports them.
 
+anyfork's own hand-offs (settling a finished Dask fork, running the done callbacks of a
+background-loop fork, which complete ``then``, ``collect_all`` and ``as_completed``) go
+through :func:`submit`: they never queue behind sync forks, but run on an idle thread or
+on one started for them above the limit, which retires after.
+
 The locks here are reentrant and the job queue is a ``SimpleQueue``, whose ``put`` is
 reentrant: a signal handler that forks while the interrupted code is inside the pool does
 not deadlock.
@@ -21,11 +26,12 @@ import os
 import queue
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
 from . import _loops
-from ._config import current_config
+from ._config import current_config, on_configure
 
 __all__ = [
     "BlockingWaitHook",
@@ -40,6 +46,8 @@ __all__ = [
     "run_in_slot",
     "secede",
     "submit",
+    "submit_fork",
+    "wait_for_event",
     "worker_pool",
 ]
 
@@ -47,6 +55,8 @@ logger = logging.getLogger("anyfork")
 
 # Python 3.12+ starts no new thread once the interpreter is exiting (the exit join included).
 _NO_THREADS_AT_EXIT = sys.version_info >= (3, 12)
+# How many idle threads the pool keeps for the exit join there (see ensure_a_thread).
+_KEPT_AT_EXIT = 4
 
 
 class Slot(Protocol):
@@ -116,6 +126,18 @@ def secede() -> Slot | Departure | None:
     return Departure(slot, rejoins) if rejoins else slot
 
 
+def wait_for_event(
+    departure: Slot | Departure | None, event: threading.Event, timeout: float | None
+) -> bool:
+    """``event.wait(timeout)``, between :func:`secede` (which gave ``departure``) and
+    :func:`rejoin`. A worker thread of anyfork's pool in an untimed wait runs queued work
+    that no thread can take meanwhile (see :meth:`WorkerPool.wait_helping`)."""
+    slot = departure.slot if isinstance(departure, Departure) else departure
+    if timeout is None and isinstance(slot, _PoolSlot):
+        return slot.pool.wait_helping(slot, event)
+    return event.wait(timeout)
+
+
 def rejoin(slot: Slot | Departure | None) -> None:
     """After the wait: take back what :func:`secede` gave (a slot, another pool's place)."""
     if isinstance(slot, Departure):
@@ -145,7 +167,7 @@ class WorkerPool:
     A thread that waits ``worker_idle_timeout`` seconds without a job retires if it is
     still idle, i.e. nothing was promised to it meanwhile; otherwise it takes the job
     promised to it. Once the background loop has asked for a thread at exit (see
-    :meth:`ensure_a_thread`), the pool keeps one, or on Python 3.12+ all of them.
+    :meth:`ensure_a_thread`), the pool keeps one, or on Python 3.12+ a few.
     """
 
     def __init__(self) -> None:
@@ -158,11 +180,15 @@ class WorkerPool:
         self._backlog = 0  # queued items promised to no thread yet
         self._blocked = 0  # worker threads blocked in a wait (their place given back)
         self._keep = 0  # threads that never retire for being idle
+        # Set once a thread failed to start (Python 3.12+ at exit): blocked workers help.
+        self._starved = False
+        # anyfork's own hand-offs: every worker runs these before the next item it takes.
+        # An item _HAND_OFF in the queue wakes an idle thread for them.
+        self._hand_offs: deque[Callable[[], object]] = deque()
 
     @property
     def max_workers(self) -> int:
-        """``worker_threads`` of :func:`anyfork.configure`, read live: a new value applies
-        from the next job on."""
+        """``worker_threads`` of :func:`anyfork.configure` (a new value applies at once)."""
         return self._limit
 
     @property
@@ -172,65 +198,108 @@ class WorkerPool:
     def submit(self, job: Callable[[], object]) -> None:
         """Queue ``job``; raises RuntimeError if a needed thread cannot start (it stays
         queued, in the backlog)."""
-        if current_config().worker_threads != self._limit:
-            self._apply_new_limit()
         self._jobs.put(job)
         self._promise_an_item()
+
+    def hand_off(self, job: Callable[[], object]) -> None:
+        """Run ``job``, anyfork's own short completion work, at once: on an idle thread, or
+        on one started for it even at the limit (it retires after, unless it is needed);
+        never behind queued sync forks. Raises RuntimeError if no thread is idle and none
+        can start (a worker back from its job, or blocked in a wait, runs it then)."""
+        self._hand_offs.append(job)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put(_HAND_OFF)
+                return
+            self._threads += 1
+        try:
+            self._start_thread(promised=False, hand_offs_first=True)
+        except RuntimeError:
+            # Queue a wake-up, so that a thread going idle meanwhile does not miss the job.
+            self._jobs.put(_HAND_OFF)
+            self._promise_an_item(may_start=False)
+            raise
 
     def ensure_a_thread(self) -> None:
         """Start one thread now if there is none, so that work queued while the
         interpreter exits (when Python 3.12 starts no new thread) still has one.
 
-        On Python 3.12+ the pool then keeps every thread it starts: one is not enough at
-        exit, since a fork running there may block waiting for work that needs another
-        thread (a coroutine fork that awaits a sync fork), and none can start in its place.
+        On Python 3.12+ the pool then keeps up to :data:`_KEPT_AT_EXIT` threads: a fork
+        running at exit may block waiting for work that needs another thread, and none
+        can start then. A blocked worker runs such work itself if it must (see
+        :meth:`wait_helping`); the kept threads spare it that, and let timed waits (which
+        run nothing inline) find a thread, without keeping every thread a burst started.
         """
         with self._lock:
             # The threads are needed then, however long they were idle before.
-            self._keep = sys.maxsize if _NO_THREADS_AT_EXIT else 1
+            self._keep = _KEPT_AT_EXIT if _NO_THREADS_AT_EXIT else 1
             if self._threads:
                 return
             self._threads += 1
         self._start_thread(promised=False)
 
-    def _apply_new_limit(self) -> None:
+    def apply_new_limit(self) -> None:
+        """Apply ``worker_threads`` now (configure() calls this): start threads for the
+        backlog up to a raised limit, or ask threads above a lowered one to retire."""
         with self._lock:
             self._limit = current_config().worker_threads
             excess = self._threads - self._limit - self._blocked
-        # Idle threads take these before the jobs queued after them, and retire.
+            starts = 0
+            while self._backlog and self._threads < self._limit + self._blocked:
+                self._backlog -= 1
+                self._threads += 1
+                starts += 1
+        for _ in range(starts):
+            try:
+                self._start_thread(promised=True)
+            except RuntimeError:  # no new thread at interpreter exit: it stays in the backlog
+                break
+        # Idle threads take these before the jobs queued after them, and retire; busy
+        # threads above the limit retire after their job.
         for _ in range(excess):
             self._jobs.put(None)
             self._promise_an_item()
 
-    def _promise_an_item(self) -> None:
+    def _promise_an_item(self, *, may_start: bool = True) -> None:
         """Promise the item just queued to a thread: an idle one, a new one, or the backlog."""
         with self._lock:
             if self._idle:
                 self._idle -= 1
                 return
-            if self._threads >= self._limit + self._blocked:
+            if not may_start or self._threads >= self._limit + self._blocked:
                 self._backlog += 1
                 return
             self._threads += 1
         self._start_thread(promised=True)
 
-    def _start_thread(self, *, promised: bool) -> None:
+    def _start_thread(self, *, promised: bool, hand_offs_first: bool = False) -> None:
         with self._lock:
             number = self._threads
         thread = threading.Thread(
-            target=self._work, args=(promised,), name=f"anyfork-worker-{number}", daemon=True
+            target=self._work,
+            args=(promised, hand_offs_first),
+            name=f"anyfork-worker-{number}",
+            daemon=True,
         )
         try:
             thread.start()
         except RuntimeError:
             with self._lock:
+                self._starved = True
                 self._threads -= 1
                 if promised:
                     self._backlog += 1  # the next thread back for work takes it
             raise
 
-    def _work(self, promised: bool) -> None:
+    def _work(self, promised: bool, hand_offs_first: bool) -> None:
         slot = _PoolSlot(self)
+        if hand_offs_first:  # started for a hand-off, maybe above the limit
+            self._run_hand_offs(slot)
+            with self._lock:
+                if self._threads > self._limit + self._blocked:
+                    self._threads -= 1
+                    return
         while True:
             if not promised:
                 with self._lock:
@@ -240,7 +309,7 @@ class WorkerPool:
                         self._idle += 1
             promised = False
             try:
-                job = self._jobs.get(timeout=current_config().worker_idle_timeout)
+                job = self._next_job()
             except queue.Empty:
                 with self._lock:
                     if self._idle and self._threads > self._keep:
@@ -251,23 +320,107 @@ class WorkerPool:
                 # wait for it, without counting as idle a second time.
                 promised = True
                 continue
-            if job is None:
+            if self._hand_offs:
+                self._run_hand_offs(slot)
+            if job is None or job is _HAND_OFF:
                 with self._lock:
-                    if self._threads > self._limit + self._blocked:
+                    if job is None and self._threads > self._limit + self._blocked:
                         self._threads -= 1
                         return
                 continue
-            try:
-                run_in_slot(slot, job)
-            except BaseException:
-                # A job completes its future itself; what escapes is an interrupt raised
-                # by a done callback it ran, which has no caller to reach in this thread.
-                logger.exception("anyfork: a worker thread's job raised")
+            self._run(slot, job)
             del job
+            if self._hand_offs:
+                self._run_hand_offs(slot)
             with self._lock:
                 if self._threads > self._limit + self._blocked:
                     self._threads -= 1  # a stand-in for a blocked thread: no longer needed
                     return
+
+    def run_hand_offs_here(self) -> None:
+        """Run the hand-offs no worker has taken yet, in this thread (not a worker's)."""
+        self._run_hand_offs(None)
+
+    def _run_hand_offs(self, slot: Slot | None) -> None:
+        while True:
+            try:
+                job = self._hand_offs.popleft()
+            except IndexError:
+                return
+            self._run(slot, job)
+            del job
+
+    @staticmethod
+    def _run(slot: Slot | None, job: Callable[[], object]) -> None:
+        try:
+            if slot is None:
+                job()
+            else:
+                run_in_slot(slot, job)
+        except BaseException:
+            # A job completes its future itself; what escapes is an interrupt raised by a
+            # done callback it ran, which has no caller to reach in this thread.
+            logger.exception("anyfork: a worker thread's job raised")
+
+    def _next_job(self) -> Callable[[], object] | None:
+        """Wait for the next item; raises ``queue.Empty`` after ``worker_idle_timeout``.
+
+        A timeout longer than a thread can wait (``threading.TIMEOUT_MAX``, ``inf``
+        included) means "never retire", as long wait timeouts mean "no bound". Nothing
+        here may end the thread's loop with its accounting half-done: if the timed wait
+        fails anyway, the thread logs it and waits without a timeout.
+        """
+        idle_timeout = current_config().worker_idle_timeout
+        if idle_timeout is None or idle_timeout > threading.TIMEOUT_MAX:
+            return self._jobs.get()
+        try:
+            return self._jobs.get(timeout=idle_timeout)
+        except queue.Empty:
+            raise
+        except Exception:  # pragma: no cover - a timeout the platform refuses
+            logger.exception("anyfork: a worker thread's timed wait for work failed")
+            return self._jobs.get()
+
+    def wait_helping(self, slot: Slot, event: threading.Event) -> bool:
+        """Wait, without a timeout, for ``event``, in a worker thread blocked in a wait.
+
+        Where no thread can start (Python 3.12+ while the interpreter exits), the stand-in
+        this thread's place should go to never comes, and work queued behind it (the inner
+        sync fork of a sync fork that waits for a coroutine fork, a finished Dask fork's
+        settling) has nothing to run it. The blocked thread then runs that work itself, as
+        its stand-in would have, so nested fork-and-wait cannot deadlock at exit either.
+        On 3.12+ it looks for such work every :data:`_HELP_POLL` seconds (only waits that
+        began before a thread failed to start need it), then every
+        :data:`_HELP_POLL_STARVED`.
+        """
+        if not (self._starved or _NO_THREADS_AT_EXIT):
+            return event.wait()
+        while True:
+            if self._starved:
+                self._help(slot)
+            if event.wait(_HELP_POLL_STARVED if self._starved else _HELP_POLL):
+                return True
+
+    def _help(self, slot: Slot) -> None:
+        """Run queued items promised to no thread, in this blocked worker thread."""
+        while True:
+            if self._hand_offs:
+                self._run_hand_offs(slot)
+            with self._lock:
+                if not self._backlog:
+                    return
+                self._backlog -= 1
+            job = self._jobs.get()  # there is one: the backlog counts queued items
+            if job is None or job is _HAND_OFF:
+                continue  # a request to retire (this thread is needed), or a wake-up
+            # The job holds this thread's place while it runs, as a stand-in's would.
+            self.worker_resumed()
+            try:
+                self._run(slot, job)
+            finally:
+                del job
+                with self._lock:
+                    self._blocked += 1
 
     def worker_blocked(self) -> None:
         """A worker thread blocks in a wait: its place goes to a stand-in if work is waiting."""
@@ -289,13 +442,13 @@ class WorkerPool:
 
 class _PoolSlot:
     def __init__(self, pool: WorkerPool) -> None:
-        self._pool = pool
+        self.pool = pool
 
     def release(self) -> None:
-        self._pool.worker_blocked()
+        self.pool.worker_blocked()
 
     def reacquire(self) -> None:
-        self._pool.worker_resumed()
+        self.pool.worker_resumed()
 
 
 # --- the one worker pool of the process -------------------------------------------------
@@ -318,8 +471,34 @@ def worker_pool() -> WorkerPool:
     return pool
 
 
-def submit(job: Callable[[], object], native: object | None = None) -> None:
-    """Run ``job`` on the worker pool.
+# Sync forks that call back into their loop (anyio.from_thread) block there: managed too.
+_loops.set_managed_blocking(secede, rejoin)
+
+
+def _apply_new_config() -> None:
+    pool = _pool
+    if pool is not None and pool.max_workers != current_config().worker_threads:
+        pool.apply_new_limit()
+
+
+on_configure(_apply_new_config)
+
+
+def submit(job: Callable[[], object]) -> None:
+    """Hand ``job``, anyfork's own short completion work (settling a future, running the
+    done callbacks of a background-loop fork), to the worker pool: it runs at once, ahead
+    of queued sync forks (see :meth:`WorkerPool.hand_off`)."""
+    try:
+        worker_pool().hand_off(job)
+    except RuntimeError:
+        # No thread is idle and none can start (Python 3.12+ at exit): a worker runs it
+        # when back from its job, or while blocked in a wait. In a plain thread, run it here.
+        if _loops.running_native_loop() is None:
+            worker_pool().run_hand_offs_here()
+
+
+def submit_fork(job: Callable[[], object], native: object | None = None) -> None:
+    """Run ``job``, a sync fork, on the worker pool.
 
     :param native: the loop running in this thread, if any: the job then reaches the pool
         when that loop next gets control, so that a blocking wait before that (a forward
@@ -364,8 +543,10 @@ def _submit_now(pool: WorkerPool, job: Callable[[], object]) -> None:
         # is idle. In a plain thread, run the job here and now, as eager mode would,
         # rather than leave it queued behind a bound nobody may wait out. On a loop's
         # thread it stays queued for the next free worker: it must not block the loop
-        # (the background loop keeps one worker for this: see ensure_a_thread).
-        if _loops.running_native_loop() is None:
+        # (the background loop keeps one worker for this: see ensure_a_thread), unless
+        # there is no worker at all (a loop in a non-daemon thread that forks after the
+        # main thread returned): then nothing else could ever run it.
+        if _loops.running_native_loop() is None or pool.threads == 0:
             job()  # if a worker took the queued copy first, this does nothing
 
 
@@ -380,6 +561,12 @@ def _reset_in_child() -> None:
 
 
 _MISSING = object()
+# How often a blocked worker thread on Python 3.12+ looks for work no thread can take, and
+# how often once a thread failed to start (see WorkerPool.wait_helping).
+_HELP_POLL = 0.25
+_HELP_POLL_STARVED = 0.01
+# An item of a worker pool's queue that wakes a thread for the hand-offs (see hand_off).
+_HAND_OFF: Callable[[], object] = lambda: None  # noqa: E731
 
 if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=_reset_in_child)
