@@ -21,7 +21,7 @@ def test_loop_shutdown_cancels_pending_ambient_forks_with_a_warning(runner: str)
     result = run_script(
         f"""
         import logging, anyio, anyfork
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         futures = []
 
         async def never_finishes():
@@ -343,7 +343,7 @@ def test_a_ctrl_c_taken_by_a_worker_thread_interrupts_a_wait_in_the_main_thread(
 
 RUN_THAT_FORKS_AND_RETURNS_AT_ONCE = """
     import logging, sys, anyio, anyfork
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     async def slow_work():
         await anyio.sleep(1)

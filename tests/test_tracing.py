@@ -235,7 +235,9 @@ def test_every_message_anyfork_logs_is_listed_in_the_docs_with_its_level() -> No
     messages = logged_messages()
     assert len(messages) >= 10
     for source, level, message in messages:
-        text = f"`{message.removeprefix('anyfork: ')}`"
+        # The logger's name says where a record comes from: the message does not repeat it.
+        assert not message.startswith("anyfork"), f"{source}'s message repeats the logger name"
+        text = f"`{message}`"
         listed = [row for row in rows if text in row]
         assert listed, f"docs/tracing-and-logging.md does not list {source}'s {text}"
         assert listed[0].startswith(f"| {level} |"), f"{text} is logged at {level}"

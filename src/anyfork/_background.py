@@ -78,7 +78,7 @@ class _BackgroundLoop:
         try:
             anyio.run(serve, backend="asyncio", backend_options={"loop_factory": self._take_loop})
         except BaseException:  # pragma: no cover - the loop itself failed
-            logger.exception("anyfork: the background event loop failed")
+            logger.exception("the background event loop failed")
 
     def _take_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
@@ -101,7 +101,7 @@ class _BackgroundLoop:
             self.thread.join(grace)
         if self.thread.is_alive():
             logger.error(
-                "anyfork: the background event loop did not stop within %s seconds (a "
+                "the background event loop did not stop within %s seconds (a "
                 "coroutine fork is blocking it); abandoning it",
                 grace,
             )

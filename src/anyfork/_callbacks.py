@@ -118,7 +118,7 @@ def invoke(callback: Callable[[F], object], future: F) -> BaseException | None:
         if type(result) is types.CoroutineType:
             result.close()  # it will never run: spare the user a "never awaited" warning
             logger.error(
-                "anyfork: done callback %r of %r returned a coroutine, which nothing awaits; "
+                "done callback %r of %r returned a coroutine, which nothing awaits; "
                 "it was closed. A callback runs synchronously: pass a sync function",
                 callback,
                 future,
@@ -127,7 +127,7 @@ def invoke(callback: Callable[[F], object], future: F) -> BaseException | None:
 
 
 def _log_callback_error(exc: BaseException, callback: object, future: object) -> None:
-    logger.error("anyfork: done callback %r of %r raised", callback, future, exc_info=exc)
+    logger.error("done callback %r of %r raised", callback, future, exc_info=exc)
 
 
 class _CallbackHandOff(threading.local):

@@ -140,7 +140,7 @@ class _Watchdog:
                     continue
                 self._warned.add(record.future)
                 logger.warning(
-                    "anyfork: fork %r has been pending for %.1f seconds (%s, %s); it was "
+                    "fork %r has been pending for %.1f seconds (%s, %s); it was "
                     "forked at %s",
                     record.future,
                     record.age,

@@ -258,7 +258,7 @@ class ExitJoin:
     def _give_up(self, why: str) -> None:
         if not self._unfinished() and not self._pending and self._hand_offs_to_wait_for():
             logger.warning(
-                "anyfork: torch work handed to anyfork was still running at exit (%s); "
+                "torch work handed to anyfork was still running at exit (%s); "
                 "torch may abort the process when it ends",
                 why,
             )
@@ -266,14 +266,14 @@ class ExitJoin:
         unfinished = self._unfinished()
         if not unfinished and self._pending:
             logger.error(
-                "anyfork: the done callbacks of %d fork(s) %s; abandoning them: %s",
+                "the done callbacks of %d fork(s) %s; abandoning them: %s",
                 len(self._pending),
                 why,
                 ", ".join(repr(future) for future in list(self._pending)),
             )
             return
         logger.error(
-            "anyfork: %d fork(s) %s; cancelling those that can be, abandoning the rest: %s",
+            "%d fork(s) %s; cancelling those that can be, abandoning the rest: %s",
             len(unfinished),
             why,
             ", ".join(repr(future) for future in unfinished),

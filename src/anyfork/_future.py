@@ -757,7 +757,7 @@ def _log_lost_error(child: Future[Any], callback: object, exc: BaseException) ->
     """A then() callback raised after its child was completed by other means: the error
     cannot be stored, so it is logged rather than lost."""
     logger.error(
-        "anyfork: the then() callback %r raised, but its future %r was already done "
+        "the then() callback %r raised, but its future %r was already done "
         "(completed by hand while the callback ran)",
         callback,
         child,

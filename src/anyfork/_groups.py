@@ -212,7 +212,7 @@ class ForkGroup(Work):
         if handle is not None and _unstarted(handle):
             handle.coro.close()
         if settle_cancelled(future, unless_running=True):
-            logger.warning("anyfork: fork %r was cancelled because %s", future, reason)
+            logger.warning("fork %r was cancelled because %s", future, reason)
 
     def open(self, task_group: anyio.abc.TaskGroup) -> None:
         self._task_group = task_group
@@ -302,7 +302,7 @@ class ForkGroup(Work):
         # The cancellation becomes the cause of the anyfork.CancelledError waiters get.
         if settle_cancelled(future, cancellation):
             logger.warning(
-                "anyfork: fork %r ended with a cancellation that came from neither its "
+                "fork %r ended with a cancellation that came from neither its "
                 "future, its scope nor its event loop (it awaited something that was "
                 "cancelled?); only this fork is cancelled, its siblings keep running. The "
                 "cancellation is the __cause__ of the anyfork.CancelledError its waiters get",
@@ -388,7 +388,7 @@ class AmbientGroup(ForkGroup):
     def _note_cancelled(self, future: Future[Any]) -> None:
         if settle_cancelled(future, unless_running=True):
             logger.warning(
-                "anyfork: fork %r was cancelled because its event loop shut down; use "
+                "fork %r was cancelled because its event loop shut down; use "
                 "'async with anyfork.scope()' (or the app's lifespan) for work that must "
                 "finish",
                 future,

@@ -360,7 +360,7 @@ class WorkerPool:
         except BaseException:
             # A job completes its future itself; what escapes is an interrupt raised by a
             # done callback it ran, which has no caller to reach in this thread.
-            logger.exception("anyfork: a worker thread's job raised")
+            logger.exception("a worker thread's job raised")
 
     def _next_job(self) -> Callable[[], object] | None:
         """Wait for the next item; raises ``queue.Empty`` after ``worker_idle_timeout``.
@@ -378,7 +378,7 @@ class WorkerPool:
         except queue.Empty:
             raise
         except Exception:  # pragma: no cover - a timeout the platform refuses
-            logger.exception("anyfork: a worker thread's timed wait for work failed")
+            logger.exception("a worker thread's timed wait for work failed")
             return self._jobs.get()
 
     def wait_helping(self, slot: Slot, event: threading.Event) -> bool:

@@ -91,7 +91,7 @@ def _report_forever() -> None:
 
 def _log(label: str, exception: BaseException) -> None:
     try:
-        logger.error("anyfork: exception of %s was never retrieved", label, exc_info=exception)
+        logger.error("exception of %s was never retrieved", label, exc_info=exception)
     except Exception:  # pragma: no cover - logging torn down at interpreter exit
         pass
 

@@ -229,7 +229,7 @@ async def _join(group: ForkGroup) -> None:
             return
         waited_for = describe(group.pending_futures())
         logger.warning(
-            "anyfork: a scope has been waiting %.1f seconds at its exit for %d fork(s); "
+            "a scope has been waiting %.1f seconds at its exit for %d fork(s); "
             "does one of them wait for something the body would have done? %s",
             time.monotonic() - started,
             len(waited_for),

@@ -106,7 +106,7 @@ class _LoggingScope(Scope):
     def report_unretrieved(self, failures: list[BaseException], exc: BaseException | None) -> None:
         for failure in failures:
             logger.error(
-                "anyfork: a fork of %s failed and nobody retrieved the error",
+                "a fork of %s failed and nobody retrieved the error",
                 self._owner(),
                 exc_info=failure,
             )
@@ -143,7 +143,7 @@ class AppScope(_LoggingScope):
         unfinished = await self.drain(self.grace_period)
         if unfinished:
             logger.warning(
-                "anyfork: %d fork(s) did not finish within the shutdown grace period of "
+                "%d fork(s) did not finish within the shutdown grace period of "
                 "%s seconds; cancelling them (sync forks already running in a thread are "
                 "waited for): %s",
                 len(unfinished),
