@@ -140,8 +140,7 @@ class _Watchdog:
                     continue
                 self._warned.add(record.future)
                 logger.warning(
-                    "fork %r has been pending for %.1f seconds (%s, %s); it was "
-                    "forked at %s",
+                    "fork %r has been pending for %.1f seconds (%s, %s); it was forked at %s",
                     record.future,
                     record.age,
                     record.kind,
