@@ -25,7 +25,7 @@ import distributed
 import distributed.threadpoolexecutor
 import distributed.utils
 
-from . import _pool
+from . import _blocking, _pool
 from ._future import Future, Work, attach, settle, settle_failed
 from ._torch import GradMode, run_in_grad_mode
 
@@ -279,4 +279,4 @@ def _secede_from_dask_task() -> Callable[[], object] | None:
     return rejoin
 
 
-_pool.add_blocking_wait_hook(_secede_from_dask_task)
+_blocking.add_blocking_wait_hook(_secede_from_dask_task)

@@ -27,7 +27,8 @@ from typing import Any, Generic, NoReturn, TypeVar, cast
 
 from typing_extensions import Never
 
-from . import _loops, _pool
+from . import _blocking, _loops
+from ._blocking import inline, max_inline_depth, may_run_inline, run_inline
 from ._callbacks import (
     callback_hand_off,
     check_callable,
@@ -57,8 +58,6 @@ __all__ = [
     "is_unretrieved_failure",
     "keep_alive",
     "mark_retrieved",
-    "may_run_inline",
-    "run_inline",
     "settle",
     "settle_cancelled",
     "settle_failed",
@@ -80,26 +79,6 @@ logger = logging.getLogger("anyfork")
 # thread's lock wait is not interrupted, and Python raises KeyboardInterrupt only once the main
 # thread runs bytecode again.
 _SIGNAL_POLL_INTERVAL = 0.2
-
-
-class _InlineDepth(threading.local):
-    # How many forks this thread is running inline, one inside the other (a fork that
-    # waits for a fork that waits for a fork...). Each level costs a few frames of the
-    # thread's stack: past _max_inline_depth() levels a waiter stops running forks inline and
-    # blocks instead, and the fork runs on another worker thread with a fresh stack
-    # (managed blocking frees a slot for it). So fork-and-wait recursion is not bounded by
-    # the recursion limit.
-    depth = 0
-
-
-_inline = _InlineDepth()
-
-
-def _max_inline_depth() -> int:
-    # A level costs four Python frames (anyfork.wait, Future.wait, the job, the work) and,
-    # up to Python 3.11, where C calls count against the limit too, about as many C calls
-    # (more with torch's grad-mode wrapper); the rest is left for the work's own calls.
-    return sys.getrecursionlimit() // 16
 
 
 _PENDING = 0
@@ -302,11 +281,11 @@ class Future(Generic[T]):
                 # frames of each level of a fork-and-wait recursion few.
                 work = self._work
                 if work is not None and work.stealable and timeout is None and may_run_inline():
-                    _inline.depth += 1
+                    inline.depth += 1
                     try:
                         work.steal()
                     finally:
-                        _inline.depth -= 1
+                        inline.depth -= 1
                         del work
                 if self._state == _PENDING:
                     self._block_until_done(timeout)
@@ -330,7 +309,7 @@ class Future(Generic[T]):
             work is not None
             and work.stealable
             and timeout is None
-            and _inline.depth < _max_inline_depth()
+            and inline.depth < max_inline_depth()
         ):
             run_inline(work)
         del work
@@ -346,19 +325,19 @@ class Future(Generic[T]):
         deadline = None if timeout is None else time.monotonic() + timeout
         # A worker thread gives its slot back while it waits (managed blocking), so the work
         # it waits for finds a thread at any worker_threads.
-        slot = _pool.secede()
+        slot = _blocking.secede()
         try:
             while True:
                 wait_for = poll
                 if deadline is not None:
                     left = max(deadline - time.monotonic(), 0)
                     wait_for = left if poll is None else min(poll, left)
-                if _pool.wait_for_event(slot, event, wait_for):
+                if _blocking.wait_for_event(slot, event, wait_for):
                     return
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
         finally:
-            _pool.rejoin(slot)
+            _blocking.rejoin(slot)
 
     def __await__(self) -> Generator[Any, Any, T]:
         # Waits, without blocking the loop, until the future is done. Wake-ups from other
@@ -616,27 +595,6 @@ def _ready(value: T) -> Generator[Any, Any, T]:
     """The ``__await__`` iterator of a future already done: it returns ``value`` at once."""
     return value
     yield  # pragma: no cover - makes this a generator
-
-
-def run_inline(work: Work) -> None:
-    """Run a sync fork's work in this waiting thread (work stealing), counting the depth."""
-    _inline.depth += 1
-    try:
-        work.steal()
-    finally:
-        _inline.depth -= 1
-
-
-def may_run_inline() -> bool:
-    """Whether a blocking wait in this thread may run a sync fork itself.
-
-    On an event loop's thread it always may, as ``torch.jit.wait`` does outside
-    TorchScript: a sync fork made since the loop last got control (the job decides, see
-    ``_SyncJob.steal``) runs in the caller, which blocks the loop for that long but is the
-    only way to have its value there without awaiting. (A waiter there cannot hand deep
-    recursion to another thread: it could not block.)
-    """
-    return _inline.depth < _max_inline_depth() or _loops.running_native_loop() is not None
 
 
 def _cancelled_error(future: Future[Any]) -> CancelledError:

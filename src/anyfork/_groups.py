@@ -13,7 +13,6 @@ import atexit
 import inspect
 import logging
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from ._future import (
     settle,
     settle_cancelled,
     settle_failed,
+    without_catching_frame,
 )
 
 __all__ = [
@@ -261,7 +261,7 @@ class ForkGroup(Work):
             try:
                 result = await func(*args, **kwargs)
             except anyio.get_cancelled_exc_class() as exc:
-                _drop_own_frame(exc)
+                without_catching_frame(exc)
                 try:
                     # Raises if an enclosing anyio cancel scope was cancelled: the fork's own
                     # cancel(), its scope or task group, or (on trio) the loop's shutdown.
@@ -282,7 +282,7 @@ class ForkGroup(Work):
                 # (and a scope's body), so it ends this fork alone.
                 self._note_stray_cancellation(future, exc)
             except BaseException as exc:
-                settle_failed(future, _drop_own_frame(exc))
+                settle_failed(future, without_catching_frame(exc))
                 self._note_failed(future)
             else:
                 settle(future, result)
@@ -327,19 +327,6 @@ def live_groups() -> list[ForkGroup]:
         except RuntimeError:  # pragma: no cover - "changed size during iteration"
             continue
     return []  # pragma: no cover
-
-
-def _drop_own_frame(exc: BaseException) -> BaseException:
-    """Drop the caller's frame from the top of ``exc``'s traceback, and return ``exc``.
-
-    That frame is anyfork's, not the user's, and it holds the future (and the group) the
-    exception is stored in: keeping it would put every failed future in a reference cycle,
-    freed only by a garbage collection pass instead of when its last reference goes.
-    """
-    traceback = exc.__traceback__
-    if traceback is not None and traceback.tb_frame is sys._getframe(1):  # pyright: ignore[reportPrivateUsage]
-        exc.with_traceback(traceback.tb_next)
-    return exc
 
 
 class AmbientGroup(ForkGroup):

@@ -1,13 +1,9 @@
-"""The worker pool every sync fork runs on, and managed blocking for its threads.
+"""The worker pool every sync fork runs on.
 
-Managed blocking is what keeps nested fork-and-wait from deadlocking at any
-``worker_threads``: a worker thread that blocks in a wait gives its slot back for as long
-as it waits (as fork-join pools and Dask's ``secede``/``rejoin`` do), so the work it waits
-for, or the work that work waits for, always finds a slot. A worker thread registers its
-slot with :func:`run_in_slot`; every blocking wait goes through :func:`secede` and
-:func:`rejoin`. Threads of other pools (a Dask worker's) take part through a blocking-wait
-hook (:func:`add_blocking_wait_hook`), registered by their integration, so that the core
-never imports them.
+Its threads take part in managed blocking (``_blocking.py``): each runs its jobs holding
+a slot (:class:`_PoolSlot`), which a blocking wait gives back while it waits, so nested
+fork-and-wait never deadlocks at any ``worker_threads``; an untimed wait of a blocked worker
+goes through :meth:`WorkerPool.wait_helping`.
 
 anyfork's own hand-offs (settling a finished Dask fork, running the done callbacks of a
 background-loop fork, which complete ``then``, ``collect_all`` and ``as_completed``) go
@@ -28,26 +24,18 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
 
 from . import _loops
+from ._blocking import Slot, run_in_slot
 from ._config import current_config, on_configure
 
 __all__ = [
-    "BlockingWaitHook",
-    "Departure",
-    "Slot",
     "WorkerPool",
-    "add_blocking_wait_hook",
     "hand_over",
     "hand_over_deferred",
     "is_deferred",
-    "rejoin",
-    "run_in_slot",
-    "secede",
     "submit",
     "submit_fork",
-    "wait_for_event",
     "worker_pool",
 ]
 
@@ -57,96 +45,6 @@ logger = logging.getLogger("anyfork")
 _NO_THREADS_AT_EXIT = sys.version_info >= (3, 12)
 # How many idle threads the pool keeps for the exit join there (see ensure_a_thread).
 _KEPT_AT_EXIT = 4
-
-
-class Slot(Protocol):
-    """One unit of a bounded pool's capacity, held by the thread running a job."""
-
-    def release(self) -> None:
-        """Give the capacity back while the holder blocks (it runs no job meanwhile)."""
-
-    def reacquire(self) -> None:
-        """Take capacity again once the wait is over; may block until there is some."""
-
-
-class _CurrentSlot(threading.local):
-    slot: Slot | None = None
-
-
-_current = _CurrentSlot()
-
-
-def run_in_slot(slot: Slot, job: Callable[[], object]) -> None:
-    """Run ``job`` in this thread, holding ``slot``: its blocking waits release it."""
-    outer = _current.slot
-    _current.slot = slot
-    try:
-        job()
-    finally:
-        _current.slot = outer
-
-
-#: Called before a blocking wait in any thread: returns the function to call once the wait
-#: is over if this thread left a pool of its own (a Dask worker's task thread secedes),
-#: else ``None``. It must be cheap where it does nothing: every blocking wait calls it.
-BlockingWaitHook = Callable[[], "Callable[[], object] | None"]
-
-_blocking_wait_hooks: list[BlockingWaitHook] = []
-
-
-def add_blocking_wait_hook(hook: BlockingWaitHook) -> None:
-    """Have every blocking wait call ``hook`` first (once per hook; see BlockingWaitHook)."""
-    if hook not in _blocking_wait_hooks:
-        _blocking_wait_hooks.append(hook)
-
-
-class Departure:
-    """What :func:`secede` gave back, for :func:`rejoin` to take again."""
-
-    __slots__ = ("rejoins", "slot")
-
-    def __init__(self, slot: Slot | None, rejoins: list[Callable[[], object]]) -> None:
-        self.slot = slot
-        self.rejoins = rejoins
-
-
-def secede() -> Slot | Departure | None:
-    """Before a blocking wait: a worker thread gives its slot back, and a thread of another
-    pool leaves it through its hook; returns what :func:`rejoin` takes back, else None.
-
-    Pair every call with :func:`rejoin` in a ``finally``.
-    """
-    slot = _current.slot
-    if slot is not None:
-        _current.slot = None  # a nested wait inside this one (a signal handler's) holds none
-        slot.release()
-    if not _blocking_wait_hooks:
-        return slot
-    rejoins = [rejoin for hook in _blocking_wait_hooks if (rejoin := hook()) is not None]
-    return Departure(slot, rejoins) if rejoins else slot
-
-
-def wait_for_event(
-    departure: Slot | Departure | None, event: threading.Event, timeout: float | None
-) -> bool:
-    """``event.wait(timeout)``, between :func:`secede` (which gave ``departure``) and
-    :func:`rejoin`. A worker thread of anyfork's pool in an untimed wait runs queued work
-    that no thread can take meanwhile (see :meth:`WorkerPool.wait_helping`)."""
-    slot = departure.slot if isinstance(departure, Departure) else departure
-    if timeout is None and isinstance(slot, _PoolSlot):
-        return slot.pool.wait_helping(slot, event)
-    return event.wait(timeout)
-
-
-def rejoin(slot: Slot | Departure | None) -> None:
-    """After the wait: take back what :func:`secede` gave (a slot, another pool's place)."""
-    if isinstance(slot, Departure):
-        departure, slot = slot, slot.slot
-        for rejoin_pool in reversed(departure.rejoins):
-            rejoin_pool()
-    if slot is not None:
-        _current.slot = slot
-        slot.reacquire()
 
 
 class WorkerPool:
@@ -450,6 +348,9 @@ class _PoolSlot:
     def reacquire(self) -> None:
         self.pool.worker_resumed()
 
+    def wait_untimed(self, event: threading.Event) -> bool:
+        return self.pool.wait_helping(self, event)
+
 
 # --- the one worker pool of the process -------------------------------------------------
 
@@ -469,10 +370,6 @@ def worker_pool() -> WorkerPool:
             # A signal handler that forked while this thread was here made one already.
             pool = _pool = _pool or WorkerPool()
     return pool
-
-
-# Sync forks that call back into their loop (anyio.from_thread) block there: managed too.
-_loops.set_managed_blocking(secede, rejoin)
 
 
 def _apply_new_config() -> None:
@@ -557,7 +454,6 @@ def _reset_in_child() -> None:
     _lock = threading.RLock()
     _pool = None
     _deferred.clear()
-    _current.slot = None  # a worker thread that forked holds a slot of the parent's pool
 
 
 _MISSING = object()

@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 import anyio
 
 from . import _loops
+from ._blocking import may_run_inline
 from ._errors import WouldBlockError
 from ._foreign import follow_concurrent
 from ._future import (
@@ -30,7 +31,6 @@ from ._future import (
     check_timeout,
     forget_callback,
     is_finished,
-    may_run_inline,
     on_done,
     settle,
     steal,
