@@ -7,6 +7,7 @@ tasks, sync callables in worker threads, and plain scripts work without any even
 
 from __future__ import annotations
 
+from ._as_completed import AsCompleted, as_completed
 from ._config import Config, configure
 from ._debug import PendingFork, pending
 from ._errors import (
@@ -20,7 +21,7 @@ from ._errors import (
 from ._fork import fork
 from ._future import Future
 from ._scope import Scope, scope
-from ._wait import AsCompleted, as_completed, collect_all, wait, wait_all, wait_async
+from ._wait import collect_all, wait, wait_all, wait_async
 
 __all__ = [
     "AlreadyCompletedError",
