@@ -114,7 +114,7 @@ def test_no_trio_run_is_kept_after_runs_that_forked() -> None:
 
 async def test_a_running_loop_keeps_its_ambient_group_through_garbage_collection() -> None:
     from anyfork import _loops
-    from anyfork._groups import ambient_group
+    from anyfork._ambient import ambient_group
 
     assert await fork(coroutine_work) == 2
     group = weakref.ref(ambient_group(_loops.running_native_loop()))

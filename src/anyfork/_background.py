@@ -24,11 +24,11 @@ from typing import Any
 import anyio
 
 from . import _loops, _pool
+from ._ambient import AmbientGroup, ambient_group
 from ._callbacks import run_callbacks
 from ._errors import ShutdownError
 from ._exit import exit_join
 from ._future import Future, Work, attach, claim, settle
-from ._groups import AmbientGroup, ambient_group
 from ._loops import wakes_a_task
 
 __all__ = ["background"]
@@ -193,7 +193,7 @@ class _Background:
 
     def reset_in_child(self) -> None:
         """The child has no background loop thread: it starts a fresh loop on first use
-        (the loop's pending forks are abandoned with its ambient group, in ``_groups``)."""
+        (the loop's pending forks are abandoned with its ambient group, in ``_ambient``)."""
         self._lock = threading.RLock()
         self._loop = None
         self._group = None

@@ -35,6 +35,7 @@ from anyio.lowlevel import EventLoopToken
 from typing_extensions import ParamSpec
 
 from . import _loops
+from ._ambient import ambient_group
 from ._background import background
 from ._callables import is_coroutine_function, unwrap_partial
 from ._config import current_config
@@ -51,7 +52,7 @@ from ._future import (
     settle_failed,
     without_catching_frame,
 )
-from ._groups import ForkGroup, ambient_group
+from ._groups import ForkGroup
 from ._pool import hand_over, is_deferred, submit_fork
 from ._remote import RemoteCallable
 from ._scope import current_scope_group
