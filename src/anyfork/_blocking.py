@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -34,6 +35,7 @@ __all__ = [
     "Slot",
     "Stealable",
     "add_blocking_wait_hook",
+    "block_on",
     "inline",
     "max_inline_depth",
     "may_run_inline",
@@ -142,6 +144,39 @@ def rejoin(slot: Slot | Departure | None) -> None:
     if slot is not None:
         _current.slot = slot
         slot.reacquire()
+
+
+# How often a blocking wait in the main thread wakes up to let a Ctrl-C through. The C-level
+# SIGINT handler may run in any thread of the process; when it runs in a worker thread, the main
+# thread's lock wait is not interrupted, and Python raises KeyboardInterrupt only once the main
+# thread runs bytecode again.
+_SIGNAL_POLL_INTERVAL = 0.2
+
+
+def block_on(event: threading.Event, timeout: float | None, what: object) -> None:
+    """Block this thread until ``event`` is set, as a managed blocking wait: between
+    :func:`secede` and :func:`rejoin`, waking in the main thread to let a Ctrl-C through.
+
+    :param timeout: seconds at most, ``None`` for no bound (already checked)
+    :param what: what is waited for, named in the ``TimeoutError``
+    :raises TimeoutError: if ``timeout`` elapses first
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    poll = _SIGNAL_POLL_INTERVAL if main_thread else None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    slot = secede()
+    try:
+        while True:
+            wait_for = poll
+            if deadline is not None:
+                left = max(deadline - time.monotonic(), 0)
+                wait_for = left if poll is None else min(poll, left)
+            if wait_for_event(slot, event, wait_for):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{what!r} was not done within {timeout} seconds")
+    finally:
+        rejoin(slot)
 
 
 # Sync forks that call back into their loop (anyio.from_thread) block there: managed too.

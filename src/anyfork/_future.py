@@ -74,13 +74,6 @@ E = TypeVar("E", bound=BaseException)
 
 logger = logging.getLogger("anyfork")
 
-# How often a blocking wait in the main thread wakes up to let a Ctrl-C through. The C-level
-# SIGINT handler may run in any thread of the process; when it runs in a worker thread, the main
-# thread's lock wait is not interrupted, and Python raises KeyboardInterrupt only once the main
-# thread runs bytecode again.
-_SIGNAL_POLL_INTERVAL = 0.2
-
-
 _PENDING = 0
 _FINISHED = 1
 _FAILED = 2
@@ -320,24 +313,9 @@ class Future(Generic[T]):
             event = self._blocking_event
             if event is None:
                 event = self._blocking_event = threading.Event()
-        main_thread = threading.current_thread() is threading.main_thread()
-        poll = _SIGNAL_POLL_INTERVAL if main_thread else None
-        deadline = None if timeout is None else time.monotonic() + timeout
         # A worker thread gives its slot back while it waits (managed blocking), so the work
         # it waits for finds a thread at any worker_threads.
-        slot = _blocking.secede()
-        try:
-            while True:
-                wait_for = poll
-                if deadline is not None:
-                    left = max(deadline - time.monotonic(), 0)
-                    wait_for = left if poll is None else min(poll, left)
-                if _blocking.wait_for_event(slot, event, wait_for):
-                    return
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"{self!r} was not done within {timeout} seconds")
-        finally:
-            _blocking.rejoin(slot)
+        _blocking.block_on(event, timeout, self)
 
     def __await__(self) -> Generator[Any, Any, T]:
         # Waits, without blocking the loop, until the future is done. Wake-ups from other
