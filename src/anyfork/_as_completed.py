@@ -23,7 +23,6 @@ from ._errors import WouldBlockError
 from ._future import (
     Future,
     block_until_done,
-    check_timeout,
     forget_callback,
     on_done,
     settle,
@@ -31,6 +30,7 @@ from ._future import (
     stealable,
 )
 from ._torch import TorchFuture
+from ._validate import check_timeout
 from ._wait import as_future, check_iterable
 
 __all__ = ["AsCompleted", "as_completed"]

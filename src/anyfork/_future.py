@@ -38,14 +38,13 @@ from ._callbacks import (
 )
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 from ._reports import report_unretrieved, start_reporter
-from ._validate import check_seconds
+from ._validate import check_timeout
 
 __all__ = [
     "Future",
     "Work",
     "attach",
     "block_until_done",
-    "check_timeout",
     "claim",
     "fork_record",
     "forget_callback",
@@ -579,17 +578,6 @@ def _cancelled_error(future: Future[Any]) -> CancelledError:
     error = CancelledError(f"{future!r} was cancelled")
     error.__cause__ = future._exception
     return error
-
-
-def check_timeout(timeout: float | None) -> float | None:
-    """Validate a wait's timeout and return the one to use: ``None`` for no bound.
-
-    A timeout longer than a thread can wait (``threading.TIMEOUT_MAX``, some 292 years on
-    Linux), ``inf`` included, means no bound: handed on, it would make lock waits off the
-    main thread raise ``OverflowError``.
-    """
-    timeout = check_seconds(timeout, "timeout", allow_none=True)
-    return None if timeout is None or timeout > threading.TIMEOUT_MAX else timeout
 
 
 # --- the internal API for the code that runs a future's work ----------------------------

@@ -10,8 +10,9 @@ positive). A ``"5"`` read from a config file is a type error wherever it is pass
 from __future__ import annotations
 
 import math
+import threading
 
-__all__ = ["check_count", "check_seconds"]
+__all__ = ["check_count", "check_seconds", "check_timeout"]
 
 
 def check_seconds(
@@ -49,3 +50,14 @@ def check_count(value: object, name: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return value
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """Validate a wait's timeout and return the one to use: ``None`` for no bound.
+
+    A timeout longer than a thread can wait (``threading.TIMEOUT_MAX``, some 292 years on
+    Linux), ``inf`` included, means no bound: handed on, it would make lock waits off the
+    main thread raise ``OverflowError``.
+    """
+    timeout = check_seconds(timeout, "timeout", allow_none=True)
+    return None if timeout is None or timeout > threading.TIMEOUT_MAX else timeout

@@ -21,13 +21,13 @@ from ._foreign import follow_concurrent
 from ._future import (
     Future,
     block_until_done,
-    check_timeout,
     is_finished,
     on_done,
     settle,
     steal,
 )
 from ._torch import TorchFuture, follow_torch, is_torch_future
+from ._validate import check_timeout
 
 __all__ = ["as_future", "check_iterable", "collect_all", "wait", "wait_all", "wait_async"]
 
