@@ -454,12 +454,12 @@ def test_a_worker_that_finds_its_fork_run_by_a_waiter_leaves_it_to_the_exit_join
     result = run_script(
         """
         import threading, time, anyfork
-        from anyfork import _fork
+        from anyfork import _sync_job
 
         worker_in_claim = threading.Event()
         waiter_runs_it = threading.Event()
         worker_lost = threading.Event()
-        real_claim = _fork.claim
+        real_claim = _sync_job.claim
 
         def claim(future):
             if not threading.current_thread().name.startswith("anyfork-worker"):
@@ -471,7 +471,7 @@ def test_a_worker_that_finds_its_fork_run_by_a_waiter_leaves_it_to_the_exit_join
                 worker_lost.set()
             return claimed
 
-        _fork.claim = claim
+        _sync_job.claim = claim
 
         def work():
             waiter_runs_it.set()

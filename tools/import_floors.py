@@ -1,0 +1,66 @@
+"""Print what each module of src/anyfork imports from its siblings, by floor; fail on a cycle.
+
+Run: ``python tools/import_floors.py``. A module's floor is the length of its longest chain
+of sibling imports (0: imports no sibling). Function-level imports count too.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "src" / "anyfork"
+
+
+def sibling_imports() -> dict[str, list[str]]:
+    graph: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        text = path.read_text()
+        deps = set(re.findall(r"^\s*from \.(\w+) import", text, re.MULTILINE))
+        for names in re.findall(r"^\s*from \. import ([\w, ]+)", text, re.MULTILINE):
+            deps |= {name.strip() for name in names.split(",")}
+        graph[path.stem] = sorted(deps - {path.stem})
+    return graph
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = 1
+        for dep in graph.get(module, []):
+            if state.get(dep) == 1:
+                return [*path[path.index(dep) :], dep]
+            if dep not in state and (cycle := visit(dep, [*path, dep])):
+                return cycle
+        state[module] = 2
+        return None
+
+    for module in graph:
+        if module not in state and (cycle := visit(module, [module])):
+            return cycle
+    return None
+
+
+def main() -> int:
+    graph = sibling_imports()
+    cycle = find_cycle(graph)
+    if cycle:
+        print("import cycle:", " -> ".join(cycle))
+        return 1
+
+    @functools.cache
+    def floor(module: str) -> int:
+        deps = [dep for dep in graph[module] if dep in graph]
+        return 1 + max(map(floor, deps)) if deps else 0
+
+    for level in sorted(set(map(floor, graph))):
+        for module in (m for m in graph if floor(m) == level):
+            print(f"{level}  {module}: {', '.join(graph[module]) or '-'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
