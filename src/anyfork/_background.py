@@ -253,9 +253,14 @@ class _HeldForks:
 
 
 class _CallbacksJob(Work):
-    """Runs done callbacks on the worker pool, once; a waiter at exit may run it instead."""
+    """Runs done callbacks on the worker pool, once; a waiter at exit may run it instead.
 
-    __slots__ = ("_callbacks", "_future", "_ran")
+    The thread that runs it takes its parts out first, as a sync fork's job does: whoever
+    still holds the job after it ran (a worker thread on its way back to the queue, a
+    waiter's frame) holds neither the fork's future, nor its callbacks, nor ``ran``.
+    """
+
+    __slots__ = ("_parts",)
 
     stealable = True
 
@@ -265,23 +270,30 @@ class _CallbacksJob(Work):
         future: Future[Any],
         callbacks: list[Callable[[Future[Any]], object]],
     ) -> None:
-        self._ran = ran
-        self._future = future
-        self._callbacks = callbacks
+        self._parts: (
+            tuple[Future[None], Future[Any], list[Callable[[Future[Any]], object]]] | None
+        ) = (ran, future, callbacks)
 
     @property
     def taken(self) -> bool:
-        return self._ran.done()
+        parts = self._parts  # read once: a thread taking the job sets it to None
+        return parts is None or parts[0].done()
 
     def steal(self) -> None:
         self()
 
     def __call__(self) -> None:
-        if claim(self._ran):
-            try:
-                run_callbacks(self._future, self._callbacks)
-            finally:
-                settle(self._ran, None)
+        parts = self._parts
+        if parts is None or not claim(parts[0]):  # another thread took it
+            return
+        self._parts = None
+        ran, future, callbacks = parts
+        del parts
+        try:
+            run_callbacks(future, callbacks)
+        finally:
+            del future, callbacks
+            settle(ran, None)
 
 
 background = _Background()
