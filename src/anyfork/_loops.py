@@ -135,6 +135,7 @@ def forget_loops_in_child() -> None:
         _trio_run_of_parent = trio.lowlevel.current_trio_token()
     values: dict[str, object] = threadlocals.__dict__
     values.pop("current_token", None)
+    values.pop(_ORIGINAL_TOKEN, None)  # worker_thread_token() reads it first
     values.pop("current_cancel_scope", None)
     if trio is not None:
         from trio._threads import PARENT_TASK_DATA
