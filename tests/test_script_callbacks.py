@@ -3,7 +3,11 @@ background loop, so they may block, wait and fork like any script code."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
+import weakref
+from typing import Any
 
 import anyio
 import pytest
@@ -46,6 +50,57 @@ def test_callbacks_of_coroutine_forks_in_a_script_run_off_the_background_loop() 
     threads = run_in_thread(script)
     assert len(threads) == 2
     assert "anyfork background loop" not in threads
+
+
+def futures_reachable_from(obj: object, depth: int = 4) -> list[anyfork.Future[Any]]:
+    """The futures ``obj`` holds, directly or through up to ``depth`` other objects."""
+    found: list[anyfork.Future[Any]] = []
+    frontier, seen = [obj], {id(obj)}
+    for _ in range(depth):
+        nxt = []
+        for referent in (r for held in frontier for r in gc.get_referents(held)):
+            if id(referent) in seen or isinstance(referent, type):
+                continue
+            seen.add(id(referent))
+            if isinstance(referent, anyfork.Future):
+                found.append(referent)
+            nxt.append(referent)
+        frontier = nxt
+    return found
+
+
+def test_the_job_that_ran_a_forks_callbacks_keeps_no_future_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker thread on its way back to the queue, or a waiter that ran the job, may still
+    # hold it a while after it ran; it must not keep the fork's future (nor its own) alive
+    # then: a burst of script forks left futures alive so, on free-threaded Python.
+    from anyfork import _pool
+
+    jobs: list[object] = []  # stands in for whoever still holds a job
+    submit = _pool.submit
+
+    def keep(job: Any) -> None:
+        jobs.append(job)
+        submit(job)
+
+    monkeypatch.setattr(_pool, "submit", keep)
+    called_back = threading.Event()
+
+    def script() -> weakref.ref[anyfork.Future[int]]:
+        fut = anyfork.fork(async_parent)
+        fut.add_done_callback(lambda _: called_back.set())
+        return weakref.ref(fut)
+
+    fut = run_in_thread(script)
+    assert called_back.wait(10)
+    assert len(jobs) == 1
+    deadline = time.monotonic() + 10  # the job settles its own future after the callback
+    while (fut() is not None or futures_reachable_from(jobs[0])) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        gc.collect()
+    assert fut() is None
+    assert futures_reachable_from(jobs[0]) == []
 
 
 def test_an_awaiting_task_on_the_background_loop_is_woken_directly() -> None:

@@ -63,6 +63,48 @@ print("main", total, "handled", len(handled) > 0)
     assert result.stderr == ""
 
 
+def test_signal_handlers_that_fork_while_the_background_loop_starts_share_that_loop() -> None:
+    # Building the background loop (a selector, a socket pair) may take longer than a fast
+    # timer's period (a slow or busy machine, free-threaded Python): a handler then runs
+    # inside that start, and so on. Each used to start a loop of its own, without limit:
+    # >140 loops, RecursionError, out of file descriptors. Raising the signal from inside
+    # each loop build stands in for the timer, deterministically; the cap keeps the run
+    # before the fix finite.
+    result = run_script(
+        """
+import signal, anyfork
+import anyfork._background as background
+
+async def double(x):
+    return 2 * x
+
+built, handled = [], []
+new_asyncio_loop = background._new_asyncio_loop
+
+def slow_new_asyncio_loop():
+    built.append(1)
+    if len(built) <= 50:
+        signal.raise_signal(signal.SIGUSR1)  # the handler runs here, inside the start
+        signal.raise_signal(signal.SIGUSR1)
+    return new_asyncio_loop()
+
+background._new_asyncio_loop = slow_new_asyncio_loop
+
+def on_signal(signum, frame):
+    handled.append(anyfork.fork(double, len(handled)))
+
+signal.signal(signal.SIGUSR1, on_signal)
+first = anyfork.fork(double, 21)
+print(anyfork.wait(first, timeout=20), [anyfork.wait(f, timeout=20) for f in handled])
+print("loops built", len(built))
+""",
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "42 [0, 2]\nloops built 1\n"
+    assert result.stderr == ""
+
+
 def test_starting_the_background_loop_never_takes_asyncios_policy_lock() -> None:
     # The first asyncio.new_event_loop() in a process sets the event loop policy up under a
     # plain lock. A signal handler that forks a coroutine while the main thread is in there

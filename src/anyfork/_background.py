@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from contextvars import Context, copy_context
 from typing import Any
 
 import anyio
@@ -29,6 +30,7 @@ from ._callbacks import run_callbacks
 from ._errors import ShutdownError
 from ._exit import exit_join
 from ._future import Future, Work, attach, claim, settle
+from ._groups import Args, Kwargs
 from ._loops import wakes_a_task
 
 __all__ = ["background"]
@@ -114,9 +116,19 @@ class _Background:
         self._lock = threading.RLock()
         self._loop: _BackgroundLoop | None = None
         self._group: AmbientGroup | None = None
+        # While a thread starts the loop: that thread, and the forks that signal handlers
+        # running on top of it made meanwhile (see loop_group).
+        self._starting: int | None = None
+        self._held: _HeldForks | None = None
 
-    def loop_group(self) -> AmbientGroup | None:
+    def loop_group(self) -> AmbientGroup | _HeldForks | None:
         """Return the ambient group of the background loop, starting the loop if needed.
+
+        A signal handler that forks while the thread it interrupted is starting the loop
+        (building the loop takes longer than a fast timer's period, say) gets the forks'
+        holder instead: its forks are handed to the loop once that start completes, when
+        the handler has returned. It never starts a loop of its own, and never waits for
+        the start, which cannot go on until the handler returns.
 
         ``None`` means no thread can start for it (Python 3.12 at interpreter exit): the
         caller then runs the coroutine itself.
@@ -128,31 +140,44 @@ class _Background:
             group = self._group
             if group is not None:
                 return group
-            loop = _BackgroundLoop()
-            if self._group is not None:  # a signal handler set one up meanwhile
-                loop.discard()
-                return self._group
-            group = ambient_group(loop.token.native_token, loop.token)
-            # User callbacks never run on the background loop: they go to the worker pool.
-            group.callback_runner = self.run_callbacks_in_worker
-            self._loop, self._group = loop, group
+            if self._starting == threading.get_ident():  # re-entered by a signal handler
+                if self._held is None:
+                    self._held = _HeldForks()
+                return self._held
+            self._starting = threading.get_ident()
+            group = None
             try:
-                loop.thread.start()
-            except RuntimeError:
-                self._loop = self._group = None
-                for future in group.pending_futures():  # forked by a signal handler just now
-                    future.cancel()
-                loop.discard()
-                return None
-            exit_join.add_participant(self)
-            try:
-                # Done callbacks and sync forks of the background loop's coroutines go to
-                # the worker pool, never run on the loop: keep a worker for them even while
-                # the interpreter exits, when Python 3.12 starts no new thread.
-                _pool.worker_pool().ensure_a_thread()
-            except RuntimeError:
-                pass  # already exiting: a worker that frees up takes them
-            return group
+                group = self._start()
+                return group
+            finally:
+                self._starting = None
+                held, self._held = self._held, None
+                if held is not None:
+                    held.hand_to(group)
+
+    def _start(self) -> AmbientGroup | None:
+        loop = _BackgroundLoop()
+        group = ambient_group(loop.token.native_token, loop.token)
+        # User callbacks never run on the background loop: they go to the worker pool.
+        group.callback_runner = self.run_callbacks_in_worker
+        self._loop, self._group = loop, group
+        try:
+            loop.thread.start()
+        except RuntimeError:
+            self._loop = self._group = None
+            for future in group.pending_futures():  # forked by a signal handler just now
+                future.cancel()
+            loop.discard()
+            return None
+        exit_join.add_participant(self)
+        try:
+            # Done callbacks and sync forks of the background loop's coroutines go to
+            # the worker pool, never run on the loop: keep a worker for them even while
+            # the interpreter exits, when Python 3.12 starts no new thread.
+            _pool.worker_pool().ensure_a_thread()
+        except RuntimeError:
+            pass  # already exiting: a worker that frees up takes them
+        return group
 
     # --- as a participant of the exit join ----------------------------------------------
 
@@ -197,12 +222,46 @@ class _Background:
         self._lock = threading.RLock()
         self._loop = None
         self._group = None
+        self._starting = None
+        self._held = None
+
+
+class _HeldForks:
+    """The coroutine forks that signal handlers made while their thread was starting the
+    background loop; the start hands them to the loop's group once it completes."""
+
+    __slots__ = ("_forks",)
+
+    def __init__(self) -> None:
+        self._forks: list[tuple[Future[Any], Callable[..., Any], Args, Kwargs, Context]] = []
+
+    def spawn(
+        self, future: Future[Any], func: Callable[..., Any], args: Args, kwargs: Kwargs
+    ) -> bool:
+        """Hold ``await func(*args, **kwargs)`` for the loop being started, in the caller's
+        context (copied, as a group does)."""
+        self._forks.append((future, func, args, kwargs, copy_context()))
+        return True
+
+    def hand_to(self, group: AmbientGroup | None) -> None:
+        """Spawn the held forks in ``group``; with none (the loop did not start), cancel
+        them: their coroutines never ran."""
+        forks = self._forks
+        while forks:
+            future, func, args, kwargs, context = forks.pop(0)
+            if group is None or not context.run(group.spawn, future, func, args, kwargs):
+                future.cancel()
 
 
 class _CallbacksJob(Work):
-    """Runs done callbacks on the worker pool, once; a waiter at exit may run it instead."""
+    """Runs done callbacks on the worker pool, once; a waiter at exit may run it instead.
 
-    __slots__ = ("_callbacks", "_future", "_ran")
+    The thread that runs it takes its parts out first, as a sync fork's job does: whoever
+    still holds the job after it ran (a worker thread on its way back to the queue, a
+    waiter's frame) holds neither the fork's future, nor its callbacks, nor ``ran``.
+    """
+
+    __slots__ = ("_parts",)
 
     stealable = True
 
@@ -212,23 +271,30 @@ class _CallbacksJob(Work):
         future: Future[Any],
         callbacks: list[Callable[[Future[Any]], object]],
     ) -> None:
-        self._ran = ran
-        self._future = future
-        self._callbacks = callbacks
+        self._parts: (
+            tuple[Future[None], Future[Any], list[Callable[[Future[Any]], object]]] | None
+        ) = (ran, future, callbacks)
 
     @property
     def taken(self) -> bool:
-        return self._ran.done()
+        parts = self._parts  # read once: a thread taking the job sets it to None
+        return parts is None or parts[0].done()
 
     def steal(self) -> None:
         self()
 
     def __call__(self) -> None:
-        if claim(self._ran):
-            try:
-                run_callbacks(self._future, self._callbacks)
-            finally:
-                settle(self._ran, None)
+        parts = self._parts
+        if parts is None or not claim(parts[0]):  # another thread took it
+            return
+        self._parts = None
+        ran, future, callbacks = parts
+        del parts
+        try:
+            run_callbacks(future, callbacks)
+        finally:
+            del future, callbacks
+            settle(ran, None)
 
 
 background = _Background()
