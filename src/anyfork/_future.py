@@ -37,7 +37,7 @@ from ._callbacks import (
     run_callbacks,
 )
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
-from ._reports import report_unretrieved, start_reporter
+from ._reports import report_unretrieved, start_reporter, watch_until_exit
 from ._validate import check_timeout
 
 __all__ = [
@@ -539,6 +539,7 @@ class Future(Generic[T]):
         self._work = None
         if state == _FAILED:
             start_reporter()  # here, not in __del__: a thread cannot start in the collector
+            watch_until_exit(self, _take_report_at_exit)
         if callbacks and (hand_off := callback_hand_off.runner) is not None:
             try:
                 hand_off(self, callbacks)
@@ -785,6 +786,13 @@ def take_unretrieved_error(future: Future[Any]) -> BaseException | None:
         return None
     future._retrieved = True
     return future._exception
+
+
+def _take_report_at_exit(future: Future[Any]) -> tuple[str, BaseException] | None:
+    """The report of a failed future still alive and unread at exit, now counted as
+    retrieved (see _reports.py: free-threaded 3.13 finalizes it too late to report)."""
+    exception = take_unretrieved_error(future)
+    return None if exception is None else (repr(future), exception)
 
 
 def has_callbacks(future: Future[Any]) -> bool:

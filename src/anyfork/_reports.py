@@ -10,6 +10,12 @@ queues its report, which costs two reentrant operations, and the **reporter thre
 it, usually within milliseconds. At interpreter exit the queue is flushed (an ``atexit``
 hook, which runs after the exit join and before logging shuts down), and a report queued
 after that is logged at once.
+
+Free-threaded CPython 3.13 makes modules immortal (CPython gh-117783): at exit it sets
+anyfork's module globals, and logging's, to None before those of ``__main__``, so a failed
+future that a global of ``__main__`` holds is finalized with nothing left to report it.
+There the flush at exit also reports the failed futures still alive and unread, and counts
+them as retrieved (their finalizers report nothing more).
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ import atexit
 import logging
 import os
 import queue
+import sys
+import sysconfig
 import threading
+import weakref
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["flush_reports", "report_unretrieved", "start_reporter"]
+__all__ = ["flush_reports", "report_unretrieved", "start_reporter", "watch_until_exit"]
 
 logger = logging.getLogger("anyfork")
 
@@ -38,6 +49,11 @@ _logging = threading.Lock()
 _reporter: threading.Thread | None = None
 # Set once the flush at exit has run: from then on reports are logged at once.
 _at_once = False
+# Where finalizers run too late at exit (see above): the failed futures alive, by id
+# (dict operations are atomic without the GIL too), and how to take their reports.
+_LATE_FINALIZERS = bool(sysconfig.get_config_var("Py_GIL_DISABLED")) and sys.version_info < (3, 14)
+_alive: dict[int, weakref.ref[Any]] = {}
+_take: Callable[[Any], _Report | None] | None = None
 
 
 def report_unretrieved(label: str, exception: BaseException) -> None:
@@ -64,6 +80,28 @@ def start_reporter() -> None:
     except RuntimeError:  # the interpreter is exiting: the flush at exit reports
         return
     _reporter = thread
+
+
+def watch_until_exit(future: object, take: Callable[[Any], _Report | None]) -> None:
+    """Report the failed ``future`` at exit if it is still alive and unread then, where its
+    finalizer would run too late (free-threaded 3.13); ``take(future)`` returns its report
+    and counts its error as retrieved, or returns ``None``. A no-op elsewhere."""
+    global _take
+    if not _LATE_FINALIZERS or _at_once:
+        return
+    _take = take
+    key = id(future)
+    _alive[key] = weakref.ref(future, _forget(key))
+
+
+def _forget(key: int) -> Callable[[weakref.ref[Any]], None]:
+    # Binds what it needs: the callback may run after this module's globals are gone.
+    pop = _alive.pop
+
+    def forget(_ref: weakref.ref[Any]) -> None:
+        pop(key, None)
+
+    return forget
 
 
 def flush_reports() -> None:
@@ -99,6 +137,13 @@ def _log(label: str, exception: BaseException) -> None:
 @atexit.register
 def _flush_at_exit() -> None:
     global _at_once
+    take = _take
+    if take is not None:
+        for ref in list(_alive.values()):
+            future = ref()
+            if future is not None and (report := take(future)) is not None:
+                _reports.append(report)
+            del future
     flush_reports()
     _at_once = True
     flush_reports()  # queued between the two
