@@ -314,6 +314,7 @@ def run(runner: str, forks: int, seed: int) -> dict[str, Any]:
         "threads_after": threads_after,
         "threads_settle_seconds": round(settle_seconds, 1),
         "threads_bound": threads_bound,
+        "thread_names": sorted(thread.name for thread in threading.enumerate()),
         "futures_alive_after": alive,
         "rss_baseline_mib": round(rss_baseline, 1),
         "rss_after_mib": round(rss_after, 1),
