@@ -88,6 +88,40 @@ async def slow() -> str:
     return "finished"
 
 
+# Sync forks stepping until asked to stop, by key: steps done, when (monotonic) the work
+# saw the request, and how its future ended.
+generations: dict[str, dict[str, Any]] = {}
+CHECKS = {"anyfork": anyfork.check_cancelled, "anyio": anyio.from_thread.check_cancelled}
+
+
+def generate(check: str, key: str) -> None:
+    record = generations[key]
+    while True:
+        try:
+            CHECKS[check]()
+        except BaseException:
+            record["stopped_at"] = time.monotonic()
+            raise
+        record["steps"] += 1
+        time.sleep(0.001)  # a generation step
+
+
+@app.get("/generate/{check}/{key}")
+async def generate_until_the_client_leaves(check: str, key: str) -> str:
+    record = generations[key] = {"steps": 0, "stopped_at": None, "outcome": None}
+    fut = anyfork.fork(generate, check, key)
+    fut.add_done_callback(
+        lambda f: record.update(outcome="cancelled" if f.cancelled() else "not cancelled")
+    )
+    await fut
+    return "finished"
+
+
+@app.get("/generation/{key}")
+async def generation(key: str) -> dict[str, Any]:
+    return generations.get(key, {})
+
+
 @app.get("/stats")
 async def get_stats() -> dict[str, int]:
     return stats

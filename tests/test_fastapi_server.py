@@ -117,6 +117,32 @@ def test_a_client_disconnect_cancels_the_requests_pending_forks(server: Server) 
     assert stats["finished"] == before["finished"]
 
 
+@pytest.mark.parametrize("repeat", range(3))
+@pytest.mark.parametrize("check", ["anyfork", "anyio"])
+def test_a_client_disconnect_stops_a_running_sync_fork_that_checks(
+    server: Server, check: str, repeat: int
+) -> None:
+    key = f"{check}-{repeat}"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET /generate/{check}/{key} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        deadline = time.monotonic() + 20
+        while server.get(f"/generation/{key}").json().get("steps", 0) < 3:
+            assert time.monotonic() < deadline, "the fork never started"
+            time.sleep(0.01)
+        disconnected_at = time.monotonic()  # shared by the processes of this machine
+    deadline = time.monotonic() + 20
+    while (record := server.get(f"/generation/{key}").json())["outcome"] is None:
+        assert time.monotonic() < deadline, f"the fork did not stop: {record}"
+        time.sleep(0.01)
+    assert record["outcome"] == "cancelled"
+    latency = record["stopped_at"] - disconnected_at
+    # Measured 1-10 ms on an idle machine (see the notes); the bound allows for a loaded one.
+    assert latency < 2.0, f"the fork stopped {latency * 1000:.0f} ms after the disconnect"
+    print(
+        f"{server.process.args[-1]} {check}: stopped {latency * 1000:.1f} ms after the disconnect"
+    )
+
+
 def test_nothing_leaks_between_concurrent_requests(server: Server) -> None:
     with ThreadPoolExecutor(20) as pool:
         responses = list(pool.map(lambda i: server.get(f"/context/user{i}").json(), range(40)))

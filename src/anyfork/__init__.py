@@ -8,6 +8,7 @@ tasks, sync callables in worker threads, and plain scripts work without any even
 from __future__ import annotations
 
 from ._as_completed import AsCompleted, as_completed
+from ._cancel import cancelled, check_cancelled
 from ._config import Config, configure
 from ._debug import PendingFork, pending
 from ._errors import (
@@ -36,6 +37,8 @@ __all__ = [
     "ShutdownError",
     "WouldBlockError",
     "as_completed",
+    "cancelled",
+    "check_cancelled",
     "collect_all",
     "configure",
     "fork",

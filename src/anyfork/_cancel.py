@@ -1,33 +1,167 @@
-"""Asking a running sync fork to stop.
+"""Asking a running sync fork to stop, and the work seeing it.
 
-A sync fork already running in a worker thread cannot be interrupted; it can only be asked
-to stop, and see the request when it next checks. This module owns that request: whoever
-decides a running fork should stop (``Future.cancel``, a scope's cancel, a deadline) calls
-:func:`request_stop`; the work sees it through ``check_cancelled()``.
+A sync fork already running in a worker thread cannot be interrupted: it can only be
+**asked to stop**, and see the request the next time it checks, with :func:`check_cancelled`
+or :func:`cancelled` (or ``anyio.from_thread.check_cancelled()``, see ``_loops``).
+
+Whoever decides a running fork should stop calls :func:`request_stop` (a deadline) or
+``Future.cancel()``, which a scope's ``cancel()``, a scope's exit on cancellation (an
+enclosing anyio cancel scope) and FastAPI's cancel-on-disconnect all go through.
+
+The request is a flag on the fork's job (:class:`StopState`, which ``_sync_job.SyncJob``
+extends), set from any thread; the work finds its job through a thread-local that the job
+sets while it runs, so a check costs a thread-local read and a few attribute reads. A
+fork whose future is already done (completed by a deadline, or by hand) counts as asked to
+stop as well: nobody would see its result. A request also reaches the sync forks a fork made
+while it ran (its sub-work, in its scope), transitively: each one links to the fork that
+made it, and sees the request through that link.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
-import weakref
 from typing import Any
 
-from ._future import Future
+from . import _loops
+from ._errors import CancelledError
+from ._future import Future, fork_record
 
-__all__ = ["request_stop", "stop_requested"]
+__all__ = [
+    "StopState",
+    "cancelled",
+    "check_cancelled",
+    "is_cancellation",
+    "request_stop",
+    "running",
+]
 
-_lock = threading.Lock()
-_asked: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
+
+class _Running(threading.local):
+    #: The stop state (job) of the sync fork running in this thread, innermost first (a
+    #: waiter that runs another fork inline sets it for that run and puts it back after).
+    fork: StopState | None = None
+
+
+running = _Running()
+
+
+class StopState:
+    """Whether one sync fork was asked to stop: set from any thread, read by its work.
+
+    Made in the thread that forks, it links to the sync fork running there, if any (its
+    parent): a request to the parent reaches it too. ``future`` is set only while the work
+    runs (the job sets and clears it).
+    """
+
+    __slots__ = ("_asked", "_parent", "future")
+
+    def __init__(self) -> None:
+        self._asked = False
+        self._parent: StopState | None = running.fork
+        self.future: Future[Any] | None = None
+
+    def ask_to_stop(self, future: Future[Any]) -> None:
+        """Record that the work should stop (any thread, never blocks)."""
+        self._asked = True
+
+    def stop_asked(self) -> bool:
+        """Whether this fork, or the fork that made it (transitively, while that one still
+        runs), was asked to stop, or its future is already done."""
+        state: StopState | None = self
+        while state is not None:
+            if state._asked:
+                self._asked = True  # a parent's request stands: no need to walk again
+                return True
+            future = state.future
+            if future is not None and future.done():
+                self._asked = True
+                return True
+            state = state._parent
+        return False
 
 
 def request_stop(future: Future[Any]) -> None:
-    """Ask the work behind ``future`` to stop, if it is a running sync fork; it sees the
-    request the next time it checks. Never blocks; harmless on any other future."""
-    with _lock:
-        _asked.add(future)
+    """Ask the work behind ``future`` to stop, if it is a sync fork (running, or queued:
+    it then sees the request as soon as it starts); it sees the request the next time it
+    checks, and so do the sync forks it made. Never blocks; harmless on any other future
+    and on a future that is done (a fork whose future is completed by other means, e.g.
+    with a ``TimeoutError`` at its deadline, counts as asked to stop anyway)."""
+    record = fork_record(future)
+    if record is not None and record[2] is not None:
+        record[2].ask_to_stop(future)
 
 
-def stop_requested(future: Future[Any]) -> bool:
-    """Whether the work behind ``future`` has been asked to stop."""
-    with _lock:
-        return future in _asked
+def cancelled() -> bool:
+    """Return whether the sync fork running this code has been asked to stop.
+
+    Cheap enough for the inner loop of a generation or a training step (a thread-local
+    read and a few attribute reads). ``False`` outside a sync fork: in a coroutine, on an
+    event loop's thread, in a thread that anyfork did not start.
+
+    A sync fork is asked to stop by ``fut.cancel()`` while it runs, by its scope's
+    ``cancel()``, by its scope being cancelled (an enclosing anyio cancel scope, a FastAPI
+    request whose client went away), by its deadline, and by a request to the sync fork that
+    made it. Use :func:`check_cancelled` to stop by raising.
+
+    Example::
+
+        def generate(prompt: str, steps: int) -> list[str]:
+            tokens: list[str] = []
+            for _ in range(steps):
+                if anyfork.cancelled():
+                    break  # keep what was generated so far
+                tokens.append(next_token(prompt, tokens))
+            return tokens
+    """
+    fork = running.fork
+    return fork is not None and fork.stop_asked()
+
+
+def check_cancelled() -> None:
+    """Raise :class:`~anyfork.CancelledError` if the sync fork running this code has been
+    asked to stop; else do nothing.
+
+    Call it between units of work (layers, generation steps, batches): a running sync
+    fork cannot be interrupted, only asked to stop (see :func:`cancelled` for what asks
+    it). Work that lets the error propagate ends its future **cancelled**, not failed.
+    Outside a sync fork it returns ``None``, so library code may call it anywhere.
+
+    Inside a sync fork made from an event loop, ``anyio.from_thread.check_cancelled()``
+    raises too (the loop's own cancellation exception), as in ``anyio.to_thread.run_sync``.
+
+    :raises CancelledError: if the running sync fork was asked to stop
+
+    Example::
+
+        def forward(model: Model, x: Tensor) -> Tensor:
+            for layer in model.layers:
+                anyfork.check_cancelled()
+                x = layer(x)
+            return x
+    """
+    fork = running.fork
+    if fork is not None and fork.stop_asked():
+        raise CancelledError(_asked_to_stop(fork.future))
+
+
+def _asked_to_stop(future: Future[Any] | None) -> str:
+    name = "this sync fork" if future is None else f"sync fork {future.name!r}"
+    return (
+        f"{name} was asked to stop (cancelled, its scope cancelled, past its deadline, or "
+        "the sync fork that made it was)"
+    )
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancellation a sync fork's work may let propagate once asked
+    to stop: anyfork's, or the loop's (from ``anyio.from_thread.check_cancelled()``)."""
+    if isinstance(exc, (CancelledError, asyncio.CancelledError)):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.Cancelled)
+
+
+# anyio.from_thread.check_cancelled() in a sync fork of a loop asks this (see _loops).
+_loops.set_stop_check(cancelled)

@@ -493,14 +493,18 @@ class Future(Generic[T]):
         """Cancel the future and the work behind it.
 
         A coroutine fork's task is cancelled; a sync fork that has not started never starts.
-        A sync fork already running in a thread cannot be stopped, so then nothing happens
-        and ``False`` is returned, as with :mod:`concurrent.futures`.
+        A sync fork already running in a thread cannot be interrupted: it is *asked to
+        stop* (it sees the request through :func:`anyfork.check_cancelled`) and ``False``
+        is returned, as with :mod:`concurrent.futures`; the future ends cancelled if the
+        work lets the ``CancelledError`` propagate.
 
         :return: ``True`` if the future is now cancelled, ``False`` if it was already done
-            or its work is running and cannot be stopped
+            or its work is running and cannot be interrupted
         """
         work = self._work
         if not self._complete(_CANCELLED, None, None, unless_running=True):
+            if work is not None and self._state == _PENDING:  # running: ask it to stop
+                work.ask_to_stop(self)
             return False
         if work is not None:
             work.cancel(self)
@@ -607,6 +611,10 @@ class Work:
 
     def cancel(self, future: Future[Any]) -> None:
         """Stop the work of ``future``, which was just cancelled (from any thread)."""
+
+    def ask_to_stop(self, future: Future[Any]) -> None:
+        """Ask the running work of ``future`` to stop (from any thread, never blocking):
+        ``cancel()`` found it running (a sync fork sees the request when it checks)."""
 
     def state(self, future: Future[Any]) -> str:
         """``"queued"`` or ``"running"``, for the pending ``future``."""

@@ -41,6 +41,8 @@ __all__ = [
     "load_backends",
     "loop_waiter",
     "running_native_loop",
+    "set_managed_blocking",
+    "set_stop_check",
     "spawn_detached",
     "task_cancelled_natively",
     "token_for",
@@ -135,7 +137,7 @@ def forget_loops_in_child() -> None:
         _trio_run_of_parent = trio.lowlevel.current_trio_token()
     values: dict[str, object] = threadlocals.__dict__
     values.pop("current_token", None)
-    values.pop(_ORIGINAL_TOKEN, None)  # the loop's own token, kept while a seceding one stands in
+    values.pop(_ORIGINAL_TOKEN, None)  # the loop's own token, kept while the worker one stands in
     values.pop("current_cancel_scope", None)
     if trio is not None:
         from trio._threads import PARENT_TASK_DATA
@@ -195,9 +197,9 @@ def call_soon_here(native: object, func: Callable[..., object], *args: object) -
 # What a worker thread does around a blocking call back into its loop (managed blocking,
 # set by the worker pool: secede before, rejoin after). _loops imports nothing of anyfork.
 _managed_blocking: tuple[Callable[[], object], Callable[[Any], object]] | None = None
-_seceding_backends: dict[type[AsyncBackend], type[AsyncBackend]] = {}
+_worker_backends: dict[type[AsyncBackend], type[AsyncBackend]] = {}
 # The thread-local entry that keeps the loop's own token while current_token is the
-# seceding one (see WorkerThreadClaim).
+# worker one (see WorkerThreadClaim).
 _ORIGINAL_TOKEN = "anyfork_original_token"
 
 
@@ -208,18 +210,36 @@ def set_managed_blocking(secede: Callable[[], object], rejoin: Callable[[Any], o
     _managed_blocking = (secede, rejoin)
 
 
-def _seceding_backend(backend_class: type[AsyncBackend]) -> type[AsyncBackend]:
-    """A subclass of anyio's backend class whose blocking calls from a thread back into
-    the loop (``from_thread.run``/``run_sync`` go through them) give the worker thread's
-    place in the pool back while they block, as anyfork's own waits do."""
-    seceding = _seceding_backends.get(backend_class)
-    if seceding is not None:
-        return seceding
+def set_stop_check(stop_asked: Callable[[], bool]) -> None:
+    """Have ``anyio.from_thread.check_cancelled()`` (and trio's own) raise the loop's
+    cancellation exception in a sync fork of a loop once ``stop_asked()`` (called in the
+    fork's thread) returns ``True``: the fork was asked to stop."""
+    global _stop_check
+    _stop_check = stop_asked
 
-    class SecedingBackend(backend_class):  # type: ignore[misc, valid-type]
+
+_stop_check: Callable[[], bool] | None = None
+
+
+def _worker_backend(backend_class: type[AsyncBackend]) -> type[AsyncBackend]:
+    """A subclass of anyio's backend class for the token of a sync fork's thread.
+
+    Its blocking calls from a thread back into the loop (``from_thread.run``/``run_sync``
+    go through them) give the worker thread's place in the pool back while they block, as
+    anyfork's own waits do; its ``check_cancelled`` (what ``from_thread.check_cancelled``
+    calls) raises once the fork was asked to stop. On trio, anyio's ``check_cancelled``
+    calls trio's, which reads the cancel register that :class:`WorkerThreadClaim` installs.
+    """
+    worker = _worker_backends.get(backend_class)
+    if worker is not None:
+        return worker
+    on_asyncio = issubclass(backend_class, get_async_backend("asyncio"))
+
+    class WorkerBackend(backend_class):  # type: ignore[misc, valid-type]
         @classmethod
         def run_async_from_thread(cls, func: Any, args: Any, token: object) -> Any:
-            assert _managed_blocking is not None
+            if _managed_blocking is None:
+                return super().run_async_from_thread(func, args, token)
             secede, rejoin = _managed_blocking
             departure = secede()
             try:
@@ -229,7 +249,8 @@ def _seceding_backend(backend_class: type[AsyncBackend]) -> type[AsyncBackend]:
 
         @classmethod
         def run_sync_from_thread(cls, func: Any, args: Any, token: object) -> Any:
-            assert _managed_blocking is not None
+            if _managed_blocking is None:
+                return super().run_sync_from_thread(func, args, token)
             secede, rejoin = _managed_blocking
             departure = secede()
             try:
@@ -237,9 +258,36 @@ def _seceding_backend(backend_class: type[AsyncBackend]) -> type[AsyncBackend]:
             finally:
                 rejoin(departure)
 
-    SecedingBackend.__name__ = SecedingBackend.__qualname__ = backend_class.__name__
-    _seceding_backends[backend_class] = SecedingBackend
-    return SecedingBackend
+        @classmethod
+        def check_cancelled(cls) -> None:
+            if on_asyncio and _stop_check is not None and _stop_check():
+                raise asyncio.CancelledError("this sync fork was asked to stop")
+            super().check_cancelled()
+
+    WorkerBackend.__name__ = WorkerBackend.__qualname__ = backend_class.__name__
+    _worker_backends[backend_class] = WorkerBackend
+    return WorkerBackend
+
+
+class _TrioCancelRegister(list[Any]):
+    """What trio's worker threads hold as ``cancel_register``: ``[0]`` is the function
+    that raises ``trio.Cancelled`` once the host task was cancelled, else ``None``; trio's
+    ``from_thread.check_cancelled`` calls it. In a sync fork, it is there once the fork
+    was asked to stop (read when checked: the request may come from any thread)."""
+
+    def __init__(self) -> None:
+        super().__init__([None])
+
+    def __getitem__(self, index: Any) -> Any:
+        if _stop_check is not None and _stop_check():
+            return _raise_trio_cancelled
+        return None
+
+
+def _raise_trio_cancelled() -> None:
+    import trio
+
+    raise trio.Cancelled._create()  # pyright: ignore[reportPrivateUsage]
 
 
 class WorkerThreadClaim:
@@ -250,16 +298,20 @@ class WorkerThreadClaim:
     ``anyio.to_thread.run_sync``. anyio reads the loop from a thread-local it sets in its
     own worker threads (and on trio, trio's from a thread-local of trio's); anyfork's
     worker pool sets the same ones. Forks made there find the loop the same way
-    (:func:`worker_thread_token`). A running fork has no cancel scope (it cannot be
-    cancelled), so ``from_thread.check_cancelled`` never raises there.
+    (:func:`worker_thread_token`). A running fork has no cancel scope of anyio's (a task
+    started with ``from_thread.run`` belongs to no scope of the fork's), but
+    ``from_thread.check_cancelled`` raises once the fork was asked to stop (see
+    :func:`set_stop_check`): on asyncio through the token's backend class, on trio through
+    the cancel register trio's own check reads.
 
     Every sync fork started from a loop goes through this, so it works on the
     thread-locals' per-thread dicts directly (no ``getattr`` that fails for a missing name).
 
-    The token anyio's ``from_thread`` finds is the loop's, with a backend class whose
-    blocking calls back into the loop secede from the worker pool while they block (see
-    :func:`set_managed_blocking`): a fork blocked there gives its place back, so the work
-    its loop-side helper awaits (another sync fork) finds one at any ``worker_threads``.
+    The token anyio's ``from_thread`` finds is the loop's, with a backend class
+    (:func:`_worker_backend`) whose blocking calls back into the loop secede from the
+    worker pool while they block (see :func:`set_managed_blocking`): a fork blocked there
+    gives its place back, so the work its loop-side helper awaits (another sync fork)
+    finds one at any ``worker_threads``.
     :func:`worker_thread_token` still returns the loop's own token.
     """
 
@@ -272,13 +324,10 @@ class WorkerThreadClaim:
             values.get("current_cancel_scope", _MISSING),
             values.get(_ORIGINAL_TOKEN, _MISSING),
         )
-        if _managed_blocking is None:
-            values["current_token"] = token
-        else:
-            values["current_token"] = EventLoopToken(
-                _seceding_backend(token.backend_class), token.native_token
-            )
-            values[_ORIGINAL_TOKEN] = token
+        values["current_token"] = EventLoopToken(
+            _worker_backend(token.backend_class), token.native_token
+        )
+        values[_ORIGINAL_TOKEN] = token
         values["current_cancel_scope"] = None
         self._trio_outer: dict[str, object] | None = None
         if not isinstance(token.native_token, asyncio.AbstractEventLoop):
@@ -289,7 +338,11 @@ class WorkerThreadClaim:
             trio_values: dict[str, object] = PARENT_TASK_DATA.__dict__
             self._trio_outer = _swap(
                 trio_values,
-                {"token": token.native_token, "abandon_on_cancel": True, "cancel_register": [None]},
+                {
+                    "token": token.native_token,
+                    "abandon_on_cancel": True,
+                    "cancel_register": _TrioCancelRegister(),
+                },
             )
 
     def release(self) -> None:

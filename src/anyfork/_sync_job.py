@@ -17,9 +17,20 @@ from typing import Any, TypeAlias, cast
 from anyio.lowlevel import EventLoopToken
 
 from . import _loops
+from ._cancel import StopState, is_cancellation, running
 from ._coroutine_fork import run_returned_coroutine
+from ._errors import CancelledError
 from ._exit import exit_join
-from ._future import Future, Work, attach, claim, settle, settle_failed, without_catching_frame
+from ._future import (
+    Future,
+    Work,
+    attach,
+    claim,
+    settle,
+    settle_cancelled,
+    settle_failed,
+    without_catching_frame,
+)
 from ._pool import hand_over, is_deferred, submit_fork
 from ._scope import current_scope_group
 from ._torch import capture_grad_mode
@@ -76,11 +87,16 @@ SyncJobParts: TypeAlias = tuple[
 ]
 
 
-class SyncJob(Work):
+class SyncJob(StopState, Work):
     """A sync fork's work; the first thread to call it with the future still pending runs it:
     a worker of the pool or a waiter. ``grad_mode``, when torch is imported, runs the work in
     the grad and inference mode of the thread that forked it; ``token`` is the loop the fork
     belongs to.
+
+    It is also the fork's :class:`~anyfork._cancel.StopState`: ``cancel()`` on the running
+    fork, its scope's cancellation or its deadline ask it to stop, and while it runs,
+    ``check_cancelled()`` in its thread finds it. Made in the forking thread, it links to
+    the sync fork running there (if any), whose stop requests then reach it too.
 
     The thread that runs it takes the work out first, so once the work has run nothing holds
     the future or the work's arguments through the job: neither this object (kept by a
@@ -94,6 +110,7 @@ class SyncJob(Work):
     kind = "worker thread"
 
     def __init__(self, parts: SyncJobParts) -> None:
+        StopState.__init__(self)
         self._parts: SyncJobParts | None = parts
 
     @property
@@ -142,8 +159,14 @@ class SyncJob(Work):
             and _loops.running_native_loop() is None  # not a waiter on a loop's thread
         ):
             loop_claim = _loops.WorkerThreadClaim(token)
+        outer = running.fork
+        running.fork = self
+        self.future = future
         try:
             try:
+                # Asked before it started (e.g. the sync fork that made it was): not run.
+                if (self._asked or self._parent is not None) and self.stop_asked():
+                    raise _asked_before_start(future)
                 if grad_mode is None:
                     result = context.run(func, *args, **kwargs)
                 else:
@@ -155,7 +178,13 @@ class SyncJob(Work):
                 del func, args, kwargs, context, grad_mode
                 if inline and isinstance(exc, RuntimeError):
                     _explain_run_on_the_loop(exc, future)
-                settle_failed(future, without_catching_frame(exc))
+                if is_cancellation(exc) and self.stop_asked():
+                    # It was asked to stop and let the cancellation propagate: cancelled,
+                    # not failed. The cause says why, without the work's frames (and the
+                    # tensors they hold) that a traceback would keep alive.
+                    settle_cancelled(future, exc.with_traceback(None))
+                else:
+                    settle_failed(future, without_catching_frame(exc))
                 if inline and isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
             else:
@@ -170,10 +199,16 @@ class SyncJob(Work):
                 else:
                     settle(future, result)
         finally:
+            running.fork = outer
+            self.future = None
             exit_join.discard(future)
             if loop_claim is not None:
                 loop_claim.release()
             del future
+
+
+def _asked_before_start(future: Future[Any]) -> CancelledError:
+    return CancelledError(f"{future!r} was asked to stop before it started")
 
 
 def _explain_run_on_the_loop(exc: RuntimeError, future: Future[Any]) -> None:
