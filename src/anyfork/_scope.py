@@ -64,13 +64,15 @@ class Scope:
     them to finish, then raises an :class:`ExceptionGroup` of the failures nobody retrieved.
     A failing fork cancels neither its siblings nor the body. Cancelling the task that runs
     the scope cancels its forks (sync forks already running in a worker thread cannot be
-    stopped: the scope still waits for them).
+    interrupted: they are asked to stop, see :func:`anyfork.check_cancelled`, and the scope
+    still waits for them).
     """
 
     def __init__(self, *, cancel_pending: bool = False) -> None:
         """
         :param cancel_pending: on exit, cancel the forks still pending instead of waiting
-            for them (sync forks already running in a thread are still waited for)
+            for them (sync forks already running in a thread are asked to stop, and still
+            waited for)
         """
         if not isinstance(cancel_pending, bool):
             raise TypeError(f"cancel_pending must be True or False, got {cancel_pending!r}")
@@ -94,7 +96,8 @@ class Scope:
         return self._group is not None and self._group.closed
 
     def cancel(self) -> None:
-        """Cancel every fork of this scope that is still pending."""
+        """Cancel every fork of this scope that is still pending; a sync fork already
+        running is asked to stop (see :func:`anyfork.check_cancelled`)."""
         if self._group is not None:
             for future in self._group.pending_futures():
                 future.cancel()
@@ -199,8 +202,9 @@ class Scope:
             try:
                 await self._task_group.__aexit__(type(join_exc), join_exc, join_exc.__traceback__)
             finally:
-                # Sync forks already running in worker threads cannot be stopped: the
-                # scope still ends after them, as a task ends after its to_thread.run_sync.
+                # Sync forks already running in worker threads cannot be interrupted (they
+                # were asked to stop): the scope still ends after them, as a task ends
+                # after its to_thread.run_sync.
                 with anyio.CancelScope(shield=True):
                     await group.wait_idle()
             raise

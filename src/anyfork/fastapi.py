@@ -61,7 +61,8 @@ Policy = Literal["join", "cancel", "detach"]
 - ``"join"`` (the default): the request's ASGI call returns only after they finish. The
   response has been sent by then, so the client does not wait; the server's worker does.
 - ``"cancel"``: pending forks are cancelled (a sync fork already running in its thread is
-  still waited for, as threads cannot be interrupted).
+  asked to stop, see :func:`anyfork.check_cancelled`, and still waited for, as threads
+  cannot be interrupted).
 - ``"detach"``: forks are made in the app scope of :func:`lifespan` (or, without it, the
   loop's ambient group) and outlive the request; shutdown drains them.
 """
@@ -145,7 +146,7 @@ class AppScope(_LoggingScope):
             logger.warning(
                 "%d fork(s) did not finish within the shutdown grace period of "
                 "%s seconds; cancelling them (sync forks already running in a thread are "
-                "waited for): %s",
+                "asked to stop and waited for): %s",
                 len(unfinished),
                 self.grace_period,
                 ", ".join(repr(future) for future in unfinished),
@@ -247,9 +248,9 @@ class ForkScopeMiddleware:
 
     :param policy: the app's default :data:`Policy` for unfinished forks at request end
     :param cancel_on_disconnect: cancel the request's pending forks when the client
-        disconnects before the response is complete (uvicorn does not cancel the handler;
-        it keeps running and sees its cancelled forks raise
-        :class:`~anyfork.CancelledError`)
+        disconnects before the response is complete; sync forks already running are asked
+        to stop (:func:`anyfork.check_cancelled`). uvicorn does not cancel the handler; it
+        keeps running and sees its cancelled forks raise :class:`~anyfork.CancelledError`
     """
 
     def __init__(
