@@ -406,3 +406,51 @@ def test_cancelled_costs_little() -> None:
 
     per_call = anyfork.fork(measure).wait(timeout=60)
     assert per_call < 5e-6, f"{per_call * 1e9:.0f} ns per call"
+
+
+# --- what is not a sync fork's work ---------------------------------------------------------
+
+
+def test_done_callbacks_of_a_sync_fork_are_not_its_work() -> None:
+    # They run in the thread that completed the future (the worker), once the work is over:
+    # neither a check there nor a fork made there is taken for the finished fork's.
+    seen: list[bool] = []
+    ran = threading.Event()
+    proceed = threading.Event()
+    fut = anyfork.fork(proceed.wait, 30)
+    fut.add_done_callback(lambda _: seen.append(anyfork.cancelled()))
+    then = fut.then(lambda _: anyfork.fork(ran.set))
+    proceed.set()
+    inner = then.wait(timeout=30)
+    inner.wait(timeout=30)
+    assert ran.is_set() and not inner.cancelled()
+    assert seen == [False]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_child_process_forked_inside_a_sync_fork_is_not_in_that_fork() -> None:
+    result = run_script(
+        """
+        import os, time, anyfork
+
+        def work():
+            while not anyfork.cancelled():  # asked to stop here, in the parent
+                time.sleep(0.002)
+            pid = os.fork()
+            if pid == 0:  # the child: the parent's fork does not run here
+                try:
+                    seen = repr((anyfork.cancelled(), anyfork.check_cancelled()))
+                except BaseException as exc:
+                    seen = repr(exc)
+                os.write(1, f"child: {seen}\\n".encode())
+                os._exit(0)
+            return os.waitpid(pid, 0)[1]
+
+        fut = anyfork.fork(work)
+        time.sleep(0.05)
+        fut.cancel()
+        print(fut.wait(timeout=30))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["child: (False, None)", "0"], result.stderr

@@ -20,6 +20,7 @@ made it, and sees the request through that link.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from typing import Any
@@ -165,3 +166,12 @@ def is_cancellation(exc: BaseException) -> bool:
 
 # anyio.from_thread.check_cancelled() in a sync fork of a loop asks this (see _loops).
 _loops.set_stop_check(cancelled)
+
+
+def _forget_in_child() -> None:
+    # A child made by os.fork inside a sync fork: that fork runs in the parent, not here.
+    running.fork = None
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_forget_in_child)

@@ -162,18 +162,25 @@ class SyncJob(StopState, Work):
             and _loops.running_native_loop() is None  # not a waiter on a loop's thread
         ):
             loop_claim = _loops.WorkerThreadClaim(token)
-        outer = running.fork
-        running.fork = self
-        self.future = future
         try:
             try:
-                # Asked before it started (e.g. the sync fork that made it was): not run.
-                if (self._asked or self._parent is not None) and self.stop_asked():
-                    raise _asked_before_start(future)
-                if grad_mode is None:
-                    result = context.run(func, *args, **kwargs)
-                else:
-                    result = context.run(grad_mode, func, *args, **kwargs)
+                # check_cancelled() in this thread finds this fork while its work runs.
+                outer = running.fork
+                running.fork = self
+                self.future = future
+                try:
+                    # Asked before it started (e.g. the sync fork that made it was): not run.
+                    if (self._asked or self._parent is not None) and self.stop_asked():
+                        raise _asked_before_start(future)
+                    if grad_mode is None:
+                        result = context.run(func, *args, **kwargs)
+                    else:
+                        result = context.run(grad_mode, func, *args, **kwargs)
+                finally:
+                    # The work is over: the done callbacks that completing the future runs
+                    # in this thread, and the forks they make, are not this fork's.
+                    running.fork = outer
+                    self.future = None
             except BaseException as exc:
                 # Let go of the work's objects before completing: once the future is done
                 # the program may exit, and a daemon thread that frees objects (a torch
@@ -202,8 +209,6 @@ class SyncJob(StopState, Work):
                 else:
                     settle(future, result)
         finally:
-            running.fork = outer
-            self.future = None
             exit_join.discard(future)
             if loop_claim is not None:
                 loop_claim.release()
