@@ -22,14 +22,8 @@ from typing import Any, Protocol
 from . import _pool
 from ._config import current_config
 from ._errors import ShutdownError
-from ._future import (
-    Future,
-    abandon_in_child,
-    block_until_done,
-    has_callbacks,
-    on_done,
-    steal,
-)
+from ._future import Future, block_until_done
+from ._state import abandon_in_child, has_callbacks, on_done, steal
 
 __all__ = ["EXIT_STOP_GRACE", "ExitParticipant", "exit_join", "exit_join_started"]
 

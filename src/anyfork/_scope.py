@@ -27,8 +27,9 @@ from . import _loops
 from ._ambient import ambient_group
 from ._config import current_config
 from ._debug import PendingFork, describe
-from ._future import Future, is_unretrieved_failure, take_unretrieved_error
+from ._future import Future
 from ._groups import ForkGroup
+from ._state import is_unretrieved_failure, take_unretrieved_error
 from ._validate import check_seconds
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
