@@ -27,7 +27,8 @@ from typing import Any
 
 from . import _loops
 from ._errors import CancelledError
-from ._future import Future, fork_record
+from ._future import Future
+from ._state import fork_record
 
 __all__ = [
     "StopState",
@@ -90,8 +91,8 @@ def request_stop(future: Future[Any]) -> None:
     and on a future that is done (a fork whose future is completed by other means, e.g.
     with a ``TimeoutError`` at its deadline, counts as asked to stop anyway)."""
     record = fork_record(future)
-    if record is not None and record[2] is not None:
-        record[2].ask_to_stop(future)
+    if record is not None and record[1] is not None:
+        record[1].ask_to_stop(future)
 
 
 def cancelled() -> bool:

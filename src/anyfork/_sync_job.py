@@ -21,8 +21,10 @@ from ._cancel import StopState, is_cancellation, running
 from ._coroutine_fork import run_returned_coroutine
 from ._errors import CancelledError
 from ._exit import exit_join
-from ._future import (
-    Future,
+from ._future import Future
+from ._pool import hand_over, is_deferred, submit_fork
+from ._scope import current_scope_group
+from ._state import (
     Work,
     attach,
     claim,
@@ -31,8 +33,6 @@ from ._future import (
     settle_failed,
     without_catching_frame,
 )
-from ._pool import hand_over, is_deferred, submit_fork
-from ._scope import current_scope_group
 from ._torch import capture_grad_mode
 
 __all__ = ["SyncJob", "SyncJobParts", "submit_sync_fork"]
