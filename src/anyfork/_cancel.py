@@ -57,30 +57,30 @@ class StopState:
     runs (the job sets and clears it).
     """
 
-    __slots__ = ("_asked", "_parent", "future")
+    __slots__ = ("asked", "future", "parent")
 
     def __init__(self) -> None:
-        self._asked = False
-        self._parent: StopState | None = running.fork
+        self.asked = False
+        self.parent: StopState | None = running.fork
         self.future: Future[Any] | None = None
 
     def ask_to_stop(self, future: Future[Any]) -> None:
         """Record that the work should stop (any thread, never blocks)."""
-        self._asked = True
+        self.asked = True
 
     def stop_asked(self) -> bool:
         """Whether this fork, or the fork that made it (transitively, while that one still
         runs), was asked to stop, or its future is already done."""
         state: StopState | None = self
         while state is not None:
-            if state._asked:
-                self._asked = True  # a parent's request stands: no need to walk again
+            if state.asked:
+                self.asked = True  # a parent's request stands: no need to walk again
                 return True
             future = state.future
             if future is not None and future.done():
-                self._asked = True
+                self.asked = True
                 return True
-            state = state._parent
+            state = state.parent
         return False
 
 
@@ -118,7 +118,14 @@ def cancelled() -> bool:
             return tokens
     """
     fork = running.fork
-    return fork is not None and fork.stop_asked()
+    if fork is None:
+        return False
+    if fork.asked:
+        return True
+    if fork.parent is None:  # the common case, spelled out: no call, no loop
+        future = fork.future
+        return future is not None and future.done()
+    return fork.stop_asked()
 
 
 def check_cancelled() -> None:
@@ -143,12 +150,12 @@ def check_cancelled() -> None:
                 x = layer(x)
             return x
     """
-    fork = running.fork
-    if fork is not None and fork.stop_asked():
-        raise CancelledError(_asked_to_stop(fork.future))
+    if cancelled():
+        raise CancelledError(_asked_to_stop(running.fork))
 
 
-def _asked_to_stop(future: Future[Any] | None) -> str:
+def _asked_to_stop(fork: StopState | None) -> str:
+    future = None if fork is None else fork.future
     name = "this sync fork" if future is None else f"sync fork {future.name!r}"
     return (
         f"{name} was asked to stop (cancelled, its scope cancelled, past its deadline, or "

@@ -111,8 +111,8 @@ class SyncJob(StopState, Work):
 
     def __init__(self, parts: SyncJobParts) -> None:
         # StopState's fields, set here: a call of its __init__ costs 3 % of a fork and wait.
-        self._asked = False
-        self._parent = running.fork  # the sync fork making this one, if any
+        self.asked = False
+        self.parent = running.fork  # the sync fork making this one, if any
         self.future = None
         self._parts: SyncJobParts | None = parts
 
@@ -170,7 +170,7 @@ class SyncJob(StopState, Work):
                 self.future = future
                 try:
                     # Asked before it started (e.g. the sync fork that made it was): not run.
-                    if (self._asked or self._parent is not None) and self.stop_asked():
+                    if (self.asked or self.parent is not None) and self.stop_asked():
                         raise _asked_before_start(future)
                     if grad_mode is None:
                         result = context.run(func, *args, **kwargs)
