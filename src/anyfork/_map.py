@@ -361,7 +361,8 @@ class _Window:
                 return None
             if wake is not None:
                 self._wakers.append(wake)
-            return _NOTHING_YET
+            nothing_yet: Future[Any] = _NOTHING_YET
+            return nothing_yet
 
     def forget(self, wake: Callable[[object], object]) -> None:
         with self._lock:
