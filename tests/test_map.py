@@ -515,8 +515,7 @@ async def test_async_for_maps_sync_and_coroutine_functions(
     with anyio.fail_after(20):
         got_sync = [value async for value in anyfork.map(double, range(20), ordered=ordered)]
         got_async = [
-            value
-            async for value in anyfork.map(double_async, range(20), limit=5, ordered=ordered)
+            value async for value in anyfork.map(double_async, range(20), limit=5, ordered=ordered)
         ]
     expected = [2 * item for item in range(20)]
     if ordered:
@@ -568,7 +567,7 @@ async def test_a_for_on_the_loop_that_would_block_raises_naming_async_for(
 
     with anyio.fail_after(20):
         async with anyfork.scope():  # joins the forks: they must have been cancelled
-            with pytest.raises(anyfork.WouldBlockError, match="async for result in anyfork.map"):
+            with pytest.raises(anyfork.WouldBlockError, match=r"async for result in anyfork\.map"):
                 for _ in anyfork.map(work, range(2)):
                     pass
     assert started == []  # the map is over: its forks were cancelled before they ran
@@ -744,4 +743,3 @@ def test_options_wrapped_callables_are_mapped() -> None:
     wrapped = options(work, limit=2)
     assert list(anyfork.map(wrapped, range(20), limit=10)) == list(range(20))
     assert started.most_running <= 2
-

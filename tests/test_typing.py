@@ -163,7 +163,9 @@ def test_map_yields_the_functions_return_type() -> None:
     assert [assert_type(text, str) for text in labels] == ["1", "2"]
     scaled = assert_type(anyfork.map(scale, range(2), limit=2), MapIterator[float])  # unwrapped
     assert list(scaled) == [0.0, 1.0]
-    products = assert_type(anyfork.map(times, [2, 3], [2.0, 1.0], ordered=False), MapIterator[float])
+    products = assert_type(
+        anyfork.map(times, [2, 3], [2.0, 1.0], ordered=False), MapIterator[float]
+    )
     assert sorted(products) == [3.0, 4.0]
     joined = assert_type(anyfork.map(join_three, ["a"], [1], [b"c"]), MapIterator[str])
     assert list(joined) == ["a1c"]
@@ -187,3 +189,4 @@ def never_called_wrong_uses_of_map() -> None:
     anyfork.map(times, [2], ["not a float"])  # type: ignore[arg-type]
     anyfork.map(label, [1], limit="4")  # type: ignore[call-overload]
     text: int = next(anyfork.map(label, [1]))  # type: ignore[assignment]
+    print(text)

@@ -215,7 +215,8 @@ def map(
                 f"map() takes iterables after the function, but argument {position} is "
                 f"{type(iterable).__name__} {iterable!r}, which is not iterable"
             ) from None
-    return MapIterator(func, zip(*sources), limit, ordered)
+    # The shortest iterable ends the map, as with the builtin map.
+    return MapIterator(func, zip(*sources, strict=False), limit, ordered)
 
 
 def _check_callable(func: object) -> bool:
