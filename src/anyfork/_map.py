@@ -9,6 +9,7 @@ and a callable that carries its own options brings them along.
 from __future__ import annotations
 
 import inspect
+import itertools
 import threading
 import weakref
 from collections import deque
@@ -373,9 +374,14 @@ class _Window:
                 pass
 
     def unstarted(self) -> Future[Any] | None:
-        """An unordered map's latest sync fork that no worker has started, if any."""
+        """One of an unordered map's latest sync forks that no worker has started, if any.
+
+        Only the latest few are looked at: workers take the oldest first, and a map of a
+        coroutine function (none of them stealable) may have thousands in flight.
+        """
         with self._lock:
-            return next((f for f in reversed(self._pending) if stealable(f)), None)
+            latest = itertools.islice(reversed(self._pending), _STEALING_LOOKS_AT)
+            return next((f for f in latest if stealable(f)), None)
 
     # --- the end ---------------------------------------------------------------------------
 
@@ -410,6 +416,7 @@ def _abandon(future: Future[Any]) -> None:
 
 
 _GONE: Any = object()
+_STEALING_LOOKS_AT = 64
 # What _Window.take returns to an unordered consumer when no fork has finished yet.
 _NOTHING_YET: Any = object()
 
