@@ -23,9 +23,8 @@ from ._cancel import request_stop
 from ._config import current_config
 from ._errors import WouldBlockError
 from ._fork import fork
-from ._future import (
-    Future,
-    block_until_done,
+from ._future import Future, block_until_done
+from ._state import (
     forget_callback,
     mark_retrieved,
     on_done,
