@@ -454,3 +454,21 @@ def test_a_child_process_forked_inside_a_sync_fork_is_not_in_that_fork() -> None
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["child: (False, None)", "0"], result.stderr
+
+
+def test_leaving_a_map_early_stops_its_running_sync_forks() -> None:
+    works = [Loop() for _ in range(3)]
+
+    def item(index: int) -> str:
+        return "first" if index == 0 else works[index - 1]()
+
+    for result in anyfork.map(item, range(4), limit=4):
+        assert result == "first"
+        for work in works:
+            work.steps_at(2)
+        break  # the forks in flight are cancelled: the running ones are asked to stop
+    deadline = time.monotonic() + 30
+    while not all(work.seen is not None for work in works):
+        assert time.monotonic() < deadline, [work.steps for work in works]
+        time.sleep(0.002)
+    assert all(isinstance(work.seen, anyfork.CancelledError) for work in works)

@@ -165,7 +165,7 @@ def map(
     item is reached, in input order, or, unordered, as soon as it is the next to finish.
     Then, as with ``Executor.map``, the items not forked yet are never forked, the forks in
     flight are cancelled (a running sync fork is asked to stop: it sees it through
-    ``anyfork.check_cancelled()``), and their outcomes, errors included, are dropped
+    :func:`anyfork.check_cancelled`), and their outcomes, errors included, are dropped
     unread. Leaving the loop early does the same: a ``break``, an exception of the loop's
     body, the iterating task being cancelled, :meth:`MapIterator.close`, or the map object
     garbage collected. The input iterator is left where it stopped, neither read further
