@@ -112,7 +112,7 @@ class SyncJob(StopState, Work):
     def __init__(self, parts: SyncJobParts) -> None:
         # StopState's fields, set here: a call of its __init__ costs 3 % of a fork and wait.
         self.asked = False
-        self.parent = running.fork  # the sync fork making this one, if any
+        self.parent = running.cell.fork  # the sync fork making this one, if any
         self.future = None
         self._parts: SyncJobParts | None = parts
 
@@ -165,8 +165,9 @@ class SyncJob(StopState, Work):
         try:
             try:
                 # check_cancelled() in this thread finds this fork while its work runs.
-                outer = running.fork
-                running.fork = self
+                cell = running.cell
+                outer = cell.fork
+                cell.fork = self
                 self.future = future
                 try:
                     # Asked before it started (e.g. the sync fork that made it was): not run.
@@ -179,7 +180,7 @@ class SyncJob(StopState, Work):
                 finally:
                     # The work is over: the done callbacks that completing the future runs
                     # in this thread, and the forks they make, are not this fork's.
-                    running.fork = outer
+                    cell.fork = outer
                     self.future = None
             except BaseException as exc:
                 # Let go of the work's objects before completing: once the future is done
