@@ -136,7 +136,7 @@ def test_a_client_disconnect_stops_a_running_sync_fork_that_checks(
         time.sleep(0.01)
     assert record["outcome"] == "cancelled"
     latency = record["stopped_at"] - disconnected_at
-    # Measured 1-10 ms on an idle machine (see the notes); the bound allows for a loaded one.
+    # Measured 0.3-16 ms on a loaded machine (54 disconnects); the bound allows for worse.
     assert latency < 2.0, f"the fork stopped {latency * 1000:.0f} ms after the disconnect"
     print(
         f"{server.process.args[-1]} {check}: stopped {latency * 1000:.1f} ms after the disconnect"
