@@ -9,8 +9,8 @@ Whoever decides a running fork should stop calls :func:`request_stop` (a deadlin
 enclosing anyio cancel scope) and FastAPI's cancel-on-disconnect all go through.
 
 The request is a flag on the fork's job (:class:`StopState`, which ``_sync_job.SyncJob``
-extends), set from any thread; the work finds its job through a thread-local that the job
-sets while it runs, so a check costs a thread-local read and a few attribute reads. A
+extends), set from any thread; the work finds its job in a per-thread cell that the job
+sets while its work runs, so a check costs a thread-local read and a few attribute reads. A
 fork whose future is already done (completed by a deadline, or by hand) counts as asked to
 stop as well: nobody would see its result. A request also reaches the sync forks a fork made
 while it ran (its sub-work, in its scope), transitively: each one links to the fork that
