@@ -101,8 +101,8 @@ class StopState:
 
 def request_stop(future: Future[Any]) -> None:
     """Ask the work behind ``future`` to stop, if it is a sync fork (running, or queued:
-    it then sees the request as soon as it starts); it sees the request the next time it
-    checks, and so do the sync forks it made. Never blocks; harmless on any other future
+    it starts anyway); it sees the request the next time it checks, and so do the sync
+    forks it made. Work that never checks runs on. Never blocks; harmless on any other future
     and on a future that is done (a fork whose future is completed by other means, e.g.
     with a ``TimeoutError`` at its deadline, counts as asked to stop anyway)."""
     record = fork_record(future)

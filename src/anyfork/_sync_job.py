@@ -19,7 +19,6 @@ from anyio.lowlevel import EventLoopToken
 from . import _loops
 from ._cancel import StopState, is_cancellation, running
 from ._coroutine_fork import run_returned_coroutine
-from ._errors import CancelledError
 from ._exit import exit_join
 from ._future import Future
 from ._pool import hand_over, is_deferred, submit_fork
@@ -170,9 +169,8 @@ class SyncJob(StopState, Work):
                 cell.fork = self
                 self.future = future
                 try:
-                    # Asked before it started (e.g. the sync fork that made it was): not run.
-                    if (self.asked or self.parent is not None) and self.stop_asked():
-                        raise _asked_before_start(future)
+                    # Even if asked to stop before it started, it runs: a request only
+                    # reaches work that checks, never code that did not opt in.
                     if grad_mode is None:
                         result = context.run(func, *args, **kwargs)
                     else:
@@ -214,10 +212,6 @@ class SyncJob(StopState, Work):
             if loop_claim is not None:
                 loop_claim.release()
             del future
-
-
-def _asked_before_start(future: Future[Any]) -> CancelledError:
-    return CancelledError(f"{future!r} was asked to stop before it started")
 
 
 def _explain_run_on_the_loop(exc: RuntimeError, future: Future[Any]) -> None:
