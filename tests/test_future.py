@@ -630,7 +630,7 @@ def test_a_reader_that_sees_the_future_done_sees_its_outcome(outcome: str) -> No
         return local
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code.co_filename.endswith("_future.py"):
+        if frame.f_code.co_filename.endswith(("_future.py", "_state.py")):
             return local
         return None
 

@@ -22,17 +22,16 @@ from typing import Any, Protocol
 from . import _pool
 from ._config import current_config
 from ._errors import ShutdownError
-from ._future import (
-    Future,
+from ._future import Future, block_until_done
+from ._reports import report_unretrieved
+from ._state import (
     abandon_in_child,
-    block_until_done,
     has_callbacks,
     is_unretrieved_failure,
     on_done,
     steal,
     take_unretrieved_error,
 )
-from ._reports import report_unretrieved
 
 __all__ = ["EXIT_STOP_GRACE", "ExitParticipant", "exit_join", "exit_join_started"]
 
