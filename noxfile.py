@@ -95,14 +95,36 @@ def install_torch(session: nox.Session) -> bool:
     return True
 
 
+# Ray (anyfork.ray) is an 80 MB install whose embedded cluster takes seconds to start: the
+# tests of it run on one Python only, to keep CI within its time. Elsewhere they skip, loudly.
+RAY = "ray==2.60.0"
+RAY_PYTHON = "3.11"
+
+
+def install_ray(session: nox.Session) -> bool:
+    """Install Ray in the one test session that runs the Ray tests (RAY_PYTHON)."""
+    if str(session.python) != RAY_PYTHON:
+        session.warn(
+            f"RAY SKIPPED: Ray is installed for the tests on Python {RAY_PYTHON} only (an 80 MB "
+            f"install and a local cluster per test module), so tests/test_ray*.py and "
+            f"examples/ray_fanout.py skip on Python {session.python}"
+        )
+        return False
+    session.install(RAY)
+    return True
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """Run the test suite (every backend: asyncio, uvloop, trio; torch on 3.11)."""
+    """Run the test suite (every backend: asyncio, uvloop, trio; torch and Ray on 3.11)."""
     install(session, "test")
     has_torch = install_torch(session)
+    has_ray = install_ray(session)
     session.run("pytest", *session.posargs)
     if not has_torch:
         session.warn(f"TORCH TESTS SKIPPED on Python {session.python}: see 'TORCH SKIPPED' above")
+    if not has_ray:
+        session.warn(f"RAY TESTS SKIPPED on Python {session.python}: see 'RAY SKIPPED' above")
 
 
 # Packages of the test group that cannot be installed on free-threaded 3.13: no cp313t wheel,
@@ -306,3 +328,11 @@ def bench_dask(session: nox.Session) -> None:
     """Remote fork+wait latency and a fan-out of 200 against raw Dask, same LocalCluster."""
     install(session, "test")
     session.run("python", str(ROOT / "benchmarks" / "bench_dask.py"), *session.posargs)
+
+
+@nox.session(name="bench_ray", python=RAY_PYTHON)
+def bench_ray(session: nox.Session) -> None:
+    """Remote fork+wait latency and a fan-out of 200 against raw Ray, and through anyfork.dask."""
+    install(session, "test")
+    session.install(RAY)
+    session.run("python", str(ROOT / "benchmarks" / "bench_ray.py"), *session.posargs)
