@@ -91,3 +91,11 @@ def node_id() -> str:
     import ray
 
     return str(ray.get_runtime_context().get_node_id())
+
+
+@anyfork.ray.remote(resources={"GPU_FAKE": 1})
+def die_on_fake_gpu_node(log: str) -> None:
+    """Log a run on the node with the fake GPU, then kill this worker process."""
+    with open(log, "a") as file:
+        file.write("ran\n")
+    os.kill(os.getpid(), signal.SIGKILL)

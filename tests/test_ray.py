@@ -208,7 +208,9 @@ async def test_local_and_remote_forks_mix_in_collect_all_and_as_completed(
 
 def test_then_callbacks_never_run_on_rays_thread(cluster: str) -> None:
     threads: list[threading.Thread] = []
-    future = anyfork.fork(tasks.add, 1, 1).then(lambda f: threads.append(threading.current_thread()))
+    future = anyfork.fork(tasks.add, 1, 1).then(
+        lambda f: threads.append(threading.current_thread())
+    )
     anyfork.wait(future, timeout=60)
     assert threads[0].name.startswith("anyfork-worker")
     assert not isinstance(threads[0], threading._DummyThread)  # Ray's C++ thread shows as one

@@ -398,9 +398,7 @@ def _current_connection() -> _Connection:
     global _connection
     with _lock:
         if _closed_by_user:
-            raise RuntimeError(
-                "anyfork.ray is closed: call anyfork.ray.connect() to connect again"
-            )
+            raise RuntimeError("anyfork.ray is closed: call anyfork.ray.connect() to connect again")
         current = _connection
         if current is not None and not current.closed:
             if not current.failed or time.monotonic() < current.retry_at:

@@ -112,7 +112,8 @@ def _requested_resources(options: dict[str, Any]) -> dict[str, float]:
         request["GPU"] = float(options["num_gpus"])
     if options.get("memory"):
         request["memory"] = float(options["memory"])
-    for name, amount in (options.get("resources") or {}).items():
+    custom: dict[str, Any] = options.get("resources") or {}
+    for name, amount in custom.items():
         request[str(name)] = float(amount)
     return {name: amount for name, amount in request.items() if amount > 0}
 

@@ -26,4 +26,11 @@ from ._errors import RemoteImportError
 from ._ray_connection import close, connect
 from ._ray_remote import DEFAULT_MAX_RETRIES, RemoteFunction, remote
 
-__all__ = ["DEFAULT_MAX_RETRIES", "RemoteFunction", "RemoteImportError", "close", "connect", "remote"]
+__all__ = [
+    "DEFAULT_MAX_RETRIES",
+    "RemoteFunction",
+    "RemoteImportError",
+    "close",
+    "connect",
+    "remote",
+]
