@@ -286,9 +286,10 @@ def distribution_problems(sdist: Path, wheel: Path, version: str) -> list[str]:
 
 @nox.session(python="3.11")
 def demo(session: nox.Session) -> None:
-    """Run the examples: a script, async apps on asyncio and trio, FastAPI, torch."""
+    """Run the examples: a script, async apps on asyncio and trio, FastAPI, torch, Dask, Ray."""
     install(session, "test")
     install_torch(session)
+    session.install(RAY)  # examples/ray_fanout.py
     for example in sorted((ROOT / "examples").glob("*.py")):
         session.run("python", str(example))
 

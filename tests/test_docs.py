@@ -23,8 +23,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 CELL = re.compile(r'^```python title="Cell (\d+)"\n(.*?)^```', re.DOTALL | re.MULTILINE)
 # torch is installed only where its CPU wheel is on disk (Python 3.11, by nox); fastapi is not
-# installed on free-threaded Python (no free-threaded wheel of pydantic-core).
-OPTIONAL_PACKAGES = ("torch", "fastapi")
+# installed on free-threaded Python (no free-threaded wheel of pydantic-core); ray only on 3.11.
+OPTIONAL_PACKAGES = ("torch", "fastapi", "ray")
 
 
 def _skip_without_optional_packages(source: str) -> None:
