@@ -10,6 +10,7 @@ task, to the task's own cluster.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import shutil
@@ -170,6 +171,10 @@ class _Connection:
             }
             if "_temp_dir" not in self.init_options:
                 self._temp_dir = options["_temp_dir"] = _short_temp_dir()
+                # Registered before ray.init registers Ray's own shutdown at exit, so it runs
+                # after it (atexit runs last in, first out): if the exit bound left no time
+                # for the shutdown here, the directory is still removed once Ray's is over.
+                atexit.register(shutil.rmtree, self._temp_dir, ignore_errors=True)
             options.update(self.init_options)
             ray.init(**options)
             self.embedded_resources = {
