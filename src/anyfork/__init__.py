@@ -20,6 +20,7 @@ from ._errors import (
 )
 from ._fork import fork
 from ._future import Future
+from ._map import MapIterator, map
 from ._scope import Scope, scope
 from ._wait import collect_all, wait, wait_all, wait_async
 
@@ -30,6 +31,7 @@ __all__ = [
     "CancelledError",
     "Config",
     "Future",
+    "MapIterator",
     "NotReadyError",
     "PendingFork",
     "Scope",
@@ -39,6 +41,7 @@ __all__ = [
     "collect_all",
     "configure",
     "fork",
+    "map",
     "pending",
     "scope",
     "wait",

@@ -23,18 +23,10 @@ from typing import Any
 from . import _pool
 from ._errors import WouldBlockError
 from ._exit import exit_join
-from ._future import (
-    Future,
-    Work,
-    attach,
-    block_until_done,
-    mark_retrieved,
-    on_done,
-    settle,
-    settle_failed,
-)
+from ._future import Future, block_until_done
 from ._loops import running_native_loop
 from ._ray_tasks import RemoteCall, in_ray_worker, ray, ray_task, submit_task
+from ._state import Work, attach, mark_retrieved, on_done, settle, settle_failed
 
 __all__ = ["close", "connect", "submit"]
 

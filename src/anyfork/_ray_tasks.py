@@ -18,8 +18,9 @@ from typing import Any
 
 from . import _pool
 from ._errors import RemoteImportError
-from ._future import Future, Work, attach, settle, settle_failed
+from ._future import Future
 from ._loops import running_native_loop
+from ._state import Work, attach, settle, settle_failed
 from ._torch import GradMode, run_in_grad_mode
 
 __all__ = ["RemoteCall", "in_ray_worker", "run_on_worker", "submit_task"]
