@@ -163,7 +163,7 @@ def tests_freethreaded(session: nox.Session) -> None:
     session.run("python", "-c", "import sys; assert not sys._is_gil_enabled()", env=gil_off)
     session.run("pytest", *session.posargs, env=gil_off)
     left_out = ", ".join(sorted(NOT_FREE_THREADED))
-    session.warn(f"FREE-THREADED: {left_out} and torch not installed, so their tests skipped")
+    session.warn(f"FREE-THREADED: {left_out}, torch and ray not installed, so their tests skipped")
 
 
 def requirement_name(requirement: str) -> str:
@@ -178,6 +178,7 @@ def tests_lowest(session: nox.Session) -> None:
     requirements = nox.project.dependency_groups(PYPROJECT, "test")
     session.install("--resolution", "lowest-direct", "-e", ".", *requirements)
     session.run("pytest", *session.posargs)
+    session.warn(f"RAY TESTS SKIPPED: Ray is installed for the tests on Python {RAY_PYTHON} only")
 
 
 @nox.session(python="3.11")
