@@ -23,9 +23,10 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 CELL = re.compile(r'^```python title="Cell (\d+)"\n(.*?)^```', re.DOTALL | re.MULTILINE)
 # What an example imports -> the package it then needs. torch is installed only where its CPU
-# wheel is on disk (Python 3.11, by nox); fastapi and distributed (anyfork.dask) are not
-# installed on free-threaded Python (see NOT_FREE_THREADED in noxfile.py).
-OPTIONAL_PACKAGES = {"torch": "torch", "fastapi": "fastapi", "dask": "distributed"}
+# wheel is on disk (Python 3.11, by nox), ray only on 3.11; fastapi and distributed
+# (anyfork.dask) are not installed on free-threaded Python (see NOT_FREE_THREADED in
+# noxfile.py).
+OPTIONAL_PACKAGES = {"torch": "torch", "fastapi": "fastapi", "dask": "distributed", "ray": "ray"}
 
 
 def _skip_without_optional_packages(source: str) -> None:
