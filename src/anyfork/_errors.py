@@ -12,6 +12,7 @@ __all__ = [
     "AnyforkError",
     "CancelledError",
     "NotReadyError",
+    "RemoteImportError",
     "ShutdownError",
     "WouldBlockError",
 ]
@@ -49,3 +50,11 @@ class WouldBlockError(AnyforkError, RuntimeError):
 class ShutdownError(AnyforkError, RuntimeError):
     """Raised by :func:`fork` when the interpreter is shutting down and can no longer run
     new work."""
+
+
+class RemoteImportError(ImportError):
+    """A cluster's worker (Dask's, Ray's) could not load a forked function or its arguments.
+
+    Public as ``anyfork.dask.RemoteImportError`` and ``anyfork.ray.RemoteImportError``, the
+    same class.
+    """
