@@ -20,6 +20,8 @@ from ._errors import (
 )
 from ._fork import fork
 from ._future import Future
+from ._limits import Limit
+from ._options import options
 from ._scope import Scope, scope
 from ._wait import collect_all, wait, wait_all, wait_async
 
@@ -30,6 +32,7 @@ __all__ = [
     "CancelledError",
     "Config",
     "Future",
+    "Limit",
     "NotReadyError",
     "PendingFork",
     "Scope",
@@ -39,6 +42,7 @@ __all__ = [
     "collect_all",
     "configure",
     "fork",
+    "options",
     "pending",
     "scope",
     "wait",

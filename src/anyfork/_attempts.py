@@ -1,0 +1,541 @@
+"""The runner of an options-wrapped fork (``_options.WithOptions``): its attempts, under its
+limit, within its deadline.
+
+``fork`` makes the user's future and routes the fork here (one row of its table). The
+attempts of the wrapped callable then go where a plain fork of it would:
+
+* a coroutine function: the fork is one task, where a coroutine fork made here runs
+  (``_coroutine_fork``); the task waits for a place in the limit (awaiting a ticket: no
+  thread), runs the attempts one after the other in a cancel scope whose deadline is the
+  fork's, and gives its place back while it awaits a pending future (``_limits.TaskPlace``);
+* a sync callable: each attempt is a job of the worker pool (``_sync_job.submit_attempt``),
+  started from the done callback of the limit's ticket, so a queued fork holds no thread
+  and no place in the pool; the thread running it holds the place through a
+  ``_limits.LimitSlot``, which its blocking waits give back;
+* a remote callable: each attempt is sent away (``_remote.send_attempt``), the same way.
+
+Each attempt of a sync or remote fork completes a future of its own, which the runner
+(:class:`_SyncRun`) reads: it settles the user's future, or starts the next attempt, or,
+at the deadline (:class:`_Deadlines`, one timer thread for the process), fails the future
+with :class:`TimeoutError`, leaves the limit's line, cancels an attempt not yet started
+and asks a running one to stop.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import heapq
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from ._cancel import request_stop
+from ._coroutine_fork import start_coroutine_fork
+from ._debug import show_attempts
+from ._errors import CancelledError
+from ._exit import exit_join
+from ._future import (
+    Future,
+    Work,
+    attach,
+    claim,
+    on_done,
+    release_claim,
+    settle,
+    settle_cancelled,
+    settle_failed,
+)
+from ._blocking import current_slot, held_by_task, run_in_slot
+from ._limits import Limit, LimitSlot, TaskPlace
+from ._options import WithOptions
+from ._remote import RemoteCallable, remote_call, send_attempt
+from ._scope import current_scope_group
+from ._sync_job import SyncJob, loop_token_here, submit_attempt
+from ._torch import capture_grad_mode
+
+__all__ = ["fork_with_options"]
+
+logger = logging.getLogger("anyfork")
+
+
+def fork_with_options(
+    future: Future[Any],
+    options: WithOptions[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    native: object | None,
+    eager: bool,
+) -> None:
+    """Run the fork of an options-wrapped callable, completing ``future``."""
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout
+    if options.is_async:
+        state = _State()
+        show_attempts(future, state)
+        start_coroutine_fork(
+            future, _run_coroutine, (options, state, deadline, args, kwargs), {}, native, eager
+        )
+        return
+    _SyncRun(future, options, deadline, args, kwargs, native, eager).start()
+
+
+class _State:
+    """What :func:`anyfork.pending` shows of a fork's attempts."""
+
+    __slots__ = ("attempt", "queued")
+
+    def __init__(self) -> None:
+        self.attempt = 0  # the attempt running or last run (1 for the first)
+        self.queued = False  # waiting in the limit's line
+
+
+def timeout_error(options: WithOptions[..., Any]) -> TimeoutError:
+    """The error of a fork that passed its deadline."""
+    return TimeoutError(
+        f"fork {options.name!r} did not finish by its deadline, {options.timeout} seconds "
+        "after fork() (its timeout option)"
+    )
+
+
+def retried(options: WithOptions[..., Any], error: BaseException, attempt: int) -> bool:
+    """Whether an attempt that failed with ``error`` runs again."""
+    return (
+        attempt <= options.retries
+        and isinstance(error, options.retry_on)
+        and not isinstance(error, CancelledError)
+    )
+
+
+def chain_earlier(error: BaseException, earlier: list[BaseException]) -> None:
+    """Make the earlier attempts' errors reachable from the last one: each is the
+    ``__context__`` at the end of the next one's chain, and a note lists them all."""
+    if not earlier:
+        return
+    link = error
+    for previous in reversed(earlier):
+        seen = {id(link)}
+        while link.__context__ is not None and id(link.__context__) not in seen:
+            link = link.__context__
+            seen.add(id(link))
+        if id(previous) in seen:
+            break  # the same object again: it is in the chain already
+        link.__context__ = previous
+        link = previous
+    _add_note(
+        error,
+        f"anyfork: attempt {len(earlier) + 1} of {len(earlier) + 1}; the earlier attempts "
+        f"failed with {', '.join(repr(e) for e in earlier)} (chained as __context__)",
+    )
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    notes: object = getattr(error, "__notes__", None)
+    if notes is None:  # set by hand on Python 3.10 (no add_note)
+        notes = []
+        try:
+            error.__notes__ = notes  # type: ignore[attr-defined,unused-ignore]
+        except AttributeError:  # pragma: no cover - an exception type with __slots__
+            return
+    if isinstance(notes, list):
+        notes.append(note)  # pyright: ignore[reportUnknownMemberType]
+
+
+# --- coroutine forks: one task ------------------------------------------------------------
+
+
+async def _run_coroutine(
+    options: WithOptions[..., Any],
+    state: _State,
+    deadline: float | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    if deadline is None:
+        return await _coroutine_attempts(options, state, args, kwargs)
+    with anyio.CancelScope(deadline=anyio.current_time() + deadline - time.monotonic()):
+        return await _coroutine_attempts(options, state, args, kwargs)
+    raise timeout_error(options)  # the deadline's cancellation ended the work
+
+
+async def _coroutine_attempts(
+    options: WithOptions[..., Any],
+    state: _State,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    limit = options.limit
+    if limit is None:
+        return await _run_attempts(options, state, args, kwargs)
+    ticket = limit.take_or_queue()
+    if ticket is not None:
+        state.queued = True
+        try:
+            await ticket
+        except BaseException:
+            if not limit.leave_line(ticket):
+                limit.release()
+            raise
+        state.queued = False
+    place = TaskPlace(limit)
+    token = held_by_task.set(place)
+    try:
+        return await _run_attempts(options, state, args, kwargs)
+    finally:
+        held_by_task.reset(token)
+        if place.holding:
+            place.holding = False
+            limit.release()
+
+
+async def _run_attempts(
+    options: WithOptions[..., Any],
+    state: _State,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    earlier: list[BaseException] = []
+    while True:
+        state.attempt += 1
+        try:
+            return await options.func(*args, **kwargs)
+        except Exception as exc:
+            if retried(options, exc, state.attempt):
+                earlier.append(exc)
+                continue
+            chain_earlier(exc, earlier)
+            raise
+
+
+# --- sync and remote forks: one future per attempt ----------------------------------------
+
+
+class _SyncRun(Work):
+    """The work attached to the future of an options-wrapped sync or remote fork."""
+
+    __slots__ = (
+        "_args",
+        "_context",
+        "_deadline",
+        "_earlier",
+        "_eager",
+        "_future",
+        "_grad_mode",
+        "_holding",
+        "_job",
+        "_kwargs",
+        "_lock",
+        "_options",
+        "_remote",
+        "_state",
+        "_ticket",
+        "_timer",
+        "_token",
+        "attempt",
+        "stealable",
+    )
+
+    kind = "worker thread"
+
+    def __init__(
+        self,
+        future: Future[Any],
+        options: WithOptions[..., Any],
+        deadline: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        native: object | None,
+        eager: bool,
+    ) -> None:
+        self._future: Future[Any] | None = future
+        self._options = options
+        self._deadline = deadline
+        self._args = args
+        self._kwargs = kwargs
+        self._eager = eager
+        self._remote: RemoteCallable | None = None
+        remote = remote_call(options.func, args, kwargs)
+        if remote is not None:
+            self._remote, self._args, self._kwargs = remote
+            self.kind = "remote"
+        self._context = contextvars.copy_context()
+        self._grad_mode = capture_grad_mode()
+        group = current_scope_group()
+        if group is not None and group.track_sync_fork(future):
+            self._token = group.token
+        else:
+            self._token = loop_token_here(native)
+        self._lock = threading.Lock()
+        self._state = _State()
+        self._ticket: Future[None] | None = None
+        self._job: SyncJob | None = None
+        self.attempt: Future[Any] | None = None
+        self._earlier: list[BaseException] = []
+        self._timer: list[Any] | None = None
+        self._holding = False  # a place in the limit, taken for this fork
+        # A waiter may run an attempt itself (no thread hop), unless there is a deadline:
+        # work run in the waiter's thread could not be left behind at the deadline.
+        self.stealable = deadline is None and self._remote is None
+
+    def start(self) -> None:
+        future = self._future
+        assert future is not None
+        if not self._eager:
+            exit_join.track(future)  # a queued fork holds the exit until it has run
+        attach(future, self)
+        show_attempts(future, self._state)
+        on_done(future, self._forget)
+        if self._deadline is not None:
+            self._timer = deadlines.add(self._deadline, self._expire)
+        limit = self._options.limit
+        ticket = None if limit is None else limit.take_or_queue()
+        if ticket is None:
+            self._holding = limit is not None
+            self._start_attempt()
+            return
+        self._state.queued = True
+        self._ticket = ticket
+        on_done(ticket, self._granted)
+
+    # --- Work -----------------------------------------------------------------------
+
+    def state(self, future: Future[Any]) -> str:
+        if self._state.queued:
+            return "queued"
+        attempt = self.attempt
+        if attempt is None:
+            return "queued"
+        return "running" if self._remote is not None else Work.state(self, attempt)
+
+    def steal(self) -> None:
+        job = self._job
+        if job is not None:
+            job.steal()
+
+    def awaited(self) -> None:
+        pass
+
+    def cancel(self, future: Future[Any]) -> None:
+        self._stop()
+
+    # --- the attempts ---------------------------------------------------------------
+
+    def _granted(self, ticket: Future[None]) -> None:
+        self._ticket = None
+        if ticket.cancelled():
+            return
+        self._holding = True
+        self._state.queued = False
+        if self._future is None or self._future.done():  # ended while queued
+            self._release()
+            return
+        self._start_attempt()
+
+    def _start_attempt(self) -> None:
+        future = self._future
+        if future is None:
+            self._release()
+            return
+        self._state.attempt += 1
+        attempt: Future[Any] = Future(name=future.name)
+        self.attempt = attempt
+        del future
+        if self._eager:
+            self._run_here(attempt)
+            return
+        try:
+            if self._remote is not None:
+                send_attempt(attempt, self._remote, self._args, self._kwargs)
+            else:
+                self._job = submit_attempt(
+                    attempt,
+                    self._body,
+                    self._args,
+                    self._kwargs,
+                    self._context,
+                    self._grad_mode,
+                    self._token,
+                )
+        except BaseException as exc:  # ShutdownError, arguments that cannot be sent
+            settle_failed(attempt, exc)
+        on_done(attempt, self._attempt_done)
+
+    def _run_here(self, attempt: Future[Any]) -> None:
+        """Eager mode: run the attempt now, in this thread."""
+        try:
+            func: Callable[..., Any] = self._body if self._remote is None else self._remote
+            result = self._context.run(func, *self._args, **self._kwargs)
+        except BaseException as exc:
+            settle_failed(attempt, exc)
+        else:
+            settle(attempt, result)
+        self._attempt_done(attempt)
+
+    def _body(self, *args: Any, **kwargs: Any) -> Any:
+        """One attempt, in the thread that runs it: the fork's future is claimed (so that
+        ``cancel()`` returns False while it runs, as for any running sync fork), and the
+        thread holds the fork's place in its limit (given back while it blocks)."""
+        future = self._future
+        if future is None or not claim(future):
+            raise _NotStarted
+        try:
+            limit = self._options.limit
+            if limit is None:
+                return self._options.func(*args, **kwargs)
+            slot = LimitSlot(limit, current_slot())
+            return run_in_slot(slot, lambda: self._options.func(*args, **kwargs))
+        finally:
+            release_claim(future)
+            del future
+
+    def _attempt_done(self, attempt: Future[Any]) -> None:
+        self._job = None
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            result = attempt.value()
+        except BaseException as exc:  # read here, so it never reports as unretrieved
+            error = exc
+        future = self._future
+        if future is None or future.done():  # timed out or cancelled meanwhile
+            if not attempt.cancelled() and not isinstance(error, _NotStarted):
+                _log_late(self._options.name, error)
+            self._release()
+            return
+        if error is None:
+            self._release()
+            settle(future, result)
+            return
+        if isinstance(error, CancelledError) and attempt.cancelled():
+            self._release()
+            settle_cancelled(future, error.__cause__)
+            return
+        earlier = self._earlier
+        if retried(self._options, error, self._state.attempt) and not self._past_deadline():
+            earlier.append(error)
+            self._start_attempt()
+            return
+        chain_earlier(error, earlier)
+        self._release()
+        settle_failed(future, error)
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _expire(self) -> None:
+        """The deadline passed (in the timer's thread)."""
+        future = self._future
+        if future is None or not settle_failed(
+            future, timeout_error(self._options)
+        ):
+            return
+        del future
+        self._stop()
+
+    def _stop(self) -> None:
+        """The fork ended (deadline, cancel): leave the line, stop the attempt."""
+        ticket = self._ticket
+        if ticket is not None:
+            # If a place was taken for it meanwhile, _granted gives it back.
+            self._ticket = None
+            self._state.queued = False
+            self._options.limit.leave_line(ticket)  # type: ignore[union-attr]
+        attempt = self.attempt
+        if attempt is not None and not attempt.done():
+            if not attempt.cancel():  # running: it may see the request, else it runs on
+                request_stop(attempt)
+                if self._future is not None:
+                    request_stop(self._future)
+
+    def _release(self) -> None:
+        """The attempts are over: give the place back (once)."""
+        with self._lock:
+            if not self._holding:
+                return
+            self._holding = False
+        self._options.limit.release()  # type: ignore[union-attr]
+
+    def _forget(self, future: Future[Any]) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            deadlines.cancel(timer)
+        self._future = None
+
+
+class _NotStarted(Exception):
+    """An attempt whose fork ended before a thread took it (it never ran)."""
+
+
+
+
+def _log_late(name: str, error: BaseException | None) -> None:
+    logger.debug(
+        "fork %r finished after its future was done (its deadline passed, or it was "
+        "cancelled); its late %s was discarded",
+        name,
+        "result" if error is None else f"error {error!r}",
+    )
+
+
+# --- the deadlines of sync forks ------------------------------------------------------------
+
+
+class _Deadlines:
+    """One daemon thread that calls each sync fork's ``expire`` at its deadline."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._heap: list[list[Any]] = []
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: float, expire: Callable[[], None]) -> list[Any]:
+        entry: list[Any] = [deadline, 0, expire]
+        with self._condition:
+            self._count += 1
+            entry[1] = self._count
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._condition.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="anyfork-deadlines", daemon=True
+                )
+                self._thread.start()
+        return entry
+
+    @staticmethod
+    def cancel(entry: list[Any]) -> None:
+        entry[2] = None  # dropped when its time comes; lets go of the fork now
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while True:
+                    now = time.monotonic()
+                    heap = self._heap
+                    while heap and heap[0][2] is None:
+                        heapq.heappop(heap)
+                    if heap and heap[0][0] <= now:
+                        expire = heapq.heappop(heap)[2]
+                        break
+                    self._condition.wait(None if not heap else heap[0][0] - now)
+            try:
+                expire()
+            except BaseException:  # pragma: no cover - expire only settles and cancels
+                logger.exception("a fork's deadline could not be applied")
+            del expire
+
+    def reset_in_child(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._heap = []
+        self._thread = None
+
+
+deadlines = _Deadlines()
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=deadlines.reset_in_child)
