@@ -30,10 +30,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
+from anyio.lowlevel import EventLoopToken
 
+from ._blocking import current_slot, held_by_task, run_in_slot
 from ._cancel import request_stop
 from ._coroutine_fork import start_coroutine_fork
 from ._debug import show_attempts
@@ -50,7 +52,6 @@ from ._future import (
     settle_cancelled,
     settle_failed,
 )
-from ._blocking import current_slot, held_by_task, run_in_slot
 from ._limits import Limit, LimitSlot, TaskPlace
 from ._options import WithOptions
 from ._remote import RemoteCallable, remote_call, send_attempt
@@ -76,6 +77,14 @@ def fork_with_options(
     if options.is_async:
         state = _State()
         show_attempts(future, state)
+        limit = options.limit
+        if limit is not None:
+            # Its place in line is taken now, in the order of the fork() calls; the task
+            # gives it back, or, if the task never starts, the future's done callback.
+            state.ticket = limit.take_or_queue()
+            state.queued = state.ticket is not None
+            state.pledge = [limit]
+            on_done(future, state.never_started)
         start_coroutine_fork(
             future, _run_coroutine, (options, state, deadline, args, kwargs), {}, native, eager
         )
@@ -84,13 +93,29 @@ def fork_with_options(
 
 
 class _State:
-    """What :func:`anyfork.pending` shows of a fork's attempts."""
+    """What :func:`anyfork.pending` shows of a fork's attempts; for a coroutine fork under a
+    limit, also its ticket (``None``: a place is held) until its task starts."""
 
-    __slots__ = ("attempt", "queued")
+    __slots__ = ("attempt", "pledge", "queued", "ticket")
 
     def __init__(self) -> None:
         self.attempt = 0  # the attempt running or last run (1 for the first)
         self.queued = False  # waiting in the limit's line
+        self.ticket: Future[None] | None = None
+        # Holds the limit until the fork's task or its future's done callback takes it out
+        # (list.pop is atomic): whoever does gives the place back.
+        self.pledge: list[Limit] = []
+
+    def never_started(self, future: Future[Any]) -> None:
+        """The fork is over: if its task never started, give back its place (or ticket)."""
+        try:
+            limit = self.pledge.pop()
+        except IndexError:  # its task started: it gives the place back itself
+            return
+        ticket, self.ticket = self.ticket, None
+        self.queued = False
+        if ticket is None or not limit.leave_line(ticket):
+            limit.release()
 
 
 def timeout_error(options: WithOptions[..., Any]) -> TimeoutError:
@@ -167,12 +192,14 @@ async def _coroutine_attempts(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    limit = options.limit
-    if limit is None:
+    if options.limit is None:
         return await _run_attempts(options, state, args, kwargs)
-    ticket = limit.take_or_queue()
+    try:
+        limit = state.pledge.pop()
+    except IndexError:  # the fork ended before its task started
+        return None
+    ticket, state.ticket = state.ticket, None
     if ticket is not None:
-        state.queued = True
         try:
             await ticket
         except BaseException:
@@ -220,8 +247,8 @@ class _SyncRun(Work):
         "_args",
         "_context",
         "_deadline",
-        "_earlier",
         "_eager",
+        "_earlier",
         "_future",
         "_grad_mode",
         "_holding",
@@ -235,10 +262,9 @@ class _SyncRun(Work):
         "_timer",
         "_token",
         "attempt",
+        "kind",
         "stealable",
     )
-
-    kind = "worker thread"
 
     def __init__(
         self,
@@ -257,6 +283,7 @@ class _SyncRun(Work):
         self._kwargs = kwargs
         self._eager = eager
         self._remote: RemoteCallable | None = None
+        self.kind = "worker thread"
         remote = remote_call(options.func, args, kwargs)
         if remote is not None:
             self._remote, self._args, self._kwargs = remote
@@ -264,6 +291,7 @@ class _SyncRun(Work):
         self._context = contextvars.copy_context()
         self._grad_mode = capture_grad_mode()
         group = current_scope_group()
+        self._token: EventLoopToken | None
         if group is not None and group.track_sync_fork(future):
             self._token = group.token
         else:
@@ -319,7 +347,7 @@ class _SyncRun(Work):
         pass
 
     def cancel(self, future: Future[Any]) -> None:
-        self._stop()
+        self._stop(future)
 
     # --- the attempts ---------------------------------------------------------------
 
@@ -366,7 +394,7 @@ class _SyncRun(Work):
     def _run_here(self, attempt: Future[Any]) -> None:
         """Eager mode: run the attempt now, in this thread."""
         try:
-            func: Callable[..., Any] = self._body if self._remote is None else self._remote
+            func = self._body if self._remote is None else cast("Callable[..., Any]", self._remote)
             result = self._context.run(func, *self._args, **self._kwargs)
         except BaseException as exc:
             settle_failed(attempt, exc)
@@ -428,15 +456,13 @@ class _SyncRun(Work):
     def _expire(self) -> None:
         """The deadline passed (in the timer's thread)."""
         future = self._future
-        if future is None or not settle_failed(
-            future, timeout_error(self._options)
-        ):
+        if future is None or not settle_failed(future, timeout_error(self._options)):
             return
-        del future
-        self._stop()
+        self._stop(future)
 
-    def _stop(self) -> None:
-        """The fork ended (deadline, cancel): leave the line, stop the attempt."""
+    def _stop(self, future: Future[Any]) -> None:
+        """``future``, the fork's, ended (deadline, cancel): leave the line, stop the
+        attempt."""
         ticket = self._ticket
         if ticket is not None:
             # If a place was taken for it meanwhile, _granted gives it back.
@@ -444,11 +470,10 @@ class _SyncRun(Work):
             self._state.queued = False
             self._options.limit.leave_line(ticket)  # type: ignore[union-attr]
         attempt = self.attempt
-        if attempt is not None and not attempt.done():
-            if not attempt.cancel():  # running: it may see the request, else it runs on
-                request_stop(attempt)
-                if self._future is not None:
-                    request_stop(self._future)
+        # A running attempt cannot be cancelled: it may see the request, else it runs on.
+        if attempt is not None and not attempt.done() and not attempt.cancel():
+            request_stop(attempt)
+            request_stop(future)
 
     def _release(self) -> None:
         """The attempts are over: give the place back (once)."""
@@ -467,8 +492,6 @@ class _SyncRun(Work):
 
 class _NotStarted(Exception):
     """An attempt whose fork ended before a thread took it (it never ran)."""
-
-
 
 
 def _log_late(name: str, error: BaseException | None) -> None:

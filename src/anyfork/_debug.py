@@ -25,7 +25,14 @@ from ._exit import exit_join
 from ._future import Future, fork_record
 from ._groups import live_groups
 
-__all__ = ["AttemptsView", "PendingFork", "fork_site", "pending", "show_attempts", "watch_slow_forks"]
+__all__ = [
+    "AttemptsView",
+    "PendingFork",
+    "fork_site",
+    "pending",
+    "show_attempts",
+    "watch_slow_forks",
+]
 
 logger = logging.getLogger("anyfork")
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec
 
@@ -108,7 +108,9 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     try:
         # The routing table: kind of callable -> the place it runs (its runner's module).
         if may_be_remote and type(func) is WithOptions:  # options -> its attempts (_attempts)
-            fork_with_options(future, func, args, kwargs, native, config.eager)
+            fork_with_options(
+                future, cast("WithOptions[..., Any]", func), args, kwargs, native, config.eager
+            )
         elif is_async:  # coroutine function -> a task of the scope or loop, or the background loop
             start_coroutine_fork(future, func, args, kwargs, native, config.eager)
         elif config.eager:  # sync callable in eager mode -> now, in the caller

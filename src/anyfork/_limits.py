@@ -64,8 +64,7 @@ class Limit:
 
     def __repr__(self) -> str:
         return (
-            f"<anyfork.Limit total={self._total} running={self._running} "
-            f"waiting={len(self._line)}>"
+            f"<anyfork.Limit total={self._total} running={self._running} waiting={len(self._line)}>"
         )
 
     @property

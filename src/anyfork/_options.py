@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec
 
@@ -65,6 +65,12 @@ class WithOptions(KnownKind, Generic[P, T]):
         name: str | None,
     ) -> None:
         is_async, func_name, _ = kind_of_fork(func)  # TypeError for what cannot be forked
+        try:
+            # Its name, doc and signature (__wrapped__), not its attributes: they would
+            # shadow the options' own.
+            functools.update_wrapper(self, func, updated=())
+        except AttributeError:  # pragma: no cover - a callable that refuses attributes
+            pass
         self.func = func
         self.limit = limit
         self.timeout = timeout
@@ -72,10 +78,6 @@ class WithOptions(KnownKind, Generic[P, T]):
         self.retry_on = retry_on
         self.name = func_name if name is None else name
         self.fork_kind = (is_async, self.name, True)
-        try:
-            functools.update_wrapper(self, func)  # type: ignore[arg-type]
-        except AttributeError:  # pragma: no cover - a callable that refuses attributes
-            pass
 
     @property
     def is_async(self) -> bool:
@@ -90,10 +92,8 @@ class WithOptions(KnownKind, Generic[P, T]):
         # by every instance's forks).
         if instance is None:
             return self
-        bound: Callable[..., Any] = self.func.__get__(instance, owner)  # type: ignore[attr-defined]
-        return WithOptions(
-            bound, self.limit, self.timeout, self.retries, self.retry_on, self.name
-        )
+        bound: Callable[..., Any] = self.func.__get__(instance, owner)
+        return WithOptions(bound, self.limit, self.timeout, self.retries, self.retry_on, self.name)
 
     def __repr__(self) -> str:
         given = [f"limit={self.limit!r}"] if self.limit is not None else []
@@ -202,7 +202,7 @@ def options(
 
     def wrap(func: Callable[..., Any]) -> WithOptions[..., Any]:
         if isinstance(func, WithOptions):
-            inner: WithOptions[..., Any] = func
+            inner = cast("WithOptions[..., Any]", func)
             settings: dict[str, Any] = {
                 "limit": inner.limit,
                 "timeout": inner.timeout,
@@ -230,10 +230,13 @@ def _check_timeout(timeout: object) -> float | None:
 
 
 def _check_retry_on(retry_on: object) -> tuple[type[Exception], ...]:
-    types = retry_on if isinstance(retry_on, tuple) else (retry_on,)
-    if not types:
+    kinds: tuple[object, ...] = (
+        cast("tuple[object, ...]", retry_on) if isinstance(retry_on, tuple) else (retry_on,)
+    )
+    if not kinds:
         raise ValueError("retry_on must name at least one exception type, got ()")
-    for kind in types:
+    checked: list[type[Exception]] = []
+    for kind in kinds:
         if not isinstance(kind, type) or not issubclass(kind, BaseException):
             raise TypeError(
                 "retry_on must be an exception type or a tuple of them, e.g. "
@@ -245,4 +248,5 @@ def _check_retry_on(retry_on: object) -> tuple[type[Exception], ...]:
                 "the program or the task (KeyboardInterrupt, SystemExit, a cancellation), "
                 "never a failure to try again; retry_on takes subclasses of Exception"
             )
-    return types  # type: ignore[return-value]
+        checked.append(kind)
+    return tuple(checked)
