@@ -276,3 +276,24 @@ def test_a_limit_reports_total_running_and_waiting() -> None:
     release.set()
     anyfork.wait_all([held, queued], timeout=10)
     assert (limit.running, limit.waiting) == (0, 0)
+
+
+def test_cancelling_a_fork_whose_job_waits_for_a_worker_thread_gives_its_place_back() -> None:
+    anyfork.configure(worker_threads=1)
+    started, release = threading.Event(), threading.Event()
+
+    def occupy() -> None:
+        started.set()
+        release.wait(30)
+
+    busy = fork(occupy)  # the only worker thread
+    assert started.wait(10)
+    limit = Limit(1)
+    ran = threading.Event()
+    queued_in_pool = fork(options(ran.set, limit=limit))
+    assert limit.running == 1  # it has its place, and waits for a thread
+    assert queued_in_pool.cancel()
+    assert limit.running == 0
+    release.set()
+    busy.wait(10)
+    assert not ran.is_set()

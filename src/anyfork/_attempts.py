@@ -30,6 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextvars import copy_context
 from typing import Any, cast
 
 import anyio
@@ -56,7 +57,7 @@ from ._limits import Limit, LimitSlot, TaskPlace
 from ._options import WithOptions
 from ._remote import RemoteCallable, remote_call, send_attempt
 from ._scope import current_scope_group
-from ._sync_job import SyncJob, loop_token_here, submit_attempt
+from ._sync_job import SyncJob, loop_token_here, submit_attempt, submit_sync_fork
 from ._torch import capture_grad_mode
 
 __all__ = ["fork_with_options"]
@@ -88,6 +89,23 @@ def fork_with_options(
         start_coroutine_fork(
             future, _run_coroutine, (options, state, deadline, args, kwargs), {}, native, eager
         )
+        return
+    if deadline is None and not eager and not options.remote:
+        # No deadline: all its attempts run in one job of the fork's own future, as a plain
+        # sync fork's work (``_AttemptsInThread``), once it has a place.
+        limit = options.limit
+        ticket = None if limit is None else limit.take_or_queue()
+        if ticket is None:
+            if limit is None and not options.retries:
+                submit_sync_fork(future, options.func, args, kwargs, copy_context(), native)
+                return
+            body = _AttemptsInThread(options, future, _State() if options.retries else None)
+            job = submit_sync_fork(future, body, args, kwargs, copy_context(), native)
+            if limit is not None:
+                body.job = job
+                attach(future, body)
+            return
+        _SyncRun(future, options, None, args, kwargs, native, eager).start(ticket)
         return
     _SyncRun(future, options, deadline, args, kwargs, native, eager).start()
 
@@ -308,7 +326,8 @@ class _SyncRun(Work):
         # work run in the waiter's thread could not be left behind at the deadline.
         self.stealable = deadline is None and self._remote is None
 
-    def start(self) -> None:
+    def start(self, ticket: Future[None] | None = None) -> None:
+        """Start: take a place (or wait in line with ``ticket``, if one was taken)."""
         future = self._future
         assert future is not None
         if not self._eager:
@@ -319,7 +338,8 @@ class _SyncRun(Work):
         if self._deadline is not None:
             self._timer = deadlines.add(self._deadline, self._expire)
         limit = self._options.limit
-        ticket = None if limit is None else limit.take_or_queue()
+        if ticket is None and limit is not None:
+            ticket = limit.take_or_queue()
         if ticket is None:
             self._holding = limit is not None
             self._start_attempt()
@@ -366,6 +386,24 @@ class _SyncRun(Work):
         future = self._future
         if future is None:
             self._release()
+            return
+        if self._deadline is None and not self._eager and self._remote is None:
+            # Its attempts run in one job of its own future (see fork_with_options), which
+            # now holds the place.
+            with self._lock:
+                self._holding = False
+            body = _AttemptsInThread(self._options, future, self._state)
+            job = self._job = submit_attempt(
+                future,
+                body,
+                self._args,
+                self._kwargs,
+                self._context,
+                self._grad_mode,
+                self._token,
+            )
+            body.job = job
+            attach(future, body)
             return
         self._state.attempt += 1
         attempt: Future[Any] = Future(name=future.name)
@@ -414,7 +452,7 @@ class _SyncRun(Work):
             if limit is None:
                 return self._options.func(*args, **kwargs)
             slot = LimitSlot(limit, current_slot())
-            return run_in_slot(slot, lambda: self._options.func(*args, **kwargs))
+            return run_in_slot(slot, self._options.func, *args, **kwargs)
         finally:
             release_claim(future)
             del future
@@ -488,6 +526,84 @@ class _SyncRun(Work):
         if timer is not None:
             deadlines.cancel(timer)
         self._future = None
+
+
+class _AttemptsInThread(Work):
+    """All the attempts of a sync fork with no deadline, one after the other in the one job
+    of its future, holding its place in the limit (if any) through a ``LimitSlot``; the
+    place is given back at the end, or if the fork is cancelled before its job runs.
+
+    Under a limit it is also the work attached to the future, standing for the job
+    (:class:`~anyfork._sync_job.SyncJob`): cancelling gives the place back too."""
+
+    __slots__ = ("_options", "_pledge", "_state", "job")
+
+    stealable = True
+    kind = "worker thread"
+
+    def __init__(
+        self, options: WithOptions[..., Any], future: Future[Any], state: _State | None
+    ) -> None:
+        self._options = options
+        self._state = state
+        limit = options.limit
+        # Holds the limit until the job or its cancellation takes it out (list.pop is
+        # atomic): whoever does gives the place back.
+        self._pledge: list[Limit] = [] if limit is None else [limit]
+        self.job: Work = self  # until its job is made
+        if state is not None:
+            show_attempts(future, state)
+
+    def steal(self) -> None:
+        self.job.steal()
+
+    def awaited(self) -> None:
+        self.job.awaited()
+
+    def cancel(self, future: Future[Any]) -> None:
+        self.job.cancel(future)
+        self.never_started()
+
+    def never_started(self) -> None:
+        """The fork was cancelled before its job ran: give its place back."""
+        try:
+            limit = self._pledge.pop()
+        except IndexError:  # the job ran: it gave the place back
+            return
+        limit.release()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        options = self._options
+        limit: Limit | None = None
+        if options.limit is not None:
+            try:
+                limit = self._pledge.pop()
+            except IndexError:  # pragma: no cover - its future was completed by hand
+                return None
+        try:
+            if not options.retries:
+                return self._attempt(limit, args, kwargs)
+            state, earlier = self._state, list[BaseException]()
+            assert state is not None
+            while True:
+                state.attempt += 1
+                try:
+                    return self._attempt(limit, args, kwargs)
+                except Exception as exc:
+                    if retried(options, exc, state.attempt):
+                        earlier.append(exc)
+                        continue
+                    chain_earlier(exc, earlier)
+                    raise
+        finally:
+            if limit is not None:
+                limit.release()
+
+    def _attempt(self, limit: Limit | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        func = self._options.func
+        if limit is None:
+            return func(*args, **kwargs)
+        return run_in_slot(LimitSlot(limit, current_slot()), func, *args, **kwargs)
 
 
 class _NotStarted(Exception):

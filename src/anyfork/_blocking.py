@@ -79,12 +79,13 @@ _current = _CurrentSlot()
 T = TypeVar("T")
 
 
-def run_in_slot(slot: Slot, job: Callable[[], T]) -> T:
-    """Run ``job`` in this thread, holding ``slot``: its blocking waits release it."""
+def run_in_slot(slot: Slot, job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``job(*args, **kwargs)`` in this thread, holding ``slot``: its blocking waits
+    release it."""
     outer = _current.slot
     _current.slot = slot
     try:
-        return job()
+        return job(*args, **kwargs)
     finally:
         _current.slot = outer
 

@@ -121,6 +121,8 @@ class Limit:
         """Give a place back; the first in line (if any) takes it."""
         with self._lock:
             self._running -= 1
+            if not self._line:
+                return
             granted = self._grant()
         _start(granted)
 

@@ -15,8 +15,9 @@ from typing import Any, Generic, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec
 
-from ._callables import KnownKind, kind_of_fork
+from ._callables import KnownKind, kind_of_fork, unwrap_partial
 from ._limits import Limit
+from ._remote import RemoteCallable
 from ._validate import check_count, check_seconds
 
 __all__ = ["WithOptions", "options"]
@@ -54,6 +55,8 @@ class WithOptions(KnownKind, Generic[P, T]):
     retry_on: tuple[type[Exception], ...]
     #: The name its forks go by.
     name: str
+    #: Whether ``func`` is a remote callable (its attempts are sent away).
+    remote: bool
 
     def __init__(
         self,
@@ -78,6 +81,8 @@ class WithOptions(KnownKind, Generic[P, T]):
         self.retry_on = retry_on
         self.name = func_name if name is None else name
         self.fork_kind = (is_async, self.name, True)
+        #: Whether ``func`` is a remote callable (its attempts are sent away).
+        self.remote = isinstance(unwrap_partial(func), RemoteCallable)
 
     @property
     def is_async(self) -> bool:

@@ -34,8 +34,9 @@ def submit_sync_fork(
     kwargs: dict[str, Any],
     context: contextvars.Context,
     native: object | None,
-) -> None:
-    """Send a sync fork to the worker pool, tied to the loop and scope it was made in.
+) -> SyncJob:
+    """Send a sync fork to the worker pool, tied to the loop and scope it was made in;
+    return its job.
 
     The loop (of this thread, or of the anyio or anyfork worker thread this is) goes with
     the job, so that inside it ``anyio.from_thread`` and new forks find that loop. A scope
@@ -55,6 +56,7 @@ def submit_sync_fork(
     # On a loop's thread the job reaches the pool when the loop next gets control: a
     # blocking wait before that runs it in the caller, as torch.jit.wait does.
     submit_fork(job, native)
+    return job
 
 
 def loop_token_here(native: object | None) -> EventLoopToken | None:
