@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 import anyio
@@ -167,7 +168,7 @@ def deadline_lateness(backend: str, samples: int) -> list[float]:
 
 def main() -> None:
     print(
-        f"Python {sys.version.split()[0]}, anyio {anyio.__version__ if hasattr(anyio, '__version__') else ''}; "
+        f"Python {sys.version.split()[0]}, anyio {metadata.version('anyio')}; "
         f"{ROUNDS} rounds, medians; limit {LIMIT}; one at a time: {ONE_AT_A_TIME} forks a sample"
     )
     targets: list[tuple[str, float, float]] = []
