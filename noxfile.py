@@ -279,6 +279,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "bench_debug.py"))
 
 
+@nox.session(name="bench_options", python="3.11")
+def bench_options(session: nox.Session) -> None:
+    """A fork under options(limit=n) against a plain fork and a CapacityLimiter-guarded
+    to_thread.run_sync; how close to its deadline a coroutine fork fails."""
+    install(session, "test", "bench")
+    session.run("python", str(ROOT / "benchmarks" / "bench_options.py"), *session.posargs)
+
+
 @nox.session(name="bench_torch", python="3.11")
 def bench_torch(session: nox.Session) -> None:
     """A forward forking K sub-modules: sequential, anyfork, torch.jit.fork (CPU torch)."""
