@@ -21,6 +21,7 @@ from ._errors import (
 from ._fork import fork
 from ._future import Future
 from ._limits import Limit
+from ._map import MapIterator, map
 from ._options import options
 from ._scope import Scope, scope
 from ._wait import collect_all, wait, wait_all, wait_async
@@ -33,6 +34,7 @@ __all__ = [
     "Config",
     "Future",
     "Limit",
+    "MapIterator",
     "NotReadyError",
     "PendingFork",
     "Scope",
@@ -42,6 +44,7 @@ __all__ = [
     "collect_all",
     "configure",
     "fork",
+    "map",
     "options",
     "pending",
     "scope",

@@ -42,8 +42,12 @@ from ._coroutine_fork import start_coroutine_fork
 from ._debug import show_attempts
 from ._errors import CancelledError
 from ._exit import exit_join
-from ._future import (
-    Future,
+from ._future import Future
+from ._limits import Limit, LimitSlot, TaskPlace
+from ._options import WithOptions
+from ._remote import RemoteCallable, remote_call, send_attempt
+from ._scope import current_scope_group
+from ._state import (
     Work,
     attach,
     claim,
@@ -53,10 +57,6 @@ from ._future import (
     settle_cancelled,
     settle_failed,
 )
-from ._limits import Limit, LimitSlot, TaskPlace
-from ._options import WithOptions
-from ._remote import RemoteCallable, remote_call, send_attempt
-from ._scope import current_scope_group
 from ._sync_job import SyncJob, loop_token_here, submit_attempt, submit_sync_fork
 from ._torch import capture_grad_mode
 

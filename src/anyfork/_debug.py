@@ -22,13 +22,16 @@ from typing import Any, Literal, Protocol
 
 from ._config import current_config
 from ._exit import exit_join
-from ._future import Future, fork_record
+from ._future import Future
 from ._groups import live_groups
+from ._state import fork_record, keep_fork_record
 
 __all__ = [
     "AttemptsView",
+    "ForkRecord",
     "PendingFork",
     "fork_site",
+    "note_forked",
     "pending",
     "show_attempts",
     "watch_slow_forks",
@@ -37,6 +40,23 @@ __all__ = [
 logger = logging.getLogger("anyfork")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class ForkRecord:
+    """When a fork was made, and in debug mode where: the one record its future keeps."""
+
+    __slots__ = ("forked_at", "site")
+
+    def __init__(self, forked_at: float, site: str | None) -> None:
+        #: ``time.monotonic()`` when it was forked.
+        self.forked_at = forked_at
+        #: Where it was forked (``file:line in function``), in debug mode; else ``None``.
+        self.site = site
+
+
+def note_forked(future: Future[Any], site: str | None) -> None:
+    """Record that ``future`` is a fork's, made now at ``site`` (debug mode, else None)."""
+    keep_fork_record(future, ForkRecord(time.monotonic(), site))
 
 
 @dataclass(frozen=True)
@@ -108,7 +128,7 @@ def describe(futures: list[Future[Any]]) -> list[PendingFork]:
         if record is None or id(future) in seen:
             continue
         seen.add(id(future))
-        forked_at, site, work = record
+        kept, work = record
         state = "queued" if work is None else work.state(future)
         attempt = 1
         view = _attempts.get(future) if _attempts else None
@@ -122,8 +142,8 @@ def describe(futures: list[Future[Any]]) -> list[PendingFork]:
                 name=future.name or "",
                 kind="work" if work is None else work.kind,
                 state="running" if state == "running" else "queued",
-                age=max(now - forked_at, 0.0),
-                forked_at=site,
+                age=max(now - kept.forked_at, 0.0),
+                forked_at=kept.site,
                 attempt=attempt,
             )
         )

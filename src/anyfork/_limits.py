@@ -25,7 +25,8 @@ from typing import Any
 import anyio
 
 from ._blocking import Slot
-from ._future import Future, claim, settle
+from ._future import Future
+from ._state import claim, settle
 from ._validate import check_count
 
 __all__ = ["Limit", "LimitSlot", "TaskPlace"]
