@@ -297,3 +297,19 @@ def test_cancelling_a_fork_whose_job_waits_for_a_worker_thread_gives_its_place_b
     release.set()
     busy.wait(10)
     assert not ran.is_set()
+
+
+@pytest.mark.anyio
+async def test_sync_forks_under_a_limit_awaited_on_every_backend_never_exceed_it() -> None:
+    counter = Counter()
+
+    @options(limit=2)
+    def work() -> None:
+        counter.enter()
+        time.sleep(0.002)
+        counter.leave()
+
+    with anyio.fail_after(30):
+        for future in [fork(work) for _ in range(12)]:
+            await future
+    assert (counter.total, counter.most) == (12, 2)

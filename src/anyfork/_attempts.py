@@ -581,8 +581,11 @@ class _AttemptsInThread(Work):
             except IndexError:  # pragma: no cover - its future was completed by hand
                 return None
         try:
-            if not options.retries:
-                return self._attempt(limit, args, kwargs)
+            if not options.retries:  # the common case, with no extra frame
+                if limit is None:
+                    return options.func(*args, **kwargs)
+                slot = LimitSlot(limit, current_slot())
+                return run_in_slot(slot, options.func, *args, **kwargs)
             state, earlier = self._state, list[BaseException]()
             assert state is not None
             while True:
