@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -11,6 +12,8 @@ import pytest
 
 import anyfork
 from anyfork import Limit, fork, options
+
+from .conftest import run_script
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -313,3 +316,33 @@ async def test_sync_forks_under_a_limit_awaited_on_every_backend_never_exceed_it
         for future in [fork(work) for _ in range(12)]:
             await future
     assert (counter.total, counter.most) == (12, 2)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_child_made_by_os_fork_starts_with_every_limit_empty() -> None:
+    result = run_script(
+        """
+        import os, threading, anyfork
+
+        limit = anyfork.Limit(1)
+        started, release = threading.Event(), threading.Event()
+
+        def hold():
+            started.set()
+            release.wait(30)
+
+        held = anyfork.fork(anyfork.options(hold, limit=limit))
+        started.wait(10)
+        queued = anyfork.fork(anyfork.options(lambda: None, limit=limit))
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's holder and queued fork are not here
+            value = anyfork.fork(anyfork.options(lambda: 42, limit=limit)).wait(timeout=10)
+            os._exit(0 if value == 42 and limit.running == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        anyfork.wait_all([held, queued], timeout=10)
+        print("child", os.waitstatus_to_exitcode(status), limit)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "child 0 <anyfork.Limit total=1 running=0 waiting=0>" in result.stdout

@@ -17,7 +17,9 @@ under a limit run at any time.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Generator
 from typing import Any
@@ -62,6 +64,7 @@ class Limit:
         self._lock = threading.Lock()
         self._running = 0
         self._line: deque[Future[None]] = deque()
+        _live_limits.add(self)
 
     def __repr__(self) -> str:
         return (
@@ -121,7 +124,8 @@ class Limit:
     def release(self) -> None:
         """Give a place back; the first in line (if any) takes it."""
         with self._lock:
-            self._running -= 1
+            if self._running:  # 0 only in a child of os.fork (see _reset_in_child)
+                self._running -= 1
             if not self._line:
                 return
             granted = self._grant()
@@ -148,6 +152,23 @@ class Limit:
                 self._running += 1
                 granted.append(ticket)
         return granted
+
+
+_live_limits: weakref.WeakSet[Limit] = weakref.WeakSet()
+
+
+def _reset_in_child() -> None:
+    """A child made by ``os.fork`` has none of the parent's threads or pending forks: every
+    limit starts empty there (a place the forking thread holds is given back at most to
+    zero)."""
+    for limit in list(_live_limits):
+        limit._lock = threading.Lock()  # pyright: ignore[reportPrivateUsage]
+        limit._running = 0  # pyright: ignore[reportPrivateUsage]
+        limit._line = deque()  # pyright: ignore[reportPrivateUsage]
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_reset_in_child)
 
 
 def _start(granted: list[Future[None]]) -> None:
