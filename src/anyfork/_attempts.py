@@ -16,7 +16,7 @@ attempts of the wrapped callable then go where a plain fork of it would:
 
 Each attempt of a sync or remote fork completes a future of its own, which the runner
 (:class:`_SyncRun`) reads: it settles the user's future, or starts the next attempt, or,
-at the deadline (:class:`_Deadlines`, one timer thread for the process), fails the future
+at the deadline (``_deadlines``, one timer thread for the process), fails the future
 with :class:`TimeoutError`, leaves the limit's line, cancels an attempt not yet started
 and asks a running one to stop.
 """
@@ -24,9 +24,7 @@ and asks a running one to stop.
 from __future__ import annotations
 
 import contextvars
-import heapq
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +37,7 @@ from anyio.lowlevel import EventLoopToken
 from ._blocking import current_slot, held_by_task, run_in_slot
 from ._cancel import request_stop
 from ._coroutine_fork import start_coroutine_fork
+from ._deadlines import deadlines
 from ._debug import show_attempts
 from ._errors import CancelledError
 from ._exit import exit_join
@@ -620,64 +619,3 @@ def _log_late(name: str, error: BaseException | None) -> None:
         name,
         "result" if error is None else f"error {error!r}",
     )
-
-
-# --- the deadlines of sync forks ------------------------------------------------------------
-
-
-class _Deadlines:
-    """One daemon thread that calls each sync fork's ``expire`` at its deadline."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition(threading.Lock())
-        self._heap: list[list[Any]] = []
-        self._count = 0
-        self._thread: threading.Thread | None = None
-
-    def add(self, deadline: float, expire: Callable[[], None]) -> list[Any]:
-        entry: list[Any] = [deadline, 0, expire]
-        with self._condition:
-            self._count += 1
-            entry[1] = self._count
-            heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:
-                self._condition.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="anyfork-deadlines", daemon=True
-                )
-                self._thread.start()
-        return entry
-
-    @staticmethod
-    def cancel(entry: list[Any]) -> None:
-        entry[2] = None  # dropped when its time comes; lets go of the fork now
-
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                while True:
-                    now = time.monotonic()
-                    heap = self._heap
-                    while heap and heap[0][2] is None:
-                        heapq.heappop(heap)
-                    if heap and heap[0][0] <= now:
-                        expire = heapq.heappop(heap)[2]
-                        break
-                    self._condition.wait(None if not heap else heap[0][0] - now)
-            try:
-                expire()
-            except BaseException:  # pragma: no cover - expire only settles and cancels
-                logger.exception("a fork's deadline could not be applied")
-            del expire
-
-    def reset_in_child(self) -> None:
-        self._condition = threading.Condition(threading.Lock())
-        self._heap = []
-        self._thread = None
-
-
-deadlines = _Deadlines()
-
-if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=deadlines.reset_in_child)
