@@ -494,3 +494,21 @@ def test_a_remote_callable_honours_options_the_same_way() -> None:
     limited = options(InThread(counted), limit=2)
     anyfork.wait_all([fork(limited) for _ in range(12)], timeout=30)
     assert most[0] <= 2
+
+
+def test_anyfork_map_honours_the_options_of_the_callable_it_forks() -> None:
+    assert list(anyfork.map(options(double_async, retries=1), [1, 2, 3])) == [2, 4, 6]
+    lock, running, most = threading.Lock(), [0], [0]
+
+    @options(limit=2)
+    def counted(x: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.002)
+        with lock:
+            running[0] -= 1
+        return x
+
+    assert list(anyfork.map(counted, range(20), limit=8)) == list(range(20))
+    assert most[0] <= 2

@@ -32,6 +32,8 @@ def is_coroutine_function(func: object) -> bool:
     if plain is not None:
         return bool(plain.__code__.co_flags & inspect.CO_COROUTINE)
     func = unwrap_partial(func)
+    if isinstance(func, KnownKind):
+        return func.fork_kind[0]
     if inspect.iscoroutinefunction(func):
         return True
     call = getattr(type(func), "__call__", None)  # noqa: B004 - the method, not callable()
