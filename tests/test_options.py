@@ -512,3 +512,31 @@ def test_anyfork_map_honours_the_options_of_the_callable_it_forks() -> None:
 
     assert list(anyfork.map(counted, range(20), limit=8)) == list(range(20))
     assert most[0] <= 2
+
+
+def test_debug_mode_names_the_attempt_of_a_slow_retried_fork(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    anyfork.configure(debug=True, slow_fork_warning=0.2)
+    second_attempt, release = threading.Event(), threading.Event()
+    calls = []
+
+    def fails_once() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError
+        second_attempt.set()
+        release.wait(30)
+
+    with caplog.at_level(logging.WARNING, logger="anyfork"):
+        future = fork(options(fails_once, retries=1))
+        assert second_attempt.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+            "pending for" in record.getMessage() for record in caplog.records
+        ):
+            time.sleep(0.05)
+        release.set()
+        future.wait(10)
+    [message] = [r.getMessage() for r in caplog.records if "pending for" in r.getMessage()]
+    assert "(worker thread, running, attempt 2)" in message
