@@ -34,7 +34,7 @@ from typing import Any, cast
 import anyio
 from anyio.lowlevel import EventLoopToken
 
-from ._blocking import current_slot, held_by_task, run_in_slot
+from ._blocking import Slot, current_slot, held_by_task, run_in_slot
 from ._cancel import request_stop
 from ._coroutine_fork import start_coroutine_fork
 from ._deadlines import deadlines
@@ -535,7 +535,7 @@ class _AttemptsInThread(Work):
     Under a limit it is also the work attached to the future, standing for the job
     (:class:`~anyfork._sync_job.SyncJob`): cancelling gives the place back too."""
 
-    __slots__ = ("_options", "_pledge", "_state", "job")
+    __slots__ = ("_options", "_outer", "_pledge", "_state", "job")
 
     stealable = True
     kind = "worker thread"
@@ -550,6 +550,7 @@ class _AttemptsInThread(Work):
         # atomic): whoever does gives the place back.
         self._pledge: list[Limit] = [] if limit is None else [limit]
         self.job: Work = self  # until its job is made
+        self._outer: Slot | None = None
         if state is not None:
             show_attempts(future, state)
 
@@ -562,6 +563,22 @@ class _AttemptsInThread(Work):
     def cancel(self, future: Future[Any]) -> None:
         self.job.cancel(future)
         self.never_started()
+
+    # The slot of the thread running the job (``_blocking.Slot``), the place in the limit
+    # chained before the thread's own slot, as a ``LimitSlot`` (one object fewer a fork).
+
+    def release(self) -> None:
+        if self._outer is not None:
+            self._outer.release()
+        self._options.limit.release()  # type: ignore[union-attr]
+
+    def reacquire(self) -> None:
+        LimitSlot(self._options.limit, self._outer).reacquire()  # type: ignore[arg-type]
+
+    def wait_untimed(self, event: threading.Event) -> bool:
+        if self._outer is not None:
+            return self._outer.wait_untimed(event)
+        return event.wait()
 
     def never_started(self) -> None:
         """The fork was cancelled before its job ran: give its place back."""
@@ -583,8 +600,8 @@ class _AttemptsInThread(Work):
             if not options.retries:  # the common case, with no extra frame
                 if limit is None:
                     return options.func(*args, **kwargs)
-                slot = LimitSlot(limit, current_slot())
-                return run_in_slot(slot, options.func, *args, **kwargs)
+                self._outer = current_slot()
+                return run_in_slot(self, options.func, *args, **kwargs)
             state, earlier = self._state, list[BaseException]()
             assert state is not None
             while True:
@@ -605,7 +622,8 @@ class _AttemptsInThread(Work):
         func = self._options.func
         if limit is None:
             return func(*args, **kwargs)
-        return run_in_slot(LimitSlot(limit, current_slot()), func, *args, **kwargs)
+        self._outer = current_slot()
+        return run_in_slot(self, func, *args, **kwargs)
 
 
 class _NotStarted(Exception):
