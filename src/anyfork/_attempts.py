@@ -529,8 +529,9 @@ class _SyncRun(Work):
 
 class _AttemptsInThread(Work):
     """All the attempts of a sync fork with no deadline, one after the other in the one job
-    of its future, holding its place in the limit (if any) through a ``LimitSlot``; the
-    place is given back at the end, or if the fork is cancelled before its job runs.
+    of its future, holding its place in the limit (if any) as the slot of the thread that
+    runs it (it is a ``_blocking.Slot``, like ``_limits.LimitSlot``); the place is given
+    back at the end, or if the fork is cancelled before its job runs.
 
     Under a limit it is also the work attached to the future, standing for the job
     (:class:`~anyfork._sync_job.SyncJob`): cancelling gives the place back too."""
