@@ -316,6 +316,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "bench_debug.py"))
 
 
+@nox.session(name="bench_options", python="3.11")
+def bench_options(session: nox.Session) -> None:
+    """A fork under options(limit=n) against a plain fork and a CapacityLimiter-guarded
+    to_thread.run_sync; how close to its deadline a coroutine fork fails."""
+    install(session, "test", "bench")
+    session.run("python", str(ROOT / "benchmarks" / "bench_options.py"), *session.posargs)
+
+
 @nox.session(name="bench_map", python="3.11")
 def bench_map(session: nox.Session) -> None:
     """anyfork.map over 10,000 items: against ThreadPoolExecutor.map (sync) and an anyio task

@@ -20,7 +20,9 @@ from ._errors import (
 )
 from ._fork import fork
 from ._future import Future
+from ._limits import Limit
 from ._map import MapIterator, map
+from ._options import options
 from ._scope import Scope, scope
 from ._wait import collect_all, wait, wait_all, wait_async
 
@@ -31,6 +33,7 @@ __all__ = [
     "CancelledError",
     "Config",
     "Future",
+    "Limit",
     "MapIterator",
     "NotReadyError",
     "PendingFork",
@@ -42,6 +45,7 @@ __all__ = [
     "configure",
     "fork",
     "map",
+    "options",
     "pending",
     "scope",
     "wait",

@@ -15,6 +15,10 @@ eager mode                     where no loop runs: run now  called now, in the c
 any caller, a remote callable  (not allowed)                its cluster (``anyfork.dask``,
 (``_remote.RemoteCallable``)                                through ``_remote``); scopes
                                                             and the exit join track it
+any caller, an options-        one task (as above) that     one job per attempt (as above,
+wrapped callable (``_options`` runs the attempts under      or its cluster), started once
+``.WithOptions``)              the limit and deadline       the limit has a place
+                               (``_attempts``)              (``_attempts``)
 =============================  ===========================  ==============================
 
 Each place owns its runner: ``_coroutine_fork`` (a task of a scope or loop, the background
@@ -28,16 +32,18 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec
 
 from . import _loops
+from ._attempts import fork_with_options
 from ._callables import kind_of_fork
 from ._config import current_config
 from ._coroutine_fork import run_now, start_coroutine_fork
 from ._debug import fork_site, note_forked, watch_slow_forks
 from ._future import Future
+from ._options import WithOptions
 from ._remote import remote_call, submit_remote_fork
 from ._sync_job import submit_sync_fork
 
@@ -101,7 +107,11 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     native = _loops.running_native_loop()
     try:
         # The routing table: kind of callable -> the place it runs (its runner's module).
-        if is_async:  # coroutine function -> a task of the scope or loop, or the background loop
+        if may_be_remote and type(func) is WithOptions:  # options -> its attempts (_attempts)
+            fork_with_options(
+                future, cast("WithOptions[..., Any]", func), args, kwargs, native, config.eager
+            )
+        elif is_async:  # coroutine function -> a task of the scope or loop, or the background loop
             start_coroutine_fork(future, func, args, kwargs, native, config.eager)
         elif config.eager:  # sync callable in eager mode -> now, in the caller
             run_now(future, func, args, kwargs, False, contextvars.copy_context())
