@@ -15,11 +15,13 @@ from ._errors import (
     AnyforkError,
     CancelledError,
     NotReadyError,
+    ProcessDiedError,
     ShutdownError,
     WouldBlockError,
 )
 from ._fork import fork
 from ._future import Future
+from ._process import ProcessFunction, process
 from ._scope import Scope, scope
 from ._wait import collect_all, wait, wait_all, wait_async
 
@@ -32,6 +34,8 @@ __all__ = [
     "Future",
     "NotReadyError",
     "PendingFork",
+    "ProcessDiedError",
+    "ProcessFunction",
     "Scope",
     "ShutdownError",
     "WouldBlockError",
@@ -40,6 +44,7 @@ __all__ = [
     "configure",
     "fork",
     "pending",
+    "process",
     "scope",
     "wait",
     "wait_all",
