@@ -190,8 +190,8 @@ def configure(
     :param slow_fork_warning: in debug mode, the seconds after which a pending fork is
         named in a WARNING
     :raises TypeError: if a setting has the wrong type: ``eager`` or ``debug`` not a bool,
-        ``worker_threads`` or ``process_workers`` not an int, a number of seconds not an int or a float (a string
-        or a bool)
+        ``worker_threads`` or ``process_workers`` not an int, a number of seconds not an
+        int or a float (a string or a bool)
     :raises ValueError: if a setting has a wrong value: ``worker_threads`` or
         ``process_workers`` below 1,
         ``worker_idle_timeout`` or ``slow_fork_warning`` not > 0, ``exit_timeout`` negative,

@@ -101,7 +101,7 @@ def _require_cloudpickle() -> None:
         importlib.import_module("cloudpickle")
     except ImportError:
         raise ImportError(
-            'anyfork.process needs cloudpickle, to send functions of __main__, notebook cells '
+            "anyfork.process needs cloudpickle, to send functions of __main__, notebook cells "
             'and closures to its worker processes: pip install "anyfork[process]"'
         ) from None
 

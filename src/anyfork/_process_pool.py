@@ -25,21 +25,20 @@ import collections
 import json
 import os
 import pickle
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._config import current_config, on_configure
 from ._errors import ProcessDiedError
 from ._exit import exit_join
 from ._future import Future, Work, attach, on_done, settle, settle_failed
-
-if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
 
 __all__ = ["Job", "RemoteTraceback", "pool"]
 
@@ -84,9 +83,14 @@ _WORKER_MAIN = (
     "from anyfork._process_worker import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
 )
 
+# A call this small is written straight into an idle worker's socket by the forking thread
+# (it fits the socket's buffer: the write never blocks): one thread hop fewer per fork.
+_DIRECT_SEND = 64 * 1024
+
 
 class _Worker:
-    """One worker process and this side of its socket."""
+    """One worker process, this side of its socket (non-blocking: the forking thread may
+    write a small call into it), and the wake-up pipe of the thread feeding it."""
 
     def __init__(self, lifeline: int) -> None:
         here, there = socket.socketpair()
@@ -108,13 +112,31 @@ class _Worker:
             raise
         finally:
             there.close()
-        from multiprocessing.connection import Connection  # not imported with anyfork
-
-        self.conn: Connection = Connection(here.detach())
+        here.setblocking(False)
+        self.sock = here
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        # poll, not select: select fails on a descriptor numbered 1024 or more.
+        self._readable = select.poll()
+        self._readable.register(here, select.POLLIN)
+        self._writable = select.poll()
+        self._writable.register(here, select.POLLOUT)
+        self._woken = select.poll()
+        self._woken.register(here, select.POLLIN)
+        self._woken.register(self.wake_r, select.POLLIN)
+        self.job: Job | None = None  # the job it runs, or was given and has yet to run
+        self.unsent = False  # the job was given to it but not sent yet (its thread sends it)
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"!")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
 
     def kill(self) -> None:
         try:
@@ -122,10 +144,77 @@ class _Worker:
         except OSError:  # already gone
             pass
 
+    def send(self, data: bytes) -> None:
+        """Write one frame (multiprocessing.connection's framing, which the worker reads).
+
+        :raises OSError: if the worker is gone
+        """
+        size = len(data)
+        header = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+        if size <= _DIRECT_SEND:
+            self._send_all(memoryview(header + data))
+        else:
+            self._send_all(memoryview(header))
+            self._send_all(memoryview(data))
+
+    def _send_all(self, view: memoryview) -> None:
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:
+                self._writable.poll()
+
+    def receive(self) -> bytearray:
+        """Read one frame; block until it is complete.
+
+        :raises EOFError: if the worker died (its end of the socket closed)
+        """
+        (size,) = struct.unpack("!i", self._receive_exactly(4))
+        if size == -1:
+            (size,) = struct.unpack("!Q", self._receive_exactly(8))
+        return self._receive_exactly(size)
+
+    def _receive_exactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            try:
+                count = self.sock.recv_into(view[got:])
+            except BlockingIOError:
+                self._readable.poll()
+                continue
+            except OSError:
+                raise EOFError from None
+            if count == 0:
+                raise EOFError
+            got += count
+        return buffer
+
+    def wait_idle(self, timeout: float | None) -> None:
+        """Block until a job is given to this worker (its socket becomes readable when a
+        forking thread sent one and the reply comes, or at its death; the wake-up pipe when
+        its thread must send one, retire or stop), or ``timeout`` elapses."""
+        events = self._woken.poll(None if timeout is None else timeout * 1000)
+        if any(fd == self.wake_r for fd, _ in events):
+            try:
+                while os.read(self.wake_r, 64):
+                    pass
+            except OSError:
+                pass
+
     def end(self, timeout: float | None) -> int:
         """Close the socket (an idle worker then exits), wait up to ``timeout`` seconds for
         the process to end, kill it if it has not; return its exit code."""
-        self.conn.close()
+        for close in (
+            self.sock.close,
+            lambda: os.close(self.wake_r),
+            lambda: os.close(self.wake_w),
+        ):
+            try:
+                close()
+            except OSError:
+                pass
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -141,10 +230,9 @@ class ProcessPool:
 
     def _setup(self) -> None:
         self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
-        self._queue: collections.deque[Job] = collections.deque()
+        self._queue: collections.deque[Job] = collections.deque()  # while no worker is idle
         self._threads = 0  # feeding threads, each with at most one worker process
-        self._idle = 0  # of which waiting for a job
+        self._idle: list[_Worker] = []  # workers waiting for a job, the last idle last
         self._workers: set[_Worker] = set()
         self._lifeline: tuple[int, int] | None = None  # (read end, write end)
         self._generation = 0  # stop() ends the threads and workers of earlier generations
@@ -153,22 +241,42 @@ class ProcessPool:
     # --- forking side -------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; a worker runs it as soon as one is free."""
+        """Give ``job`` to an idle worker (a small one is written to it here and now), or
+        queue it for the next worker free, starting one if there are fewer than
+        ``process_workers``."""
         if not self._joins_exit:
             exit_join.add_participant(self)  # raises ShutdownError once the exit join is over
             self._joins_exit = True
         attach(job.future, job)
         on_done(job.future, job.cancel)  # a deadline settles it: that stops the work too
+        start = False
         with self._lock:
-            self._queue.append(job)
             if self._idle:
-                self._ready.notify()
-            start = len(self._queue) > self._idle and self._threads < _most_workers()
-            if start:
-                self._threads += 1
+                worker = self._idle.pop()
+                self._give(worker, job)
+                if len(job.request) <= _DIRECT_SEND:
+                    worker.unsent = False
+                    request, job.request = job.request, b""
+                    try:
+                        worker.send(request)
+                    except OSError:  # it died while idle: its thread sees it
+                        pass
+                else:
+                    worker.wake()  # its thread sends it (a big write could block here)
+            else:
+                self._queue.append(job)
+                start = self._threads < _most_workers()
+                if start:
+                    self._threads += 1
             generation = self._generation
         if start:
             self._start_thread(generation)
+
+    @staticmethod
+    def _give(worker: _Worker, job: Job) -> None:
+        # Under the lock.
+        worker.job, worker.unsent = job, True
+        job.worker, job.started = worker, True
 
     def _start_thread(self, generation: int) -> None:
         try:
@@ -182,34 +290,47 @@ class ProcessPool:
 
     def stop_job(self, job: Job) -> None:
         """The future of ``job`` completed without its reply (cancelled, a deadline): kill
-        its worker if it is running it; a queued job is skipped when its turn comes."""
+        its worker if the job was sent to it; a queued job is skipped when its turn comes."""
         with self._lock:
             worker = job.worker
-        if worker is not None:
-            worker.kill()
+            if worker is None or (worker.job is job and worker.unsent):
+                return
+        worker.kill()
 
     # --- the feeding threads ------------------------------------------------------------
 
     def _feed(self, generation: int) -> None:
+        """One worker's thread: start the worker, then send it jobs and complete their
+        futures with its replies, one at a time, until it retires or dies (then start a
+        fresh one if jobs are queued)."""
         worker: _Worker | None = None
         try:
-            while (job := self._next_job(generation)) is not None:
+            while True:
                 if worker is None:
+                    with self._lock:
+                        if not self._queue or generation != self._generation:
+                            if generation == self._generation:
+                                self._threads -= 1
+                            return
                     try:
                         worker = self._start_worker()
                     except Exception as exc:
-                        settle_failed(
-                            job.future,
-                            RuntimeError(f"anyfork could not start a worker process: {exc}"),
-                        )
+                        self._fail_queued(exc)
                         continue
+                job = self._next_job(worker, generation)
+                if job is None:
+                    return
+                if job is _IDLE:
+                    continue
                 if not self._run(worker, job):
-                    self._forget(worker)
                     worker = None
         finally:
             if worker is not None:
+                with self._lock:
+                    self._workers.discard(worker)
+                    if worker in self._idle:
+                        self._idle.remove(worker)
                 worker.end(_GRACE)
-                self._forget(worker)
 
     def _start_worker(self) -> _Worker:
         with self._lock:
@@ -219,51 +340,67 @@ class ProcessPool:
             self._workers.add(worker)
         return worker
 
-    def _forget(self, worker: _Worker) -> None:
+    def _fail_queued(self, exc: Exception) -> None:
         with self._lock:
-            self._workers.discard(worker)
+            job = self._queue.popleft() if self._queue else None
+        if job is not None:
+            settle_failed(
+                job.future, RuntimeError(f"anyfork could not start a worker process: {exc}")
+            )
 
-    def _next_job(self, generation: int) -> Job | None:
-        """The next job to run, or ``None`` when this thread should end (it has been idle
-        for ``worker_idle_timeout``, there are more threads than ``process_workers``, or the
-        pool was stopped); this thread is then no longer counted."""
+    def _next_job(self, worker: _Worker, generation: int) -> Job | None:
+        """The job ``worker`` runs next; ``_IDLE`` after waiting idle (look again); ``None``
+        when this thread ends (idle for ``worker_idle_timeout``, more threads than
+        ``process_workers``, the pool stopped, or the worker died idle), uncounted."""
         with self._lock:
-            while True:
+            if worker.job is None:
+                while self._queue:
+                    job = self._queue.popleft()
+                    if not job.future.done():  # a cancelled queued fork never starts
+                        self._give(worker, job)
+                        return job
                 if generation != self._generation:
                     return None  # stop() counted this thread out already
                 if self._threads > _most_workers():
                     self._threads -= 1
                     return None
-                while self._queue:
-                    job = self._queue.popleft()
-                    if not job.future.done():  # a cancelled queued fork never starts
-                        job.started = True
-                        return job
-                self._idle += 1
-                try:
-                    woken = self._ready.wait(_idle_timeout())
-                finally:
-                    self._idle -= 1
-                if not woken and not self._queue and generation == self._generation:
-                    self._threads -= 1
-                    return None
+                self._idle.append(worker)
+            else:
+                return worker.job
+        worker.wait_idle(_idle_timeout())
+        with self._lock:
+            if worker.job is not None:
+                return _IDLE  # given a job meanwhile
+            if self._queue:
+                self._idle.remove(worker)
+                return _IDLE
+            # Idle for the whole timeout, woken to retire or stop, or dead.
+            self._idle.remove(worker)
+            if generation == self._generation:
+                self._threads -= 1
+            return None
 
     def _run(self, worker: _Worker, job: Job) -> bool:
         """Run ``job`` on ``worker``; ``False`` if the worker died (it has been reaped)."""
         with self._lock:
-            if job.future.done():
+            unsent, worker.unsent = worker.unsent, False
+            if unsent and job.future.done():  # cancelled before it was sent
+                worker.job = job.worker = None
                 return True
-            job.worker = worker
-        request, job.request = job.request, b""
+        reply: bytearray | None = None
         try:
-            worker.conn.send_bytes(request)
-            del request
-            reply: bytes | None = worker.conn.recv_bytes()
+            if unsent:
+                request, job.request = job.request, b""
+                worker.send(request)
+                del request
+            reply = worker.receive()
         except (EOFError, OSError):
-            reply = None
+            pass
         with self._lock:
-            job.worker = None
+            worker.job = job.worker = None
         if reply is None:
+            with self._lock:
+                self._workers.discard(worker)
             code = worker.end(_GRACE)
             if not job.future.done():
                 settle_failed(job.future, _died(job.name, code))
@@ -274,11 +411,12 @@ class ProcessPool:
     # --- configuration, exit, os.fork ---------------------------------------------------
 
     def adjust(self) -> None:
-        """Apply a new ``process_workers``: threads above it retire, queued jobs get new ones."""
+        """Apply a new ``process_workers``: idle threads above it retire, queued jobs get
+        new ones."""
         with self._lock:
-            self._ready.notify_all()
-            missing = min(len(self._queue) - self._idle, _most_workers() - self._threads)
-            missing = max(missing, 0)
+            for worker in self._idle:
+                worker.wake()
+            missing = max(min(len(self._queue), _most_workers() - self._threads), 0)
             self._threads += missing
             generation = self._generation
         for _ in range(missing):
@@ -304,7 +442,8 @@ class ProcessPool:
             self._generation += 1
             self._threads = 0
             self._joins_exit = False
-            self._ready.notify_all()
+            for worker in self._idle:
+                worker.wake()
         for job in queued:
             job.future.cancel()
         if lifeline is not None:
@@ -313,7 +452,11 @@ class ProcessPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         for worker in workers:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            worker.end(remaining)
+            try:
+                worker.process.wait(remaining)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.process.wait()
         with self._lock:
             self._workers.difference_update(workers)
 
@@ -321,12 +464,20 @@ class ProcessPool:
         """In a child made by ``os.fork``: the workers are the parent's. Let go of this
         copy of their sockets and of the lifeline, and start afresh."""
         for worker in self._workers:
-            worker.conn.close()
+            worker.sock.close()
+            for fd in (worker.wake_r, worker.wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         if self._lifeline is not None:
             for fd in self._lifeline:
                 os.close(fd)
         self._setup()
 
+
+# What _next_job returns after an idle wait: look at the worker's state again.
+_IDLE: Any = object()
 
 # Seconds a worker that lost its job (or its socket) gets to exit before it is killed.
 _GRACE = 5.0
@@ -355,15 +506,15 @@ def _settle(job: Job, reply: bytes) -> None:
         settle(job.future, outcome[0])
         return
     if kind == "error":
-        exc, text = outcome
+        error, text = outcome
     else:  # the exception did not pickle: its type and message, as text
         message, text = outcome
-        exc = RuntimeError(
+        error = RuntimeError(
             f"{job.name} raised {message} in its worker process (that exception cannot be "
             "pickled, so it is reported as this RuntimeError)"
         )
-    exc.__cause__ = RemoteTraceback(text)
-    settle_failed(job.future, exc)
+    error.__cause__ = RemoteTraceback(text)
+    settle_failed(job.future, error)
 
 
 def _died(name: str, code: int) -> ProcessDiedError:
