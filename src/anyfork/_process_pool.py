@@ -125,6 +125,8 @@ class _Worker:
         self._woken = select.poll()
         self._woken.register(here, select.POLLIN)
         self._woken.register(self.wake_r, select.POLLIN)
+        self._end_lock = threading.Lock()
+        self._ended = False
         self.job: Job | None = None  # the job it runs, or was given and has yet to run
         self.unsent = False  # the job was given to it but not sent yet (its thread sends it)
 
@@ -133,10 +135,13 @@ class _Worker:
         return self.process.pid
 
     def wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"!")
-        except OSError:  # full (a wake-up is pending anyway) or closed
-            pass
+        with self._end_lock:
+            if self._ended:
+                return
+            try:
+                os.write(self.wake_w, b"!")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
 
     def kill(self) -> None:
         try:
@@ -162,7 +167,7 @@ class _Worker:
             try:
                 view = view[self.sock.send(view) :]
             except BlockingIOError:
-                self._writable.poll()
+                self._writable.poll(_POLL_MS)
 
     def receive(self) -> bytearray:
         """Read one frame; block until it is complete.
@@ -182,7 +187,7 @@ class _Worker:
             try:
                 count = self.sock.recv_into(view[got:])
             except BlockingIOError:
-                self._readable.poll()
+                self._readable.poll(_POLL_MS)
                 continue
             except OSError:
                 raise EOFError from None
@@ -196,25 +201,25 @@ class _Worker:
         forking thread sent one and the reply comes, or at its death; the wake-up pipe when
         its thread must send one, retire or stop), or ``timeout`` elapses."""
         events = self._woken.poll(None if timeout is None else timeout * 1000)
-        if any(fd == self.wake_r for fd, _ in events):
+        with self._end_lock:
+            if self._ended or not any(fd == self.wake_r for fd, _ in events):
+                return
             try:
                 while os.read(self.wake_r, 64):
                     pass
-            except OSError:
+            except OSError:  # drained
                 pass
 
     def end(self, timeout: float | None) -> int:
         """Close the socket (an idle worker then exits), wait up to ``timeout`` seconds for
-        the process to end, kill it if it has not; return its exit code."""
-        for close in (
-            self.sock.close,
-            lambda: os.close(self.wake_r),
-            lambda: os.close(self.wake_w),
-        ):
-            try:
-                close()
-            except OSError:
-                pass
+        the process to end, kill it if it has not; return its exit code. Any thread, any
+        number of times: the descriptors are closed once."""
+        with self._end_lock:
+            if not self._ended:
+                self._ended = True
+                self.sock.close()
+                os.close(self.wake_r)
+                os.close(self.wake_w)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -452,11 +457,7 @@ class ProcessPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         for worker in workers:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
-                worker.process.wait(remaining)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.process.wait()
+            worker.end(remaining)
         with self._lock:
             self._workers.difference_update(workers)
 
@@ -478,6 +479,9 @@ class ProcessPool:
 
 # What _next_job returns after an idle wait: look at the worker's state again.
 _IDLE: Any = object()
+
+# Milliseconds between looks at a socket that pool.stop() may have closed meanwhile.
+_POLL_MS = 1000
 
 # Seconds a worker that lost its job (or its socket) gets to exit before it is killed.
 _GRACE = 5.0
