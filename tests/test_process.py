@@ -98,6 +98,27 @@ def test_a_coroutine_function_cannot_be_a_process_function() -> None:
         anyfork.process(fetch)
 
 
+def test_a_partial_of_a_process_function_runs_in_a_worker() -> None:
+    import functools
+
+    assert anyfork.fork(functools.partial(tasks.square, 9)).wait(timeout=60) == 81
+
+
+def test_without_cloudpickle_marking_a_process_function_says_what_to_install() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['cloudpickle'] = None\nimport anyfork\nanyfork.process(len)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "ImportError" in result.stderr
+    assert 'pip install "anyfork[process]"' in result.stderr
+
+
 def test_process_workers_is_validated() -> None:
     with pytest.raises(TypeError, match="process_workers"):
         anyfork.configure(process_workers="2")  # type: ignore[arg-type]
@@ -122,7 +143,22 @@ def test_a_process_fork_can_fork_a_thread_fork_in_its_worker() -> None:
 
 
 @pytest.mark.anyio
-async def test_cancelling_a_running_process_fork_kills_its_worker_and_the_pool_keeps_serving(
+async def test_cancelling_a_scope_kills_its_running_process_fork_and_the_pool_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    async with anyfork.scope() as scope:
+        future = anyfork.fork(tasks.spin, str(tmp_path / "pid"))
+        worker = await _pid_written(tmp_path / "pid")
+        assert [(p.kind, p.state) for p in scope.pending] == [("process", "running")]
+        scope.cancel()
+    assert await _gone_within(worker, 0.5) < 0.5
+    with pytest.raises(anyfork.CancelledError):
+        await future
+    assert await anyfork.fork(tasks.square, 3) == 9
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_process_fork_made_outside_any_scope_kills_its_worker(
     tmp_path: Path,
 ) -> None:
     future = anyfork.fork(tasks.spin, str(tmp_path / "pid"))

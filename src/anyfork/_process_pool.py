@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 from ._config import current_config, on_configure
 from ._errors import ProcessDiedError
@@ -325,7 +325,7 @@ class ProcessPool:
                 job = self._next_job(worker, generation)
                 if job is None:
                     return
-                if job is _IDLE:
+                if isinstance(job, str):  # _LOOK_AGAIN
                     continue
                 if not self._run(worker, job):
                     worker = None
@@ -353,8 +353,8 @@ class ProcessPool:
                 job.future, RuntimeError(f"anyfork could not start a worker process: {exc}")
             )
 
-    def _next_job(self, worker: _Worker, generation: int) -> Job | None:
-        """The job ``worker`` runs next; ``_IDLE`` after waiting idle (look again); ``None``
+    def _next_job(self, worker: _Worker, generation: int) -> Job | _LookAgain | None:
+        """The job ``worker`` runs next; ``_LOOK_AGAIN`` after waiting idle; ``None``
         when this thread ends (idle for ``worker_idle_timeout``, more threads than
         ``process_workers``, the pool stopped, or the worker died idle), uncounted."""
         with self._lock:
@@ -375,10 +375,10 @@ class ProcessPool:
         worker.wait_idle(_idle_timeout())
         with self._lock:
             if worker.job is not None:
-                return _IDLE  # given a job meanwhile
+                return _LOOK_AGAIN  # given a job meanwhile
             if self._queue:
                 self._idle.remove(worker)
-                return _IDLE
+                return _LOOK_AGAIN
             # Idle for the whole timeout, woken to retire or stop, or dead.
             self._idle.remove(worker)
             if generation == self._generation:
@@ -477,11 +477,12 @@ class ProcessPool:
         self._setup()
 
 
-# What _next_job returns after an idle wait: look at the worker's state again.
-_IDLE: Any = object()
-
 # Milliseconds between looks at a socket that pool.stop() may have closed meanwhile.
 _POLL_MS = 1000
+
+# What ProcessPool._next_job returns after an idle wait: look at the worker's state again.
+_LookAgain = Literal["look again"]
+_LOOK_AGAIN: _LookAgain = "look again"
 
 # Seconds a worker that lost its job (or its socket) gets to exit before it is killed.
 _GRACE = 5.0
@@ -496,19 +497,20 @@ def _idle_timeout() -> float | None:
     return None if timeout is None or timeout > threading.TIMEOUT_MAX else timeout
 
 
-def _settle(job: Job, reply: bytes) -> None:
+def _settle(job: Job, reply: bytes | bytearray) -> None:
     try:
         kind, *outcome = pickle.loads(reply)
     except BaseException as exc:
-        error = TypeError(
+        unloadable = TypeError(
             f"the outcome of {job.name} came back from its worker process but cannot be "
             f"loaded here: {exc!r}"
         )
-        settle_failed(job.future, error)
+        settle_failed(job.future, unloadable)
         return
     if kind == "value":
         settle(job.future, outcome[0])
         return
+    error: BaseException
     if kind == "error":
         error, text = outcome
     else:  # the exception did not pickle: its type and message, as text

@@ -21,6 +21,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+import cloudpickle  # type: ignore[import-untyped]
+
 __all__ = ["serve"]
 
 # Loaded functions, by their pickled form: a fan-out of one function loads it once.
@@ -44,8 +46,6 @@ def serve(fd: int, lifeline: int) -> None:
 
 
 def _run(request: bytes, functions: dict[bytes, Any]) -> bytes:
-    import cloudpickle  # type: ignore[import-untyped]
-
     try:
         func_bytes, call_bytes, grad_mode = pickle.loads(request)
         func = functions.get(func_bytes)
@@ -74,8 +74,6 @@ def _run(request: bytes, functions: dict[bytes, Any]) -> bytes:
 
 
 def _error_reply(exc: BaseException) -> bytes:
-    import cloudpickle
-
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc.__traceback__ = None  # frames do not pickle; their text goes along instead
     try:
