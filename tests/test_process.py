@@ -119,6 +119,13 @@ def test_without_cloudpickle_marking_a_process_function_says_what_to_install() -
     assert 'pip install "anyfork[process]"' in result.stderr
 
 
+def test_changing_another_setting_keeps_idle_worker_processes() -> None:
+    worker = anyfork.fork(tasks.pid).wait(timeout=60)
+    anyfork.configure(slow_fork_warning=5.0)
+    time.sleep(0.2)
+    assert worker in pool.worker_pids()
+
+
 def test_process_workers_is_validated() -> None:
     with pytest.raises(TypeError, match="process_workers"):
         anyfork.configure(process_workers="2")  # type: ignore[arg-type]
@@ -137,6 +144,19 @@ async def test_a_fan_out_of_process_forks_completes_through_as_completed() -> No
 def test_a_process_fork_can_fork_a_thread_fork_in_its_worker() -> None:
     worker, in_another_thread = anyfork.fork(tasks.fork_a_thread).wait(timeout=60)
     assert worker != os.getpid() and in_another_thread
+
+
+def test_an_idle_worker_process_retires(tmp_path: Path) -> None:
+    anyfork.configure(process_workers=1)
+    pool.stop(10)  # start from no worker
+    anyfork.configure(worker_idle_timeout=0.2)
+    try:
+        worker = anyfork.fork(tasks.pid).wait(timeout=60)
+        tasks.wait_gone(worker, 30)
+        assert pool.worker_pids() == []
+        assert anyfork.fork(tasks.square, 2).wait(timeout=60) == 4  # and it starts again
+    finally:
+        anyfork.configure(worker_idle_timeout=10.0, process_workers=None)
 
 
 # --- cancel and deadlines stop the work ------------------------------------------------------
@@ -234,6 +254,7 @@ async def test_a_worker_killed_by_hand_fails_only_its_fork(tmp_path: Path) -> No
     assert await anyfork.fork(tasks.square, 8) == 64
 
 
+@pytest.mark.timeout(300)  # a worker imports torch: seconds, minutes on a loaded machine
 def test_torch_grad_mode_travels_to_the_worker() -> None:
     torch = pytest.importorskip("torch")
     anyfork.configure(process_workers=1)  # one worker imports torch (seconds), not each
@@ -359,10 +380,13 @@ def test_ctrl_c_during_a_process_fan_out_leaves_no_child_process(tmp_path: Path)
     command, env = _script(
         tmp_path,
         """
+        import signal
         import anyfork
         from pathlib import Path
         from tests import process_tasks as tasks
 
+        # A shell's background job starts with SIGINT ignored, and Python keeps it so.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         anyfork.configure(process_workers=2, exit_timeout=1)
         futures = [anyfork.fork(tasks.spin, f"pid{n}") for n in range(6)]
         tasks.wait_for_pid(Path("pid0")), tasks.wait_for_pid(Path("pid1"))
@@ -383,6 +407,30 @@ def test_ctrl_c_during_a_process_fan_out_leaves_no_child_process(tmp_path: Path)
             raise
     assert "KeyboardInterrupt" in stderr
     assert _processes_marked(env["MARK"]) == [], "a worker process outlived its script"
+
+
+def test_a_worker_process_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    command, env = _script(
+        tmp_path,
+        """
+        import anyfork
+        from pathlib import Path
+        from tests import process_tasks as tasks
+
+        future = anyfork.fork(tasks.spin, "pid")
+        tasks.wait_for_pid(Path("pid"))
+        print("running", flush=True)
+        future.wait()
+        """,
+    )
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    ) as script:
+        assert script.stdout is not None
+        assert script.stdout.readline() == "running\n"
+        script.kill()  # SIGKILL: no exit join, no cleanup of any kind
+    worker = int((tmp_path / "pid").read_text())
+    assert tasks.wait_gone(worker, 30) < 30
 
 
 def test_process_forks_work_in_an_os_fork_child_and_leave_no_process(tmp_path: Path) -> None:

@@ -196,19 +196,21 @@ class _Worker:
             got += count
         return buffer
 
-    def wait_idle(self, timeout: float | None) -> None:
+    def wait_idle(self, timeout: float | None) -> bool:
         """Block until a job is given to this worker (its socket becomes readable when a
         forking thread sent one and the reply comes, or at its death; the wake-up pipe when
-        its thread must send one, retire or stop), or ``timeout`` elapses."""
+        its thread must send one, retire or stop), or ``timeout`` elapses. Whether the
+        wake-up pipe woke it."""
         events = self._woken.poll(None if timeout is None else timeout * 1000)
         with self._end_lock:
             if self._ended or not any(fd == self.wake_r for fd, _ in events):
-                return
+                return False
             try:
                 while os.read(self.wake_r, 64):
                     pass
             except OSError:  # drained
                 pass
+            return True
 
     def end(self, timeout: float | None) -> int:
         """Close the socket (an idle worker then exits), wait up to ``timeout`` seconds for
@@ -318,10 +320,12 @@ class ProcessPool:
                                 self._threads -= 1
                             return
                     try:
-                        worker = self._start_worker()
+                        worker = self._start_worker(generation)
                     except Exception as exc:
                         self._fail_queued(exc)
                         continue
+                    if worker is None:
+                        return  # the pool was stopped meanwhile
                 job = self._next_job(worker, generation)
                 if job is None:
                     return
@@ -337,13 +341,21 @@ class ProcessPool:
                         self._idle.remove(worker)
                 worker.end(_GRACE)
 
-    def _start_worker(self) -> _Worker:
+    def _start_worker(self, generation: int) -> _Worker | None:
+        """A new worker process; ``None`` if the pool was stopped meanwhile. The process
+        starts outside the lock: forking threads (an event loop's) never wait for it."""
         with self._lock:
             if self._lifeline is None:
                 self._lifeline = os.pipe()
-            worker = _Worker(self._lifeline[0])
-            self._workers.add(worker)
-        return worker
+            lifeline = self._lifeline[0]
+        worker = _Worker(lifeline)
+        with self._lock:
+            if generation == self._generation:
+                self._workers.add(worker)
+                return worker
+        worker.kill()
+        worker.end(_GRACE)
+        return None
 
     def _fail_queued(self, exc: Exception) -> None:
         with self._lock:
@@ -372,15 +384,14 @@ class ProcessPool:
                 self._idle.append(worker)
             else:
                 return worker.job
-        worker.wait_idle(_idle_timeout())
+        woken = worker.wait_idle(_idle_timeout())
         with self._lock:
             if worker.job is not None:
                 return _LOOK_AGAIN  # given a job meanwhile
-            if self._queue:
-                self._idle.remove(worker)
-                return _LOOK_AGAIN
-            # Idle for the whole timeout, woken to retire or stop, or dead.
             self._idle.remove(worker)
+            if woken or self._queue:
+                return _LOOK_AGAIN  # to retire, stop, or take a job (see above)
+            # Idle for the whole timeout, or dead (its socket closed).
             if generation == self._generation:
                 self._threads -= 1
             return None
