@@ -279,6 +279,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "bench_debug.py"))
 
 
+@nox.session(name="bench_map", python="3.11")
+def bench_map(session: nox.Session) -> None:
+    """anyfork.map over 10,000 items: against ThreadPoolExecutor.map (sync) and an anyio task
+    group with a CapacityLimiter (coroutines)."""
+    install(session, "test")
+    session.run("python", str(ROOT / "benchmarks" / "bench_map.py"), *session.posargs)
+
+
 @nox.session(name="bench_torch", python="3.11")
 def bench_torch(session: nox.Session) -> None:
     """A forward forking K sub-modules: sequential, anyfork, torch.jit.fork (CPU torch)."""

@@ -289,11 +289,11 @@ def run(runner: str, forks: int, seed: int) -> dict[str, Any]:
         return elapsed
 
     threads_before = threading.active_count()
-    # Idle worker threads exit after worker_idle_timeout (10 s), whichever runner forked;
-    # a script keeps the background loop's thread and the one worker thread it keeps for
-    # the exit join (on Python 3.12+, which starts no thread at exit, up to four worker
-    # threads). Nothing else may stay.
-    # anyfork's reporter thread (failures nobody retrieved), started by the first failure.
+    # Idle worker threads exit after worker_idle_timeout (10 s), whichever runner forked.
+    # What stays: anyfork's one reporter thread (failures nobody retrieved), started by
+    # the first failure and alive for the rest of the process; and in a script the
+    # background loop's thread and the one worker thread it keeps for the exit join (on
+    # Python 3.12+, which starts no thread at exit, up to four worker threads). Nothing else.
     threads_bound = threads_before + 1
     if runner == "script":
         threads_bound += 2

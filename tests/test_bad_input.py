@@ -61,6 +61,15 @@ def done() -> anyfork.Future[Any]:
     return future
 
 
+def _middleware(**settings: Any) -> object:
+    from anyfork.fastapi import ForkScopeMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    return ForkScopeMiddleware(app, **settings)
+
+
 CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     # fork
     ("fork a non-callable", lambda: anyfork.fork(42), TypeError, "fork() takes a callable"),
@@ -231,6 +240,26 @@ CATALOGUE: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         lambda: anyfork.configure(worker_threads=0),
         ValueError,
         "worker_threads must be a whole number >= 1",
+    ),
+    # flags: True or False only, a TypeError naming the argument and what it got
+    *(
+        (f"{name} {label}", call, TypeError, f"{argument} must be True or False, got {got}")
+        for name, argument, make in [
+            ("configure eager", "eager", lambda bad: lambda: anyfork.configure(eager=bad)),
+            ("configure debug", "debug", lambda bad: lambda: anyfork.configure(debug=bad)),
+            (
+                "scope cancel_pending",
+                "cancel_pending",
+                lambda bad: lambda: anyfork.scope(cancel_pending=bad),
+            ),
+            (
+                "ForkScopeMiddleware cancel_on_disconnect",
+                "cancel_on_disconnect",
+                lambda bad: lambda: _middleware(cancel_on_disconnect=bad),
+            ),
+        ]
+        for label, bad, got in [("1", 1, "int 1"), ("'yes'", "yes", "str 'yes'")]
+        for call in [make(bad)]
     ),
     # scopes
     (

@@ -205,6 +205,19 @@ def test_wait_all_and_collect_all_mix_local_and_remote_forks(dask: Any) -> None:
     assert [f.value() for f in both.wait(30)] == [4, 2]
 
 
+def test_map_over_a_remote_function_runs_each_item_on_the_cluster(dask: Any) -> None:
+    assert list(anyfork.map(tasks.add, range(6), range(6), limit=3)) == [0, 2, 4, 6, 8, 10]
+    assert sorted(anyfork.map(tasks.add, range(4), [1] * 4, ordered=False)) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="mapped boom 1"):
+        list(anyfork.map(tasks.fail, ["mapped boom 1", "mapped boom 2"], limit=1))
+
+
+async def test_async_for_over_a_map_of_a_remote_function(dask: Any, anyio_backend: Any) -> None:
+    with anyio.fail_after(60):
+        got = [value async for value in anyfork.map(tasks.add, range(5), range(5), limit=2)]
+    assert got == [0, 2, 4, 6, 8]
+
+
 async def test_await_a_remote_fork_on_every_backend(dask: Any, anyio_backend: Any) -> None:
     assert await anyfork.fork(tasks.add, 20, 22) == 42
     with pytest.raises(ValueError, match="awaited"):

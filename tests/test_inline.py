@@ -89,7 +89,8 @@ def test_one_ctrl_c_ends_the_exit_join_while_it_runs_a_fork_inline(repeat: int) 
             process.kill()
             pytest.fail("one Ctrl-C did not end the exit join")
         stderr = process.stderr.read() if process.stderr else ""
-    assert "fork(s) were interrupted at exit (Ctrl-C)" in stderr, stderr
+    assert "3 fork(s) were interrupted at exit (Ctrl-C)" in stderr, stderr
+    assert "'run_by_the_join'" in stderr, stderr
 
 
 def recurse(depth: int) -> int:

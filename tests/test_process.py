@@ -16,8 +16,8 @@ import anyio
 import pytest
 
 import anyfork
-from anyfork._future import settle_failed
 from anyfork._process_pool import RemoteTraceback, pool
+from anyfork._state import settle_failed
 
 from . import process_tasks as tasks
 

@@ -294,12 +294,18 @@ def test_a_ctrl_c_taken_by_a_worker_thread_still_ends_the_exit_join(repeat: int)
         import anyfork
         from anyfork._exit import exit_join_started
 
+        running = threading.Event()
+
         def stuck():
+            running.set()
             exit_join_started.wait()
             ctrl_c_taken_by_this_thread()
             threading.Event().wait()
 
         anyfork.fork(stuck)
+        # A worker thread runs it: without this, the exit join (with no bound) could find
+        # it not yet started on a loaded machine and run it in the main thread itself.
+        running.wait()
         """
         ),
         env={"ANYFORK_EXIT_TIMEOUT": "none"},
@@ -307,6 +313,44 @@ def test_a_ctrl_c_taken_by_a_worker_thread_still_ends_the_exit_join(repeat: int)
     elapsed = time.monotonic() - started
     assert "1 fork(s) were interrupted at exit (Ctrl-C)" in result.stderr, result.stderr
     assert elapsed < 30, f"the Ctrl-C took {elapsed:.1f} s to end the exit join"
+
+
+def test_a_ctrl_c_in_a_fork_the_exit_join_runs_itself_names_that_fork() -> None:
+    # With no exit bound, the join runs the sync forks no worker has started in the main
+    # thread, where a Ctrl-C interrupts the fork itself. That fork was left out: the join
+    # said "0 fork(s) were interrupted" (or named only the others), and then reported the
+    # fork's KeyboardInterrupt as an error nobody retrieved. Seen as a flake of the test
+    # above on loaded free-threaded runs, when the worker had not started its fork yet.
+    result = run_script(
+        SIGINT_IN_A_WORKER
+        + textwrap.dedent(
+            """
+        import anyfork
+        from anyfork._exit import exit_join_started
+
+        anyfork.configure(worker_threads=1)
+        running = threading.Event()
+
+        def occupying_the_worker():
+            running.set()
+            threading.Event().wait()
+
+        def run_by_the_exit_join():
+            assert threading.current_thread() is threading.main_thread()
+            assert exit_join_started.is_set()
+            ctrl_c_taken_by_this_thread()
+
+        anyfork.fork(occupying_the_worker)
+        running.wait()
+        anyfork.fork(run_by_the_exit_join)  # queued: the one worker thread is taken
+        """
+        ),
+        env={"ANYFORK_EXIT_TIMEOUT": "none"},
+    )
+    assert "2 fork(s) were interrupted at exit (Ctrl-C)" in result.stderr, result.stderr
+    assert "'run_by_the_exit_join'" in result.stderr, result.stderr
+    assert "'occupying_the_worker'" in result.stderr, result.stderr
+    assert "never retrieved" not in result.stderr, result.stderr
 
 
 def test_a_ctrl_c_taken_by_a_worker_thread_interrupts_a_wait_in_the_main_thread() -> None:

@@ -1,5 +1,9 @@
 """Static typing of the public API. `nox -s typecheck` checks this file with mypy --strict
-and pyright; pytest runs it too, so every assertion is also true at run time."""
+and pyright; pytest runs it too, so every assertion is also true at run time.
+
+Wrong uses each carry an ignore comment, in functions never called: mypy (warn_unused_ignores)
+and pyright (reportUnnecessaryTypeIgnoreComment, on for this file) fail if one is accepted."""
+# pyright: reportUnnecessaryTypeIgnoreComment=true
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import anyio
 from typing_extensions import assert_type
 
 import anyfork
-from anyfork import AsCompleted, Future
+from anyfork import AsCompleted, Future, MapIterator
 
 
 async def scale(x: int, *, factor: float = 1.0) -> float:
@@ -143,3 +147,46 @@ def test_a_remote_function_keeps_its_signature_for_fork() -> None:
     anyfork.configure(eager=True)  # forked in eager mode it runs here: no cluster needed
     assert assert_type(anyfork.wait(anyfork.fork(remote_label, 3)), str) == "3"
     assert assert_type(anyfork.fork(with_options, x=3), Future[str]).value() == "3"
+
+
+def times(count: int, weight: float) -> float:
+    return count * weight
+
+
+async def join_three(a: str, b: int, c: bytes) -> str:
+    await anyio.sleep(0)
+    return f"{a}{b}{c.decode()}"
+
+
+def test_map_yields_the_functions_return_type() -> None:
+    labels = assert_type(anyfork.map(label, [1, 2]), MapIterator[str])
+    assert [assert_type(text, str) for text in labels] == ["1", "2"]
+    scaled = assert_type(anyfork.map(scale, range(2), limit=2), MapIterator[float])  # unwrapped
+    assert list(scaled) == [0.0, 1.0]
+    products = assert_type(
+        anyfork.map(times, [2, 3], [2.0, 1.0], ordered=False), MapIterator[float]
+    )
+    assert sorted(products) == [3.0, 4.0]
+    joined = assert_type(anyfork.map(join_three, ["a"], [1], [b"c"]), MapIterator[str])
+    assert list(joined) == ["a1c"]
+
+    def four(a: int, b: int, c: int, d: int) -> int:
+        return a + b + c + d
+
+    summed = assert_type(anyfork.map(four, [1], [2], [3], [4]), MapIterator[int])
+    assert list(summed) == [10]
+
+
+def test_async_for_over_map_is_typed() -> None:
+    async def main() -> list[float]:
+        return [assert_type(value, float) async for value in anyfork.map(scale, range(3))]
+
+    assert anyio.run(main) == [0.0, 1.0, 2.0]
+
+
+def never_called_wrong_uses_of_map() -> None:
+    anyfork.map(label, ["not an int"])  # type: ignore[arg-type]
+    anyfork.map(times, [2], ["not a float"])  # type: ignore[arg-type]
+    anyfork.map(label, [1], limit="4")  # type: ignore[call-overload]
+    text: int = next(anyfork.map(label, [1]))  # type: ignore[assignment]
+    print(text)

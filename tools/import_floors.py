@@ -1,7 +1,8 @@
 """Print what each module of src/anyfork imports from its siblings, by floor; fail on a cycle.
 
 Run: ``python tools/import_floors.py``. A module's floor is the length of its longest chain
-of sibling imports (0: imports no sibling). Function-level imports count too.
+of sibling imports (0: imports no sibling). Function-level imports count too. It also fails
+if the Future reaches, through any chain, a module about threads, pools or runners.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "anyfork"
+
+# The Future knows nothing of where work runs: these modules, and what they import, never
+# import any of the places below (CONTRIBUTING.md, "Modules by floor").
+FUTURE_MODULES = ("_future", "_state", "_then")
+PLACES = ("_pool", "_sync_job", "_groups", "_background", "_coroutine_fork", "_remote", "_fork")
 
 
 def sibling_imports() -> dict[str, list[str]]:
@@ -44,12 +50,29 @@ def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
+def reachable(graph: dict[str, list[str]], module: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for dep in graph.get(todo.pop(), []):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
 def main() -> int:
     graph = sibling_imports()
     cycle = find_cycle(graph)
     if cycle:
         print("import cycle:", " -> ".join(cycle))
         return 1
+
+    for module in FUTURE_MODULES:
+        reached = reachable(graph, module)
+        if wrong := sorted(reached & set(PLACES)):
+            print(f"{module} reaches {', '.join(wrong)}: the Future must know nothing of places")
+            return 1
 
     @functools.cache
     def floor(module: str) -> int:

@@ -21,6 +21,7 @@ from ._errors import (
 )
 from ._fork import fork
 from ._future import Future
+from ._map import MapIterator, map
 from ._process import ProcessFunction, process
 from ._scope import Scope, scope
 from ._wait import collect_all, wait, wait_all, wait_async
@@ -32,6 +33,7 @@ __all__ = [
     "CancelledError",
     "Config",
     "Future",
+    "MapIterator",
     "NotReadyError",
     "PendingFork",
     "ProcessDiedError",
@@ -43,6 +45,7 @@ __all__ = [
     "collect_all",
     "configure",
     "fork",
+    "map",
     "pending",
     "process",
     "scope",

@@ -18,8 +18,9 @@ import anyio
 from anyio.lowlevel import EventLoopToken
 
 from . import _loops
-from ._future import Future, settle_cancelled
+from ._future import Future
 from ._groups import ForkGroup
+from ._state import settle_cancelled
 
 __all__ = ["AmbientGroup", "ambient_group", "report_forks_of_stopped_loops"]
 

@@ -20,15 +20,8 @@ import anyio
 from . import _loops
 from ._blocking import may_run_inline
 from ._errors import WouldBlockError
-from ._future import (
-    Future,
-    block_until_done,
-    forget_callback,
-    on_done,
-    settle,
-    steal,
-    stealable,
-)
+from ._future import Future, block_until_done
+from ._state import forget_callback, on_done, settle, steal, stealable
 from ._torch import TorchFuture
 from ._validate import check_timeout
 from ._wait import as_future, check_iterable

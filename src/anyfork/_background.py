@@ -29,9 +29,10 @@ from ._ambient import AmbientGroup, ambient_group
 from ._callbacks import run_callbacks
 from ._errors import ShutdownError
 from ._exit import exit_join
-from ._future import Future, Work, attach, claim, settle
+from ._future import Future
 from ._groups import Args, Kwargs
 from ._loops import wakes_a_task
+from ._state import Work, attach, claim, settle
 
 __all__ = ["background"]
 

@@ -19,14 +19,25 @@ __all__ = ["is_coroutine_function", "kind_of_fork", "name_of", "unwrap_partial"]
 def is_coroutine_function(func: object) -> bool:
     """Whether calling ``func`` gives a coroutine: a coroutine function, a partial of one,
     or an object whose ``__call__`` is one."""
-    plain = getattr(func, "__func__", func)
-    if type(plain) is types.FunctionType and not hasattr(plain, "_is_coroutine_marker"):
+    plain = _plain_function(func)
+    if plain is not None:
         return bool(plain.__code__.co_flags & inspect.CO_COROUTINE)
     func = unwrap_partial(func)
     if inspect.iscoroutinefunction(func):
         return True
     call = getattr(type(func), "__call__", None)  # noqa: B004 - the method, not callable()
     return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _plain_function(func: object) -> types.FunctionType | None:
+    """The Python function of a plain function or bound method, the common case, whose
+    code flags say in one read what it is (``inspect``'s checks cost several µs a fork);
+    ``None`` for anything else (partials, callable objects, builtins, functions marked
+    with ``inspect.markcoroutinefunction``), which goes through the general checks."""
+    plain = getattr(func, "__func__", func)
+    if type(plain) is types.FunctionType and not hasattr(plain, "_is_coroutine_marker"):
+        return plain
+    return None
 
 
 def unwrap_partial(func: object) -> object:
@@ -54,11 +65,8 @@ def kind_of_fork(func: object) -> tuple[bool, str, bool]:
                 f"fork({func.__qualname__}(...))"
             )
         raise TypeError(f"fork() takes a callable, got {type(func).__name__} {func!r}")
-    # Plain functions and bound methods, the common case, are read off their code object
-    # in one go (inspect's checks cost several µs a fork); anything else goes through the
-    # general checks.
-    plain = getattr(func, "__func__", func)
-    if type(plain) is types.FunctionType and not hasattr(plain, "_is_coroutine_marker"):
+    plain = _plain_function(func)
+    if plain is not None:
         flags = plain.__code__.co_flags
         if flags & _GENERATOR_KINDS:
             _reject_generator_kinds(func)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._validate import check_count, check_seconds
+from ._validate import check_count, check_flag, check_seconds
 
 __all__ = ["Config", "configure", "current_config", "on_configure"]
 
@@ -128,15 +128,13 @@ def _from_environment() -> Config:
 
 
 def _validated(config: Config) -> Config:
-    if not isinstance(config.eager, bool):
-        raise TypeError(f"eager must be True or False, got {config.eager!r}")
+    check_flag(config.eager, "eager")
     check_count(config.worker_threads, "worker_threads")
     check_seconds(config.worker_idle_timeout, "worker_idle_timeout", allow_none=True, positive=True)
     if config.process_workers is not None:
         check_count(config.process_workers, "process_workers")
     check_seconds(config.exit_timeout, "exit_timeout", allow_none=True)
-    if not isinstance(config.debug, bool):
-        raise TypeError(f"debug must be True or False, got {config.debug!r}")
+    check_flag(config.debug, "debug")
     check_seconds(config.slow_fork_warning, "slow_fork_warning", positive=True)
     return config
 

@@ -22,9 +22,10 @@ import anyio
 from . import _loops
 from ._ambient import ambient_group
 from ._background import background
-from ._future import Future, release_claim, settle, settle_failed, without_catching_frame
+from ._future import Future
 from ._groups import ForkGroup
 from ._scope import current_scope_group
+from ._state import release_claim, settle, settle_failed, without_catching_frame
 
 __all__ = ["run_now", "run_returned_coroutine", "start_coroutine_fork"]
 

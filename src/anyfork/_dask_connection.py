@@ -31,16 +31,9 @@ from . import _pool
 from ._dask_tasks import RemoteCall, submit_to
 from ._errors import WouldBlockError
 from ._exit import exit_join
-from ._future import (
-    Future,
-    Work,
-    attach,
-    block_until_done,
-    mark_retrieved,
-    settle,
-    settle_failed,
-)
+from ._future import Future, block_until_done
 from ._loops import running_native_loop
+from ._state import Work, attach, mark_retrieved, settle, settle_failed
 
 __all__ = ["close", "connect", "submit"]
 

@@ -26,7 +26,8 @@ import distributed.threadpoolexecutor
 import distributed.utils
 
 from . import _blocking, _pool
-from ._future import Future, Work, attach, settle, settle_failed
+from ._future import Future
+from ._state import Work, attach, settle, settle_failed
 from ._torch import GradMode, run_in_grad_mode
 
 __all__ = ["RemoteCall", "RemoteImportError", "run_on_worker", "submit_to"]

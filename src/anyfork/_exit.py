@@ -22,13 +22,15 @@ from typing import Any, Protocol
 from . import _pool
 from ._config import current_config
 from ._errors import ShutdownError
-from ._future import (
-    Future,
+from ._future import Future, block_until_done
+from ._reports import report_unretrieved
+from ._state import (
     abandon_in_child,
-    block_until_done,
     has_callbacks,
+    is_unretrieved_failure,
     on_done,
     steal,
+    take_unretrieved_error,
 )
 
 __all__ = ["EXIT_STOP_GRACE", "ExitParticipant", "exit_join", "exit_join_started"]
@@ -191,6 +193,9 @@ class ExitJoin:
         bound = current_config().exit_timeout
         deadline = None if bound is None else time.monotonic() + bound
         interrupted = False
+        # The fork the join is helping with or waiting for: without a bound the join runs
+        # it in this thread if no worker has started it, where a Ctrl-C interrupts it.
+        current: Future[Any] | None = None
         try:
             # Inside the try: a Ctrl-C that lands right after this still ends the join.
             exit_join_started.set()
@@ -199,13 +204,14 @@ class ExitJoin:
             if deadline is None:
                 # Without a bound, help first: run the sync forks no worker has started yet,
                 # from the last one back, as wait_all does.
-                for future in reversed(self._unfinished()):
-                    steal(future)
+                for current in reversed(self._unfinished()):
+                    steal(current)
             while unfinished := self._unfinished():
-                for future in unfinished:
+                for current in unfinished:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     # Only wait: reading the outcome would hide a failure nobody retrieved.
-                    block_until_done(future, None if remaining is None else max(remaining, 0))
+                    block_until_done(current, None if remaining is None else max(remaining, 0))
+            current = None
             self._wait_for_done_callbacks(deadline)
             self._wait_for_hand_offs(deadline)
         except TimeoutError:
@@ -213,12 +219,13 @@ class ExitJoin:
                 f"did not finish within the exit bound of {bound} seconds "
                 "(anyfork.configure(exit_timeout=...), ANYFORK_EXIT_TIMEOUT)"
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             interrupted = True
-            self._give_up("were interrupted at exit (Ctrl-C)")
-        except SystemExit:
+            self._give_up("were interrupted at exit (Ctrl-C)", _ran_here(current, exc))
+        except SystemExit as exc:
             interrupted = True
-            self._give_up("were interrupted at exit (SystemExit raised by a fork the join ran)")
+            why = "were interrupted at exit (SystemExit raised by a fork the join ran)"
+            self._give_up(why, _ran_here(current, exc))
         finally:
             with self._lock:
                 self._over = True
@@ -255,28 +262,35 @@ class ExitJoin:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
             block_until_done(released, remaining)
 
-    def _give_up(self, why: str) -> None:
-        if not self._unfinished() and not self._pending and self._hand_offs_to_wait_for():
-            logger.warning(
-                "torch work handed to anyfork was still running at exit (%s); "
-                "torch may abort the process when it ends",
-                why,
-            )
-            return
+    def _give_up(self, why: str, ran_here: Future[Any] | None = None) -> None:
+        """Log what the join leaves unfinished, and cancel what can be.
+
+        :param ran_here: the fork the join was running in this thread when it was
+            interrupted: over now (it failed with the interrupt), but interrupted all the same
+        """
         unfinished = self._unfinished()
-        if not unfinished and self._pending:
-            logger.error(
-                "the done callbacks of %d fork(s) %s; abandoning them: %s",
-                len(self._pending),
-                why,
-                ", ".join(repr(future) for future in list(self._pending)),
-            )
-            return
+        if ran_here is None and not unfinished:
+            if not self._pending and self._hand_offs_to_wait_for():
+                logger.warning(
+                    "torch work handed to anyfork was still running at exit (%s); "
+                    "torch may abort the process when it ends",
+                    why,
+                )
+                return
+            if self._pending:
+                logger.error(
+                    "the done callbacks of %d fork(s) %s; abandoning them: %s",
+                    len(self._pending),
+                    why,
+                    ", ".join(repr(future) for future in list(self._pending)),
+                )
+                return
+        named = unfinished if ran_here is None else [ran_here, *unfinished]
         logger.error(
             "%d fork(s) %s; cancelling those that can be, abandoning the rest: %s",
-            len(unfinished),
+            len(named),
             why,
-            ", ".join(repr(future) for future in unfinished),
+            ", ".join(repr(future) for future in named),
         )
         for future in unfinished:
             future.cancel()
@@ -291,6 +305,21 @@ class ExitJoin:
         self._hand_offs = {}
         for future in inherited:
             abandon_in_child(future)
+
+
+def _ran_here(future: Future[Any] | None, interrupt: BaseException) -> Future[Any] | None:
+    """``future`` if the join ran it in this thread and ``interrupt`` (a KeyboardInterrupt
+    or SystemExit) ended it there: the fork then failed with the very exception the join
+    caught. Its error now counts as retrieved, since the join names the fork as interrupted
+    (a report of a KeyboardInterrupt nobody retrieved would say it twice)."""
+    if future is None or not is_unretrieved_failure(future):
+        return None
+    error = take_unretrieved_error(future)
+    if error is interrupt:
+        return future
+    if error is not None:  # its own failure, in a worker, just before the interrupt: report it
+        report_unretrieved(repr(future), error)
+    return None
 
 
 # --- sharing the exit bound out to the participants ---------------------------------------

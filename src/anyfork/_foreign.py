@@ -15,7 +15,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._future import Future, Work, attach, mark_retrieved, settle, settle_cancelled, settle_failed
+from ._future import Future
+from ._state import Work, attach, mark_retrieved, settle, settle_cancelled, settle_failed
 
 __all__ = ["follow_concurrent", "follower_of"]
 

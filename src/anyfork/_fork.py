@@ -40,8 +40,8 @@ from . import _loops
 from ._callables import kind_of_fork
 from ._config import current_config
 from ._coroutine_fork import run_now, start_coroutine_fork
-from ._debug import fork_site, watch_slow_forks
-from ._future import Future, note_forked
+from ._debug import fork_site, note_forked, watch_slow_forks
+from ._future import Future
 from ._remote import remote_call, submit_remote_fork
 from ._sync_job import submit_sync_fork
 

@@ -26,8 +26,8 @@ from anyio.lowlevel import EventLoopToken
 
 from . import _loops
 from ._callbacks import callback_hand_off
-from ._future import (
-    Future,
+from ._future import Future
+from ._state import (
     Work,
     abandon_in_child,
     attach,

@@ -38,7 +38,8 @@ from typing import Any, Literal
 from ._config import current_config, on_configure
 from ._errors import ProcessDiedError
 from ._exit import exit_join
-from ._future import Future, Work, attach, on_done, settle, settle_failed
+from ._future import Future
+from ._state import Work, attach, on_done, settle, settle_failed
 
 __all__ = ["Job", "RemoteTraceback", "pool"]
 

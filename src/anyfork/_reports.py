@@ -47,6 +47,10 @@ _wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
 # Held while reports are logged: the flush at exit waits for the reporter thread's round.
 _logging = threading.Lock()
 _reporter: threading.Thread | None = None
+# Held by the one thread starting the reporter: failures stored in several threads at once
+# (a burst's first ones) would each see no reporter yet and start one, and every extra
+# reporter thread lived for the rest of the process.
+_starting = threading.Lock()
 # Set once the flush at exit has run: from then on reports are logged at once.
 _at_once = False
 # Where finalizers run too late at exit (see above): the failed futures alive, by id
@@ -74,12 +78,22 @@ def start_reporter() -> None:
     global _reporter
     if _reporter is not None or _at_once:
         return
-    thread = threading.Thread(target=_report_forever, name="anyfork reporter", daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:  # the interpreter is exiting: the flush at exit reports
+    # Not blocking: a thread that finds it held returns, since the holder starts the one
+    # reporter (which then logs this thread's reports too); so does a signal handler that
+    # interrupted the holder in this thread, which must not wait for it.
+    if not _starting.acquire(blocking=False):
         return
-    _reporter = thread
+    try:
+        if _reporter is not None:  # started while this thread was on its way here
+            return
+        thread = threading.Thread(target=_report_forever, name="anyfork reporter", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # the interpreter is exiting: the flush at exit reports
+            return
+        _reporter = thread
+    finally:
+        _starting.release()
 
 
 def watch_until_exit(future: object, take: Callable[[Any], _Report | None]) -> None:
@@ -151,9 +165,10 @@ def _flush_at_exit() -> None:
 
 def _reset_in_child() -> None:
     """A child made by ``os.fork`` has no reporter thread: it starts one on its next failure."""
-    global _logging, _reporter
+    global _logging, _reporter, _starting
     _logging = threading.Lock()
     _reporter = None
+    _starting = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows

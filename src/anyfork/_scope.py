@@ -27,9 +27,10 @@ from . import _loops
 from ._ambient import ambient_group
 from ._config import current_config
 from ._debug import PendingFork, describe
-from ._future import Future, is_unretrieved_failure, take_unretrieved_error
+from ._future import Future
 from ._groups import ForkGroup
-from ._validate import check_seconds
+from ._state import is_unretrieved_failure, take_unretrieved_error
+from ._validate import check_flag, check_seconds
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio depends on the backport there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -72,9 +73,7 @@ class Scope:
         :param cancel_pending: on exit, cancel the forks still pending instead of waiting
             for them (sync forks already running in a thread are still waited for)
         """
-        if not isinstance(cancel_pending, bool):
-            raise TypeError(f"cancel_pending must be True or False, got {cancel_pending!r}")
-        self.cancel_pending = cancel_pending
+        self.cancel_pending = check_flag(cancel_pending, "cancel_pending")
         self._group: _ScopeGroup | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._context_token: Any = None

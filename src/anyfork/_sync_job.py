@@ -19,9 +19,10 @@ from anyio.lowlevel import EventLoopToken
 from . import _loops
 from ._coroutine_fork import run_returned_coroutine
 from ._exit import exit_join
-from ._future import Future, Work, attach, claim, settle, settle_failed, without_catching_frame
+from ._future import Future
 from ._pool import hand_over, is_deferred, submit_fork
 from ._scope import current_scope_group
+from ._state import Work, attach, claim, settle, settle_failed, without_catching_frame
 from ._torch import capture_grad_mode
 
 __all__ = ["SyncJob", "SyncJobParts", "submit_sync_fork"]

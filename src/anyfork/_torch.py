@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from ._foreign import follower_of
-from ._future import Future, keep_alive, mark_retrieved, settle, settle_failed
+from ._future import Future
+from ._state import keep_alive, mark_retrieved, settle, settle_failed
 
 __all__ = [
     "GradMode",

@@ -4,7 +4,9 @@ The rule, for every argument that is a number of seconds (a wait's ``timeout``,
 ``configure(exit_timeout=...)``, a lifespan's ``grace_period``, ...) and for counts:
 :class:`TypeError` for a value of the wrong type (a string, a bool), :class:`ValueError`
 for a number of the right type but a wrong value (negative, NaN, zero where it must be
-positive). A ``"5"`` read from a config file is a type error wherever it is passed.
+positive). A ``"5"`` read from a config file is a type error wherever it is passed. A flag
+(``configure(eager=...)``, ``scope(cancel_pending=...)``, ...) is ``True`` or ``False``:
+anything else, ``1`` or ``"yes"`` included, is a :class:`TypeError`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 
-__all__ = ["check_count", "check_seconds", "check_timeout"]
+__all__ = ["check_count", "check_flag", "check_seconds", "check_timeout"]
 
 
 def check_seconds(
@@ -49,6 +51,17 @@ def check_count(value: object, name: str, *, minimum: int = 1) -> int:
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_flag(value: object, name: str) -> bool:
+    """Return ``value``, a flag, or raise the error that names the argument.
+
+    :param name: the argument's name, as the caller wrote it
+    :raises TypeError: if ``value`` is not ``True`` or ``False`` (``1``, ``"yes"``, ``None``)
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return value
 
 

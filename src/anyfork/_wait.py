@@ -18,14 +18,8 @@ from typing import Any, TypeVar, cast, overload
 
 from ._blocking import may_run_inline
 from ._foreign import follow_concurrent
-from ._future import (
-    Future,
-    block_until_done,
-    is_finished,
-    on_done,
-    settle,
-    steal,
-)
+from ._future import Future, block_until_done
+from ._state import is_finished, on_done, settle, steal
 from ._torch import TorchFuture, follow_torch, is_torch_future
 from ._validate import check_timeout
 

@@ -40,7 +40,7 @@ except ImportError as exc:  # tests/test_fastapi.py hides Starlette to check thi
 from . import _loops
 from ._errors import CancelledError
 from ._scope import Scope
-from ._validate import check_seconds
+from ._validate import check_flag, check_seconds
 
 __all__ = [
     "AppScope",
@@ -255,13 +255,9 @@ class ForkScopeMiddleware:
     def __init__(
         self, app: ASGIApp, *, policy: Policy = "join", cancel_on_disconnect: bool = False
     ) -> None:
-        if not isinstance(cancel_on_disconnect, bool):
-            raise TypeError(
-                f"cancel_on_disconnect must be True or False, got {cancel_on_disconnect!r}"
-            )
+        self.cancel_on_disconnect = check_flag(cancel_on_disconnect, "cancel_on_disconnect")
         self.app = app
         self.policy: Policy = _check_policy(policy)
-        self.cancel_on_disconnect = cancel_on_disconnect
 
     async def __call__(self, asgi_scope: ASGIScope, receive: Receive, send: Send) -> None:
         if asgi_scope["type"] != "http":
