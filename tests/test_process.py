@@ -141,6 +141,13 @@ async def test_a_fan_out_of_process_forks_completes_through_as_completed() -> No
     assert anyfork.wait_all(futures) == [n * n for n in range(20)]
 
 
+@pytest.mark.anyio
+async def test_anyfork_map_runs_a_process_function_in_worker_processes() -> None:
+    assert [n async for n in anyfork.map(tasks.square, range(6), limit=2)] == [
+        n * n for n in range(6)
+    ]
+
+
 def test_a_process_fork_can_fork_a_thread_fork_in_its_worker() -> None:
     worker, in_another_thread = anyfork.fork(tasks.fork_a_thread).wait(timeout=60)
     assert worker != os.getpid() and in_another_thread
