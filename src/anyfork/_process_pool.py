@@ -130,6 +130,7 @@ class _Worker:
         self._ended = False
         self.job: Job | None = None  # the job it runs, or was given and has yet to run
         self.unsent = False  # the job was given to it but not sent yet (its thread sends it)
+        self.killed = False  # killed to stop its job
 
     @property
     def pid(self) -> int:
@@ -303,7 +304,10 @@ class ProcessPool:
             worker = job.worker
             if worker is None or (worker.job is job and worker.unsent):
                 return
-        worker.kill()
+            # Under the lock: the worker cannot have moved on to another job, and its
+            # thread will not give it one (see _run).
+            worker.killed = True
+            worker.kill()
 
     # --- the feeding threads ------------------------------------------------------------
 
@@ -415,6 +419,8 @@ class ProcessPool:
             pass
         with self._lock:
             worker.job = job.worker = None
+            if worker.killed:  # its job was cancelled as its reply came: not for the next
+                reply = None
         if reply is None:
             with self._lock:
                 self._workers.discard(worker)
