@@ -101,6 +101,25 @@ def gone(pid: int) -> bool:
     return False
 
 
+def dead(pid: int) -> bool:
+    """Whether process ``pid`` has ended (reaped, or a zombie waiting to be)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return gone(pid)
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def wait_dead(pid: int, timeout: float) -> float:
+    """Seconds until ``pid`` has ended; fails after ``timeout``."""
+    started = time.monotonic()
+    while not dead(pid):
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"process {pid} still running after {timeout} s")
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
 def wait_gone(pid: int, timeout: float) -> float:
     """Seconds until ``pid`` is gone; fails after ``timeout``."""
     started = time.monotonic()

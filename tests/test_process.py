@@ -39,8 +39,12 @@ async def _pid_written(pid_file: Path) -> int:
 
 
 async def _gone_within(pid: int, seconds: float) -> float:
-    # The bound is asserted by the caller, with the figure; this fails only far beyond it.
-    return await anyio.to_thread.run_sync(tasks.wait_gone, pid, seconds + 10)
+    """Seconds until ``pid`` has ended (killed); then waits, generously, for the pool to
+    reap it. The bound is asserted by the caller, with the figure; this fails only far
+    beyond it."""
+    took = await anyio.to_thread.run_sync(tasks.wait_dead, pid, seconds + 10)
+    await anyio.to_thread.run_sync(tasks.wait_gone, pid, 30)
+    return took
 
 
 # --- round trips ----------------------------------------------------------------------------
