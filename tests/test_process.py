@@ -265,6 +265,17 @@ async def test_a_worker_killed_by_hand_fails_only_its_fork(tmp_path: Path) -> No
     assert await anyfork.fork(tasks.square, 8) == 64
 
 
+def test_a_worker_that_dies_while_idle_is_replaced_without_failing_a_fork() -> None:
+    anyfork.configure(process_workers=1)
+    try:
+        worker = anyfork.fork(tasks.pid).wait(timeout=60)
+        os.kill(worker, signal.SIGKILL)
+        tasks.wait_gone(worker, 30)  # reaped: the pool has seen it die
+        assert anyfork.fork(tasks.pid).wait(timeout=60) not in (worker, os.getpid())
+    finally:
+        anyfork.configure(process_workers=None)
+
+
 @pytest.mark.timeout(300)  # a worker imports torch: seconds, minutes on a loaded machine
 def test_torch_grad_mode_travels_to_the_worker() -> None:
     torch = pytest.importorskip("torch")

@@ -260,6 +260,10 @@ class ProcessPool:
         on_done(job.future, job.cancel)  # a deadline settles it: that stops the work too
         start = False
         with self._lock:
+            # A worker that died while idle (its thread sees its socket close and retires
+            # it) must not be given the job: that would fail a fork it never ran.
+            while self._idle and self._idle[-1].process.poll() is not None:
+                self._idle.pop()
             if self._idle:
                 worker = self._idle.pop()
                 self._give(worker, job)
@@ -335,6 +339,13 @@ class ProcessPool:
                 if job is None:
                     return
                 if isinstance(job, str):  # _LOOK_AGAIN
+                    with self._lock:  # died while idle, and given no job since: replace it
+                        died = worker.job is None and worker.process.poll() is not None
+                        if died:
+                            self._workers.discard(worker)
+                    if died:
+                        worker.end(_GRACE)
+                        worker = None
                     continue
                 if not self._run(worker, job):
                     worker = None
@@ -371,9 +382,9 @@ class ProcessPool:
             )
 
     def _next_job(self, worker: _Worker, generation: int) -> Job | _LookAgain | None:
-        """The job ``worker`` runs next; ``_LOOK_AGAIN`` after waiting idle; ``None``
-        when this thread ends (idle for ``worker_idle_timeout``, more threads than
-        ``process_workers``, the pool stopped, or the worker died idle), uncounted."""
+        """The job ``worker`` runs next; ``_LOOK_AGAIN`` after waiting idle (woken, or the
+        worker died); ``None`` when this thread ends (idle for ``worker_idle_timeout``, more
+        threads than ``process_workers``, the pool stopped), uncounted."""
         with self._lock:
             if worker.job is None:
                 while self._queue:
@@ -393,10 +404,11 @@ class ProcessPool:
         with self._lock:
             if worker.job is not None:
                 return _LOOK_AGAIN  # given a job meanwhile
-            self._idle.remove(worker)
-            if woken or self._queue:
-                return _LOOK_AGAIN  # to retire, stop, or take a job (see above)
-            # Idle for the whole timeout, or dead (its socket closed).
+            if worker in self._idle:  # (submit() drops a dead worker from the list)
+                self._idle.remove(worker)
+            if woken or self._queue or worker.process.poll() is not None:
+                return _LOOK_AGAIN  # to retire, stop, take a job, or replace a dead worker
+            # Idle for the whole timeout.
             if generation == self._generation:
                 self._threads -= 1
             return None
