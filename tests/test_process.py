@@ -130,6 +130,21 @@ def test_changing_another_setting_keeps_idle_worker_processes() -> None:
     assert worker in pool.worker_pids()
 
 
+@pytest.mark.parametrize(
+    ("value", "printed"),
+    [("3", "3"), ("0", "ANYFORK_PROCESS_WORKERS must be a whole number >= 1, got '0'")],
+)
+def test_process_workers_can_be_set_by_the_environment(value: str, printed: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import anyfork; print(anyfork.configure().process_workers)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ANYFORK_PROCESS_WORKERS": value},
+    )
+    assert printed in result.stdout + result.stderr
+
+
 def test_process_workers_is_validated() -> None:
     with pytest.raises(TypeError, match="process_workers"):
         anyfork.configure(process_workers="2")  # type: ignore[arg-type]
