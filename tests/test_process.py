@@ -21,6 +21,13 @@ from anyfork._state import settle_failed
 
 from . import process_tasks as tasks
 
+try:  # imported here, not on a loop's thread (its import reads files)
+    import fastapi
+
+    import anyfork.fastapi
+except ImportError:  # not installed on free-threaded Python
+    fastapi = None  # type: ignore[assignment]
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and /proc")
 
 
@@ -489,3 +496,67 @@ def test_process_forks_work_in_an_os_fork_child_and_leave_no_process(tmp_path: P
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["9", "16", "25"]
+
+
+# --- FastAPI: a request whose client left --------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_client_that_leaves_kills_its_requests_running_process_fork(
+    tmp_path: Path,
+) -> None:
+    if fastapi is None:
+        pytest.skip("fastapi is not installed")
+    app = fastapi.FastAPI()
+    app.add_middleware(
+        anyfork.fastapi.ForkScopeMiddleware, policy="cancel", cancel_on_disconnect=True
+    )
+    outcome: dict[str, object] = {}
+    forked = anyio.Event()
+
+    @app.get("/spin")
+    async def spin() -> str:
+        future = anyfork.fork(tasks.spin, str(tmp_path / "pid"))
+        outcome["worker"] = await _pid_written(tmp_path / "pid")
+        forked.set()
+        try:
+            await future
+        except anyfork.CancelledError:
+            outcome["fork"] = "cancelled"
+        return "done"
+
+    disconnect = anyio.Event()
+    messages: list[dict[str, object]] = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, object]:
+        if messages:
+            return messages.pop(0)
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        pass
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/spin",
+        "raw_path": b"/spin",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "server": ("test", 80),
+        "client": ("test", 1234),
+    }
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app, scope, receive, send)
+            await forked.wait()
+            disconnect.set()
+    assert outcome["fork"] == "cancelled"
+    worker = outcome["worker"]
+    assert isinstance(worker, int)
+    assert await _gone_within(worker, 0.5) < 0.5
