@@ -26,6 +26,7 @@ PLACES = (
     "_remote",
     "_process",
     "_process_pool",
+    "_process_link",
     "_fork",
 )
 

@@ -20,7 +20,8 @@ from typing_extensions import ParamSpec
 
 from ._callables import is_coroutine_function
 from ._future import Future
-from ._process_pool import Job, pool
+from ._process_link import Job
+from ._process_pool import pool
 from ._remote import RemoteCallable
 from ._torch import grad_mode_flags
 

@@ -1,4 +1,4 @@
-"""The pool of worker processes behind ``anyfork.process``, and the job of one process fork.
+"""The pool of worker processes behind ``anyfork.process``: which worker runs which job.
 
 A small layer of our own over ``subprocess`` and a socket per worker, chosen over
 ``ProcessPoolExecutor``, loky and ``anyio.to_process`` (see docs/using-every-core.md) for
@@ -16,21 +16,16 @@ start lazily, up to ``process_workers``, and retire after ``worker_idle_timeout`
 Workers are fresh interpreters (spawn), never ``fork`` copies of this threaded process; they
 all read one "lifeline" pipe whose other end only this process holds, so they end with it
 even if it is killed. The exit join waits for process forks like any fork, then stops the
-pool (:meth:`ProcessPool.stop`), within its share of the exit bound.
+pool (:meth:`ProcessPool.stop`), within its share of the exit bound. One job and one
+worker process (its socket and framing) are in ``_process_link``.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import pickle
-import select
 import signal
-import socket
-import struct
-import subprocess
-import sys
 import threading
 import time
 from typing import Any, Literal
@@ -39,9 +34,10 @@ from ._config import current_config, on_configure
 from ._errors import ProcessDiedError
 from ._exit import exit_join
 from ._future import Future
-from ._state import Work, attach, on_done, settle, settle_failed
+from ._process_link import DIRECT_SEND, Job, Worker
+from ._state import attach, on_done, settle, settle_failed
 
-__all__ = ["Job", "RemoteTraceback", "pool"]
+__all__ = ["RemoteTraceback", "pool"]
 
 
 class RemoteTraceback(Exception):
@@ -56,181 +52,6 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.text}"""'
 
 
-class Job(Work):
-    """One process fork: its pickled call, and the worker running it while it runs."""
-
-    __slots__ = ("future", "name", "request", "started", "worker")
-
-    kind = "process"
-
-    def __init__(self, future: Future[Any], name: str, request: bytes) -> None:
-        self.future = future
-        self.name = name
-        self.request = request
-        self.started = False
-        self.worker: _Worker | None = None  # set while its worker runs it
-
-    def state(self, future: Future[Any]) -> str:
-        return "running" if self.started else "queued"
-
-    def cancel(self, future: Future[Any]) -> None:
-        """Its future was cancelled, or settled otherwise (a deadline): stop the work."""
-        pool.stop_job(self)
-
-
-# How a worker process starts: its sys.path is the parent's, set before anything is imported.
-_WORKER_MAIN = (
-    "import sys, json; sys.path[:] = json.loads(sys.argv[3]); "
-    "from anyfork._process_worker import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
-)
-
-# A call this small is written straight into an idle worker's socket by the forking thread
-# (it fits the socket's buffer: the write never blocks): one thread hop fewer per fork.
-_DIRECT_SEND = 64 * 1024
-
-
-class _Worker:
-    """One worker process, this side of its socket (non-blocking: the forking thread may
-    write a small call into it), and the wake-up pipe of the thread feeding it."""
-
-    def __init__(self, lifeline: int) -> None:
-        here, there = socket.socketpair()
-        try:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    _WORKER_MAIN,
-                    str(there.fileno()),
-                    str(lifeline),
-                    json.dumps(sys.path),
-                ],
-                pass_fds=(there.fileno(), lifeline),
-                stdin=subprocess.DEVNULL,
-            )
-        except BaseException:
-            here.close()
-            raise
-        finally:
-            there.close()
-        here.setblocking(False)
-        self.sock = here
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        # poll, not select: select fails on a descriptor numbered 1024 or more.
-        self._readable = select.poll()
-        self._readable.register(here, select.POLLIN)
-        self._writable = select.poll()
-        self._writable.register(here, select.POLLOUT)
-        self._woken = select.poll()
-        self._woken.register(here, select.POLLIN)
-        self._woken.register(self.wake_r, select.POLLIN)
-        self._end_lock = threading.Lock()
-        self._ended = False
-        self.job: Job | None = None  # the job it runs, or was given and has yet to run
-        self.unsent = False  # the job was given to it but not sent yet (its thread sends it)
-        self.killed = False  # killed to stop its job
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def wake(self) -> None:
-        with self._end_lock:
-            if self._ended:
-                return
-            try:
-                os.write(self.wake_w, b"!")
-            except OSError:  # full: a wake-up is pending anyway
-                pass
-
-    def kill(self) -> None:
-        try:
-            self.process.kill()
-        except OSError:  # already gone
-            pass
-
-    def send(self, data: bytes) -> None:
-        """Write one frame (multiprocessing.connection's framing, which the worker reads).
-
-        :raises OSError: if the worker is gone
-        """
-        size = len(data)
-        header = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
-        if size <= _DIRECT_SEND:
-            self._send_all(memoryview(header + data))
-        else:
-            self._send_all(memoryview(header))
-            self._send_all(memoryview(data))
-
-    def _send_all(self, view: memoryview) -> None:
-        while view:
-            try:
-                view = view[self.sock.send(view) :]
-            except BlockingIOError:
-                self._writable.poll(_POLL_MS)
-
-    def receive(self) -> bytearray:
-        """Read one frame; block until it is complete.
-
-        :raises EOFError: if the worker died (its end of the socket closed)
-        """
-        (size,) = struct.unpack("!i", self._receive_exactly(4))
-        if size == -1:
-            (size,) = struct.unpack("!Q", self._receive_exactly(8))
-        return self._receive_exactly(size)
-
-    def _receive_exactly(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
-        while got < size:
-            try:
-                count = self.sock.recv_into(view[got:])
-            except BlockingIOError:
-                self._readable.poll(_POLL_MS)
-                continue
-            except OSError:
-                raise EOFError from None
-            if count == 0:
-                raise EOFError
-            got += count
-        return buffer
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        """Block until a job is given to this worker (its socket becomes readable when a
-        forking thread sent one and the reply comes, or at its death; the wake-up pipe when
-        its thread must send one, retire or stop), or ``timeout`` elapses. Whether the
-        wake-up pipe woke it."""
-        events = self._woken.poll(None if timeout is None else timeout * 1000)
-        with self._end_lock:
-            if self._ended or not any(fd == self.wake_r for fd, _ in events):
-                return False
-            try:
-                while os.read(self.wake_r, 64):
-                    pass
-            except OSError:  # drained
-                pass
-            return True
-
-    def end(self, timeout: float | None) -> int:
-        """Close the socket (an idle worker then exits), wait up to ``timeout`` seconds for
-        the process to end, kill it if it has not; return its exit code. Any thread, any
-        number of times: the descriptors are closed once."""
-        with self._end_lock:
-            if not self._ended:
-                self._ended = True
-                self.sock.close()
-                os.close(self.wake_r)
-                os.close(self.wake_w)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.process.wait()
-
-
 class ProcessPool:
     """The worker processes of this interpreter (one pool, shared by every loop and thread)."""
 
@@ -241,8 +62,8 @@ class ProcessPool:
         self._lock = threading.Lock()
         self._queue: collections.deque[Job] = collections.deque()  # while no worker is idle
         self._threads = 0  # feeding threads, each with at most one worker process
-        self._idle: list[_Worker] = []  # workers waiting for a job, the last idle last
-        self._workers: set[_Worker] = set()
+        self._idle: list[Worker] = []  # workers waiting for a job, the last idle last
+        self._workers: set[Worker] = set()
         self._lifeline: tuple[int, int] | None = None  # (read end, write end)
         self._generation = 0  # stop() ends the threads and workers of earlier generations
         self._joins_exit = False
@@ -256,6 +77,7 @@ class ProcessPool:
         if not self._joins_exit:
             exit_join.add_participant(self)  # raises ShutdownError once the exit join is over
             self._joins_exit = True
+        job.stop = self.stop_job
         attach(job.future, job)
         on_done(job.future, job.cancel)  # a deadline settles it: that stops the work too
         start = False
@@ -267,7 +89,7 @@ class ProcessPool:
             if self._idle:
                 worker = self._idle.pop()
                 self._give(worker, job)
-                if len(job.request) <= _DIRECT_SEND:
+                if len(job.request) <= DIRECT_SEND:
                     worker.unsent = False
                     request, job.request = job.request, b""
                     try:
@@ -286,7 +108,7 @@ class ProcessPool:
             self._start_thread(generation)
 
     @staticmethod
-    def _give(worker: _Worker, job: Job) -> None:
+    def _give(worker: Worker, job: Job) -> None:
         # Under the lock.
         worker.job, worker.unsent = job, True
         job.worker, job.started = worker, True
@@ -319,7 +141,7 @@ class ProcessPool:
         """One worker's thread: start the worker, then send it jobs and complete their
         futures with its replies, one at a time, until it retires or dies (then start a
         fresh one if jobs are queued)."""
-        worker: _Worker | None = None
+        worker: Worker | None = None
         try:
             while True:
                 if worker is None:
@@ -357,14 +179,14 @@ class ProcessPool:
                         self._idle.remove(worker)
                 worker.end(_GRACE)
 
-    def _start_worker(self, generation: int) -> _Worker | None:
+    def _start_worker(self, generation: int) -> Worker | None:
         """A new worker process; ``None`` if the pool was stopped meanwhile. The process
         starts outside the lock: forking threads (an event loop's) never wait for it."""
         with self._lock:
             if self._lifeline is None:
                 self._lifeline = os.pipe()
             lifeline = self._lifeline[0]
-        worker = _Worker(lifeline)
+        worker = Worker(lifeline)
         with self._lock:
             if generation == self._generation:
                 self._workers.add(worker)
@@ -381,7 +203,7 @@ class ProcessPool:
                 job.future, RuntimeError(f"anyfork could not start a worker process: {exc}")
             )
 
-    def _next_job(self, worker: _Worker, generation: int) -> Job | _LookAgain | None:
+    def _next_job(self, worker: Worker, generation: int) -> Job | _LookAgain | None:
         """The job ``worker`` runs next; ``_LOOK_AGAIN`` after waiting idle (woken, or the
         worker died); ``None`` when this thread ends (idle for ``worker_idle_timeout``, more
         threads than ``process_workers``, the pool stopped), uncounted."""
@@ -413,7 +235,7 @@ class ProcessPool:
                 self._threads -= 1
             return None
 
-    def _run(self, worker: _Worker, job: Job) -> bool:
+    def _run(self, worker: Worker, job: Job) -> bool:
         """Run ``job`` on ``worker``; ``False`` if the worker died (it has been reaped)."""
         with self._lock:
             unsent, worker.unsent = worker.unsent, False
@@ -506,9 +328,6 @@ class ProcessPool:
                 os.close(fd)
         self._setup()
 
-
-# Milliseconds between looks at a socket that pool.stop() may have closed meanwhile.
-_POLL_MS = 1000
 
 # What ProcessPool._next_job returns after an idle wait: look at the worker's state again.
 _LookAgain = Literal["look again"]
