@@ -62,6 +62,7 @@ def done() -> anyfork.Future[Any]:
 
 
 def _middleware(**settings: Any) -> object:
+    pytest.importorskip("fastapi")  # not installed on free-threaded Python (tests_freethreaded)
     from anyfork.fastapi import ForkScopeMiddleware
 
     async def app(scope: Any, receive: Any, send: Any) -> None:

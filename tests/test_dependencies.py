@@ -39,8 +39,18 @@ def test_the_declared_anyio_floor_is_the_one_checked_at_import() -> None:
     assert re.search(r"anyio >= 4\.16", source)
 
 
+def default_sessions() -> str:
+    """The text of the list of sessions a bare ``nox`` runs (CI runs that)."""
+    noxfile = (ROOT / "noxfile.py").read_text()
+    return noxfile.split("nox.options.sessions =", 1)[1].split("]", 1)[0]
+
+
 @pytest.mark.parametrize("session", ["tests_lowest"])
 def test_ci_runs_the_lowest_versions_session(session: str) -> None:
-    noxfile = (ROOT / "noxfile.py").read_text()
-    assert f'"{session}"' in noxfile.split("nox.options.sessions =")[1].splitlines()[0]
-    assert '"--resolution", "lowest-direct"' in noxfile
+    assert f'"{session}"' in default_sessions()
+    assert '"--resolution", "lowest-direct"' in (ROOT / "noxfile.py").read_text()
+
+
+def test_ci_runs_the_tests_on_free_threaded_python_with_the_gil_off() -> None:
+    assert '"tests_freethreaded"' in default_sessions()
+    assert '{"PYTHON_GIL": "0"}' in (ROOT / "noxfile.py").read_text()

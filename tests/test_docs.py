@@ -22,14 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 CELL = re.compile(r'^```python title="Cell (\d+)"\n(.*?)^```', re.DOTALL | re.MULTILINE)
-# torch is installed only where its CPU wheel is on disk (Python 3.11, by nox); fastapi is not
-# installed on free-threaded Python (no free-threaded wheel of pydantic-core).
-OPTIONAL_PACKAGES = ("torch", "fastapi")
+# What an example imports -> the package it then needs. torch is installed only where its CPU
+# wheel is on disk (Python 3.11, by nox), ray only on 3.11; fastapi and distributed
+# (anyfork.dask) are not installed on free-threaded Python (see NOT_FREE_THREADED in
+# noxfile.py).
+OPTIONAL_PACKAGES = {"torch": "torch", "fastapi": "fastapi", "dask": "distributed", "ray": "ray"}
 
 
 def _skip_without_optional_packages(source: str) -> None:
-    for package in OPTIONAL_PACKAGES:
-        needs = re.search(rf"^\s*(import|from) ([\w.]+\.)?{package}\b", source, re.MULTILINE)
+    for imported, package in OPTIONAL_PACKAGES.items():
+        needs = re.search(rf"^\s*(import|from) ([\w.]+\.)?{imported}\b", source, re.MULTILINE)
         if needs and importlib.util.find_spec(package) is None:
             pytest.skip(f"needs {package}, which is not installed for this Python")
 

@@ -48,6 +48,6 @@ def test_license_file_matches_the_declared_license_and_authors() -> None:
 
 def test_ci_builds_and_smoke_tests_the_distributions() -> None:
     noxfile = (ROOT / "noxfile.py").read_text()
-    assert '"build"' in noxfile.split("nox.options.sessions =")[1].splitlines()[0]
+    assert '"build"' in noxfile.split("nox.options.sessions =", 1)[1].split("]", 1)[0]
     assert "def build(session" in noxfile
     assert (ROOT / "tests" / "smoke_installed.py").is_file()

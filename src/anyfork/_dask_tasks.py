@@ -26,6 +26,7 @@ import distributed.threadpoolexecutor
 import distributed.utils
 
 from . import _blocking, _pool
+from ._errors import RemoteImportError
 from ._future import Future
 from ._state import Work, attach, settle, settle_failed
 from ._torch import GradMode, run_in_grad_mode
@@ -39,10 +40,6 @@ _as_completed: Any = distributed.as_completed
 # A task's thread: the worker's pool marks it (proceed), the worker its task (key).
 _pool_thread_state: Any = getattr(distributed.threadpoolexecutor, "thread_state")  # noqa: B009
 _task_thread_state: Any = getattr(distributed.utils, "thread_state")  # noqa: B009
-
-
-class RemoteImportError(ImportError):
-    """A Dask worker could not load a forked function or its arguments."""
 
 
 # --- on the worker -----------------------------------------------------------------------

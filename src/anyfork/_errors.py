@@ -13,6 +13,7 @@ __all__ = [
     "CancelledError",
     "NotReadyError",
     "ProcessDiedError",
+    "RemoteImportError",
     "ShutdownError",
     "WouldBlockError",
 ]
@@ -67,3 +68,11 @@ class ProcessDiedError(AnyforkError, RuntimeError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (str(self), self.exitcode))
+
+
+class RemoteImportError(ImportError):
+    """A cluster's worker (Dask's, Ray's) could not load a forked function or its arguments.
+
+    Public as ``anyfork.dask.RemoteImportError`` and ``anyfork.ray.RemoteImportError``, the
+    same class.
+    """
