@@ -354,6 +354,14 @@ def bench_fastapi(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "bench_fastapi.py"), *session.posargs)
 
 
+@nox.session(name="bench_process", python="3.11")
+def bench_process(session: nox.Session) -> None:
+    """Process forks against ProcessPoolExecutor and anyio.to_process; a CPU fan-out."""
+    install(session, "test")
+    install_torch(session)  # the tensor row, when a local torch wheel is found
+    session.run("python", str(ROOT / "benchmarks" / "bench_process.py"), *session.posargs)
+
+
 @nox.session(name="bench_dask", python="3.11")
 def bench_dask(session: nox.Session) -> None:
     """Remote fork+wait latency and a fan-out of 200 against raw Dask, same LocalCluster."""

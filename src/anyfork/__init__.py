@@ -15,6 +15,7 @@ from ._errors import (
     AnyforkError,
     CancelledError,
     NotReadyError,
+    ProcessDiedError,
     ShutdownError,
     WouldBlockError,
 )
@@ -23,6 +24,7 @@ from ._future import Future
 from ._limits import Limit
 from ._map import MapIterator, map
 from ._options import options
+from ._process import ProcessFunction, process
 from ._scope import Scope, scope
 from ._wait import collect_all, wait, wait_all, wait_async
 
@@ -37,6 +39,8 @@ __all__ = [
     "MapIterator",
     "NotReadyError",
     "PendingFork",
+    "ProcessDiedError",
+    "ProcessFunction",
     "Scope",
     "ShutdownError",
     "WouldBlockError",
@@ -47,6 +51,7 @@ __all__ = [
     "map",
     "options",
     "pending",
+    "process",
     "scope",
     "wait",
     "wait_all",

@@ -67,8 +67,9 @@ class PendingFork:
     future: Future[Any]
     #: The fork's name (its function's qualified name).
     name: str
-    #: ``"task"`` for a coroutine fork, ``"worker thread"`` for a sync fork, ``"remote"``
-    #: for a fork sent to a cluster (``anyfork.dask``).
+    #: ``"task"`` for a coroutine fork, ``"worker thread"`` for a sync fork, ``"process"``
+    #: for a process fork (``anyfork.process``), ``"remote"`` for a fork sent to a cluster
+    #: (``anyfork.dask``).
     kind: str
     #: ``"queued"`` until its work starts, then ``"running"``.
     state: Literal["queued", "running"]

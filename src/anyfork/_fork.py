@@ -12,6 +12,10 @@ no loop                        the background loop          the same
                                (``_background``)
 eager mode                     where no loop runs: run now  called now, in the caller
                                in the caller; else as above
+any caller, a process function (not allowed)                a worker process (``_process``
+(``anyfork.process``)                                       over ``_process_pool``, through
+                                                            ``_remote``); scopes and the
+                                                            exit join track it
 any caller, a remote callable  (not allowed)                its cluster (``anyfork.dask``,
 (``_remote.RemoteCallable``)                                through ``_remote``); scopes
                                                             and the exit join track it
@@ -23,9 +27,9 @@ wrapped callable (``_options`` runs the attempts under      or its cluster), sta
 
 Each place owns its runner: ``_coroutine_fork`` (a task of a scope or loop, the background
 loop, eager mode's run in the caller), ``_sync_job`` (the worker pool), ``_remote`` (a
-cluster). ``fork`` only checks the callable (``_callables``), makes the future and picks the
-row. A new place for work to run is one new module (its runner with it) plus one row in
-``fork``'s routing table.
+worker process, a cluster). ``fork`` only checks the callable (``_callables``), makes the
+future and picks the row. A new place for work to run is one new module (its runner with
+it) plus one row in ``fork``'s routing table.
 """
 
 from __future__ import annotations
@@ -116,7 +120,8 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         elif config.eager:  # sync callable in eager mode -> now, in the caller
             run_now(future, func, args, kwargs, False, contextvars.copy_context())
         elif may_be_remote and (remote := remote_call(func, args, kwargs)) is not None:
-            submit_remote_fork(future, *remote)  # remote callable -> its cluster (_remote)
+            # process function or remote callable -> a worker process or its cluster
+            submit_remote_fork(future, *remote)
         else:  # sync callable -> the worker pool (_sync_job)
             submit_sync_fork(future, func, args, kwargs, contextvars.copy_context(), native)
         return future
