@@ -316,6 +316,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "bench_debug.py"))
 
 
+@nox.session(name="bench_options", python="3.11")
+def bench_options(session: nox.Session) -> None:
+    """A fork under options(limit=n) against a plain fork and a CapacityLimiter-guarded
+    to_thread.run_sync; how close to its deadline a coroutine fork fails."""
+    install(session, "test", "bench")
+    session.run("python", str(ROOT / "benchmarks" / "bench_options.py"), *session.posargs)
+
+
 @nox.session(name="bench_map", python="3.11")
 def bench_map(session: nox.Session) -> None:
     """anyfork.map over 10,000 items: against ThreadPoolExecutor.map (sync) and an anyio task
@@ -344,6 +352,14 @@ def bench_fastapi(session: nox.Session) -> None:
         )
     install(session, "test", "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench_fastapi.py"), *session.posargs)
+
+
+@nox.session(name="bench_process", python="3.11")
+def bench_process(session: nox.Session) -> None:
+    """Process forks against ProcessPoolExecutor and anyio.to_process; a CPU fan-out."""
+    install(session, "test")
+    install_torch(session)  # the tensor row, when a local torch wheel is found
+    session.run("python", str(ROOT / "benchmarks" / "bench_process.py"), *session.posargs)
 
 
 @nox.session(name="bench_dask", python="3.11")

@@ -62,6 +62,7 @@ def _restore_config() -> Iterator[None]:
         eager=before.eager,
         worker_threads=before.worker_threads,
         worker_idle_timeout=before.worker_idle_timeout,
+        process_workers=before.process_workers,
         exit_timeout=before.exit_timeout,
         debug=before.debug,
         slow_fork_warning=before.slow_fork_warning,

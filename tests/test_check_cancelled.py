@@ -471,3 +471,17 @@ def test_leaving_a_map_early_stops_its_running_sync_forks() -> None:
         assert time.monotonic() < deadline, [work.steps for work in works]
         time.sleep(0.002)
     assert all(isinstance(work.seen, anyfork.CancelledError) for work in works)
+
+
+@pytest.mark.parametrize("repeat", range(3))
+def test_a_deadline_stops_a_running_sync_fork_that_checks(repeat: int) -> None:
+    work = Loop()
+    fut = anyfork.fork(anyfork.options(work, timeout=0.2))
+    with pytest.raises(TimeoutError):
+        fut.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while work.seen is None:
+        assert time.monotonic() < deadline, work.steps
+        time.sleep(0.002)
+    assert isinstance(work.seen, anyfork.CancelledError)
+    assert work.steps >= 1

@@ -700,3 +700,13 @@ def test_the_first_remote_fork_never_blocks_the_loop_while_the_cluster_starts(
     )
     assert result.returncode == 0, result.stderr
     assert "[0, 1, 4]" in result.stdout
+
+
+def test_options_apply_to_remote_forks_the_same_way(dask: Any) -> None:
+    limited = anyfork.options(tasks.add, limit=1)
+    futures = [anyfork.fork(limited, i, 1) for i in range(4)]
+    assert anyfork.wait_all(futures, timeout=60) == [1, 2, 3, 4]
+    retried = anyfork.options(tasks.fail, retries=1)
+    with pytest.raises(ValueError, match="boom") as caught:
+        anyfork.fork(retried, "boom").wait(60)
+    assert "attempt 2 of 2" in caught.value.__notes__[-1]

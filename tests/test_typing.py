@@ -10,8 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import unittest
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 import anyio
 from typing_extensions import assert_type
@@ -149,6 +149,50 @@ def test_a_remote_function_keeps_its_signature_for_fork() -> None:
     anyfork.configure(eager=True)  # forked in eager mode it runs here: no cluster needed
     assert assert_type(anyfork.wait(anyfork.fork(remote_label, 3)), str) == "3"
     assert assert_type(anyfork.fork(with_options, x=3), Future[str]).value() == "3"
+
+
+@anyfork.options(limit=2, timeout=30)
+async def limited_scale(x: int, *, factor: float = 1.0) -> float:
+    await anyio.sleep(0)
+    return x * factor
+
+
+@anyfork.options
+def bare_label(x: int) -> str:
+    return str(x)
+
+
+def test_options_keep_the_signature_for_calls_and_fork() -> None:
+    wrapped = anyfork.options(label, retries=1)
+    assert assert_type(wrapped(1), str) == "1"
+    assert assert_type(bare_label(2), str) == "2"
+    assert assert_type(anyfork.fork(wrapped, 3), Future[str]).wait(10) == "3"
+    assert assert_type(anyfork.fork(bare_label, 4), Future[str]).wait(10) == "4"
+    scaled = assert_type(anyfork.fork(limited_scale, 2, factor=1.5), Future[float])
+    assert scaled.wait(10) == 3.0
+    combined = anyfork.options(anyfork.options(label, limit=2), timeout=1)
+    assert assert_type(anyfork.fork(combined, 5), Future[str]).wait(10) == "5"
+    shared = anyfork.Limit(3)
+    assert assert_type(shared.total, int) == 3
+
+
+def _raises(call: Callable[[], object]) -> None:
+    try:
+        result = call()
+        if isinstance(result, Future):
+            cast("Future[object]", result).wait(10)
+    except (TypeError, ValueError):
+        return
+
+
+def test_options_reject_wrong_argument_types() -> None:
+    # mypy --strict (warn_unused_ignores) fails if any of these is accepted.
+    wrapped = anyfork.options(label)
+    _raises(lambda: anyfork.fork(wrapped, "not an int"))  # type: ignore[call-overload]
+    _raises(lambda: wrapped("not an int"))  # type: ignore[arg-type]
+    _raises(lambda: anyfork.fork(limited_scale, 1, factor="big"))  # type: ignore[arg-type]
+    _raises(lambda: anyfork.options(label, limit="4"))  # type: ignore[call-overload]
+    _raises(lambda: anyfork.options(label, retry_on=KeyboardInterrupt))  # type: ignore[arg-type]
 
 
 def times(count: int, weight: float) -> float:

@@ -17,7 +17,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "anyfork"
 # The Future knows nothing of where work runs: these modules, and what they import, never
 # import any of the places below (CONTRIBUTING.md, "Modules by floor").
 FUTURE_MODULES = ("_future", "_state", "_then")
-PLACES = ("_pool", "_sync_job", "_groups", "_background", "_coroutine_fork", "_remote", "_fork")
+PLACES = (
+    "_pool",
+    "_sync_job",
+    "_groups",
+    "_background",
+    "_coroutine_fork",
+    "_remote",
+    "_process",
+    "_process_pool",
+    "_process_link",
+    "_fork",
+)
 
 
 def sibling_imports() -> dict[str, list[str]]:

@@ -16,12 +16,16 @@ from ._errors import (
     AnyforkError,
     CancelledError,
     NotReadyError,
+    ProcessDiedError,
     ShutdownError,
     WouldBlockError,
 )
 from ._fork import fork
 from ._future import Future
+from ._limits import Limit
 from ._map import MapIterator, map
+from ._options import options
+from ._process import ProcessFunction, process
 from ._scope import Scope, scope
 from ._wait import collect_all, wait, wait_all, wait_async
 
@@ -32,9 +36,12 @@ __all__ = [
     "CancelledError",
     "Config",
     "Future",
+    "Limit",
     "MapIterator",
     "NotReadyError",
     "PendingFork",
+    "ProcessDiedError",
+    "ProcessFunction",
     "Scope",
     "ShutdownError",
     "WouldBlockError",
@@ -45,7 +52,9 @@ __all__ = [
     "configure",
     "fork",
     "map",
+    "options",
     "pending",
+    "process",
     "scope",
     "wait",
     "wait_all",

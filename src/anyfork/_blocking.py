@@ -20,12 +20,13 @@ the worker pool; this module imports nothing of anyfork but ``_loops``.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Generator
+from typing import Any, Protocol, TypeVar
 
 from . import _loops
 
@@ -35,7 +36,10 @@ __all__ = [
     "Slot",
     "Stealable",
     "add_blocking_wait_hook",
+    "TaskPlace",
     "block_on",
+    "current_slot",
+    "held_by_task",
     "inline",
     "max_inline_depth",
     "may_run_inline",
@@ -72,14 +76,45 @@ class _CurrentSlot(threading.local):
 _current = _CurrentSlot()
 
 
-def run_in_slot(slot: Slot, job: Callable[[], object]) -> None:
-    """Run ``job`` in this thread, holding ``slot``: its blocking waits release it."""
+T = TypeVar("T")
+
+
+def run_in_slot(slot: Slot, job: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``job(*args, **kwargs)`` in this thread, holding ``slot``: its blocking waits
+    release it."""
     outer = _current.slot
     _current.slot = slot
     try:
-        job()
+        return job(*args, **kwargs)
     finally:
         _current.slot = outer
+
+
+def current_slot() -> Slot | None:
+    """The slot this thread holds now (a worker pool's, a limit's), else ``None``: a limit
+    chains its place before it (``_limits.LimitSlot``)."""
+    return _current.slot
+
+
+class TaskPlace(Protocol):
+    """A place in a limit held by a task (``_limits.TaskPlace``): the task's ``await`` of a
+    pending future gives it back while it waits, as a thread's blocking wait gives back
+    its slot."""
+
+    def leave(self) -> bool:
+        """Give the place back if the current task holds it; whether it did."""
+        ...
+
+    def rejoin(self) -> Generator[Any, Any, None]:
+        """Take the place back once the wait is over (``yield from`` it)."""
+        ...
+
+
+#: The place in a limit that the current task holds, if any (set by a coroutine fork under
+#: a limit). A task forked inside copies it, but :meth:`TaskPlace.leave` checks the holder.
+held_by_task: contextvars.ContextVar[TaskPlace | None] = contextvars.ContextVar(
+    "anyfork_held_by_task", default=None
+)
 
 
 #: Called before a blocking wait in any thread: returns the function to call once the wait

@@ -13,7 +13,16 @@ import functools
 import inspect
 import types
 
-__all__ = ["is_coroutine_function", "kind_of_fork", "name_of", "unwrap_partial"]
+__all__ = ["KnownKind", "is_coroutine_function", "kind_of_fork", "name_of", "unwrap_partial"]
+
+
+class KnownKind:
+    """A callable that knows its own kind of fork (an options-wrapped callable, see
+    ``_options``): ``fork_kind`` is what :func:`kind_of_fork` returns for it."""
+
+    __slots__ = ()
+
+    fork_kind: tuple[bool, str, bool]
 
 
 def is_coroutine_function(func: object) -> bool:
@@ -23,6 +32,8 @@ def is_coroutine_function(func: object) -> bool:
     if plain is not None:
         return bool(plain.__code__.co_flags & inspect.CO_COROUTINE)
     func = unwrap_partial(func)
+    if isinstance(func, KnownKind):
+        return func.fork_kind[0]
     if inspect.iscoroutinefunction(func):
         return True
     call = getattr(type(func), "__call__", None)  # noqa: B004 - the method, not callable()
@@ -71,6 +82,8 @@ def kind_of_fork(func: object) -> tuple[bool, str, bool]:
         if flags & _GENERATOR_KINDS:
             _reject_generator_kinds(func)
         return bool(flags & inspect.CO_COROUTINE), plain.__qualname__, False
+    if isinstance(func, KnownKind):
+        return func.fork_kind
     _reject_generator_kinds(func)
     return is_coroutine_function(func), name_of(func), True
 

@@ -23,6 +23,7 @@ import asyncio
 import os
 import sys
 import threading
+import weakref
 from typing import Any
 
 from . import _loops
@@ -38,6 +39,7 @@ __all__ = [
     "is_cancellation",
     "request_stop",
     "running",
+    "stop_requested",
 ]
 
 
@@ -105,9 +107,28 @@ def request_stop(future: Future[Any]) -> None:
     forks it made. Work that never checks runs on. Never blocks; harmless on any other future
     and on a future that is done (a fork whose future is completed by other means, e.g.
     with a ``TimeoutError`` at its deadline, counts as asked to stop anyway)."""
+    with _lock:
+        _requested.add(future)
     record = fork_record(future)
     if record is not None and record[1] is not None:
         record[1].ask_to_stop(future)
+
+
+def stop_requested(future: Future[Any]) -> bool:
+    """Whether :func:`request_stop` was called for ``future``, or ``cancel()`` asked its
+    running sync fork to stop (for tests and ``pending()``-style views; not the hot path)."""
+    with _lock:
+        if future in _requested:
+            return True
+    record = fork_record(future)
+    work = None if record is None else record[1]
+    return isinstance(work, StopState) and work.asked
+
+
+# The futures request_stop was called for (weakly): a deadline may call it on a future it
+# has already completed, whose work the future no longer names.
+_lock = threading.Lock()
+_requested: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
 
 
 def cancelled() -> bool:

@@ -37,6 +37,10 @@ class Config:
         longer than a thread can wait (``math.inf``, anything above
         ``threading.TIMEOUT_MAX``), keeps idle threads for the life of the process, as
         ``ThreadPoolExecutor`` does. Threads start again on demand.
+    :ivar process_workers: how many worker processes run process forks
+        (:func:`anyfork.process`) at once; ``None`` (the default) for the number of CPU
+        cores. They start on demand and retire after ``worker_idle_timeout`` like worker
+        threads. Environment variable: ``ANYFORK_PROCESS_WORKERS``.
     :ivar exit_timeout: at interpreter exit, how many seconds anyfork waits in total for
         unfinished forks before it gives up on them: it then logs an ERROR naming each one,
         cancels those that can be cancelled and lets the process exit. ``None`` waits for
@@ -54,6 +58,7 @@ class Config:
     eager: bool = False
     worker_threads: int = DEFAULT_WORKER_THREADS
     worker_idle_timeout: float | None = DEFAULT_WORKER_IDLE_TIMEOUT
+    process_workers: int | None = None
     exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT
     debug: bool = False
     slow_fork_warning: float = DEFAULT_SLOW_FORK_WARNING
@@ -80,6 +85,18 @@ def _from_environment() -> Config:
                 f"ANYFORK_WORKER_THREADS must be a whole number >= 1, got {threads_text!r}: "
                 f"set it to e.g. 8, or unset it for the default of {DEFAULT_WORKER_THREADS}"
             )
+    processes_text = os.environ.get("ANYFORK_PROCESS_WORKERS", "").strip()
+    processes: int | None = None
+    if processes_text:
+        try:
+            processes = int(processes_text)
+        except ValueError:
+            processes = 0
+        if processes < 1:
+            raise ValueError(
+                f"ANYFORK_PROCESS_WORKERS must be a whole number >= 1, got {processes_text!r}: "
+                "set it to e.g. 4, or unset it for one worker process per CPU core"
+            )
     exit_text = os.environ.get("ANYFORK_EXIT_TIMEOUT", "").strip().lower()
     exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT
     if exit_text == "none":
@@ -104,6 +121,7 @@ def _from_environment() -> Config:
     return Config(
         eager=eager_text in ("1", "true", "yes"),
         worker_threads=threads,
+        process_workers=processes,
         exit_timeout=exit_timeout,
         debug=debug_text in ("1", "true", "yes"),
     )
@@ -113,6 +131,8 @@ def _validated(config: Config) -> Config:
     check_flag(config.eager, "eager")
     check_count(config.worker_threads, "worker_threads")
     check_seconds(config.worker_idle_timeout, "worker_idle_timeout", allow_none=True, positive=True)
+    if config.process_workers is not None:
+        check_count(config.process_workers, "process_workers")
     check_seconds(config.exit_timeout, "exit_timeout", allow_none=True)
     check_flag(config.debug, "debug")
     check_seconds(config.slow_fork_warning, "slow_fork_warning", positive=True)
@@ -143,6 +163,7 @@ def configure(
     eager: bool | None = None,
     worker_threads: int | None = None,
     worker_idle_timeout: float | None = _UNSET,
+    process_workers: int | None = _UNSET,
     exit_timeout: float | None = _UNSET,
     debug: bool | None = None,
     slow_fork_warning: float | None = None,
@@ -158,6 +179,8 @@ def configure(
     :param worker_threads: the most sync forks running in worker threads at once
     :param worker_idle_timeout: seconds an idle worker thread waits for a job before it
         exits, or ``None`` (or ``math.inf``) to keep idle threads (see :class:`Config`)
+    :param process_workers: the most process forks running at once (worker processes),
+        or ``None`` for the number of CPU cores
     :param exit_timeout: seconds to wait for unfinished forks at interpreter exit, or
         ``None`` for no bound
     :param debug: record where forks are made and warn about slow ones (see
@@ -165,9 +188,10 @@ def configure(
     :param slow_fork_warning: in debug mode, the seconds after which a pending fork is
         named in a WARNING
     :raises TypeError: if a setting has the wrong type: ``eager`` or ``debug`` not a bool,
-        ``worker_threads`` not an int, a number of seconds not an int or a float (a string
-        or a bool)
-    :raises ValueError: if a setting has a wrong value: ``worker_threads`` below 1,
+        ``worker_threads`` or ``process_workers`` not an int, a number of seconds not an
+        int or a float (a string or a bool)
+    :raises ValueError: if a setting has a wrong value: ``worker_threads`` or
+        ``process_workers`` below 1,
         ``worker_idle_timeout`` or ``slow_fork_warning`` not > 0, ``exit_timeout`` negative,
         or a number of seconds NaN
 
@@ -184,6 +208,8 @@ def configure(
             changes["worker_threads"] = worker_threads
         if worker_idle_timeout is not _UNSET:
             changes["worker_idle_timeout"] = worker_idle_timeout
+        if process_workers is not _UNSET:
+            changes["process_workers"] = process_workers
         if exit_timeout is not _UNSET:
             changes["exit_timeout"] = exit_timeout
         if debug is not None:

@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from ._config import current_config
 from ._exit import exit_join
@@ -26,7 +26,16 @@ from ._future import Future
 from ._groups import live_groups
 from ._state import fork_record, keep_fork_record
 
-__all__ = ["ForkRecord", "PendingFork", "fork_site", "note_forked", "pending", "watch_slow_forks"]
+__all__ = [
+    "AttemptsView",
+    "ForkRecord",
+    "PendingFork",
+    "fork_site",
+    "note_forked",
+    "pending",
+    "show_attempts",
+    "watch_slow_forks",
+]
 
 logger = logging.getLogger("anyfork")
 
@@ -58,8 +67,9 @@ class PendingFork:
     future: Future[Any]
     #: The fork's name (its function's qualified name).
     name: str
-    #: ``"task"`` for a coroutine fork, ``"worker thread"`` for a sync fork, ``"remote"``
-    #: for a fork sent to a cluster (``anyfork.dask``).
+    #: ``"task"`` for a coroutine fork, ``"worker thread"`` for a sync fork, ``"process"``
+    #: for a process fork (``anyfork.process``), ``"remote"`` for a fork sent to a cluster
+    #: (``anyfork.dask``).
     kind: str
     #: ``"queued"`` until its work starts, then ``"running"``.
     state: Literal["queued", "running"]
@@ -67,6 +77,28 @@ class PendingFork:
     age: float
     #: Where it was forked (``file:line in function``), in debug mode; else ``None``.
     forked_at: str | None
+    #: Which attempt runs (or ran last), 1 for the first; more only for a fork retried by
+    #: :func:`anyfork.options` (``retries``). 0 for a fork queued in its limit.
+    attempt: int = 1
+
+
+class AttemptsView(Protocol):
+    """What an options-wrapped fork shows of its attempts (``_attempts``)."""
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def queued(self) -> bool: ...
+
+
+# The options-wrapped forks pending now, and their attempts.
+_attempts: weakref.WeakKeyDictionary[Future[Any], AttemptsView] = weakref.WeakKeyDictionary()
+
+
+def show_attempts(future: Future[Any], view: AttemptsView) -> None:
+    """Have :func:`pending` show the attempts of ``future`` (an options-wrapped fork)."""
+    _attempts[future] = view
 
 
 def pending() -> list[PendingFork]:
@@ -99,6 +131,12 @@ def describe(futures: list[Future[Any]]) -> list[PendingFork]:
         seen.add(id(future))
         kept, work = record
         state = "queued" if work is None else work.state(future)
+        attempt = 1
+        view = _attempts.get(future) if _attempts else None
+        if view is not None:
+            attempt = abs(view.attempt)
+            if view.queued:
+                state = "queued"
         records.append(
             PendingFork(
                 future=future,
@@ -107,6 +145,7 @@ def describe(futures: list[Future[Any]]) -> list[PendingFork]:
                 state="running" if state == "running" else "queued",
                 age=max(now - kept.forked_at, 0.0),
                 forked_at=kept.site,
+                attempt=attempt,
             )
         )
     records.sort(key=lambda record: -record.age)
@@ -158,11 +197,12 @@ class _Watchdog:
                     continue
                 self._warned.add(record.future)
                 logger.warning(
-                    "fork %r has been pending for %.1f seconds (%s, %s); it was forked at %s",
+                    "fork %r has been pending for %.1f seconds (%s, %s%s); it was forked at %s",
                     record.future,
                     record.age,
                     record.kind,
                     record.state,
+                    f", attempt {record.attempt}" if record.attempt > 1 else "",
                     record.forked_at or "an unknown place (forked before debug mode was on)",
                 )
                 del record

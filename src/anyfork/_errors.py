@@ -12,6 +12,7 @@ __all__ = [
     "AnyforkError",
     "CancelledError",
     "NotReadyError",
+    "ProcessDiedError",
     "RemoteImportError",
     "ShutdownError",
     "WouldBlockError",
@@ -50,6 +51,23 @@ class WouldBlockError(AnyforkError, RuntimeError):
 class ShutdownError(AnyforkError, RuntimeError):
     """Raised by :func:`fork` when the interpreter is shutting down and can no longer run
     new work."""
+
+
+class ProcessDiedError(AnyforkError, RuntimeError):
+    """Raised by waiting on a process fork (:func:`anyfork.process`) whose worker process
+    died while running it: a segfault, ``os._exit``, a signal (the out-of-memory killer's
+    SIGKILL). Only that fork fails; a fresh worker process takes its place.
+
+    :ivar exitcode: the worker's exit code, negative for the signal that killed it (``-9``
+        for SIGKILL), as :attr:`subprocess.Popen.returncode` reports it
+    """
+
+    def __init__(self, message: str, exitcode: int) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.exitcode))
 
 
 class RemoteImportError(ImportError):

@@ -12,32 +12,42 @@ no loop                        the background loop          the same
                                (``_background``)
 eager mode                     where no loop runs: run now  called now, in the caller
                                in the caller; else as above
+any caller, a process function (not allowed)                a worker process (``_process``
+(``anyfork.process``)                                       over ``_process_pool``, through
+                                                            ``_remote``); scopes and the
+                                                            exit join track it
 any caller, a remote callable  (not allowed)                its cluster (``anyfork.dask``,
 (``_remote.RemoteCallable``)                                through ``_remote``); scopes
                                                             and the exit join track it
+any caller, an options-        one task (as above) that     one job per attempt (as above,
+wrapped callable (``_options`` runs the attempts under      or its cluster), started once
+``.WithOptions``)              the limit and deadline       the limit has a place
+                               (``_attempts``)              (``_attempts``)
 =============================  ===========================  ==============================
 
 Each place owns its runner: ``_coroutine_fork`` (a task of a scope or loop, the background
 loop, eager mode's run in the caller), ``_sync_job`` (the worker pool), ``_remote`` (a
-cluster). ``fork`` only checks the callable (``_callables``), makes the future and picks the
-row. A new place for work to run is one new module (its runner with it) plus one row in
-``fork``'s routing table.
+worker process, a cluster). ``fork`` only checks the callable (``_callables``), makes the
+future and picks the row. A new place for work to run is one new module (its runner with
+it) plus one row in ``fork``'s routing table.
 """
 
 from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec
 
 from . import _loops
+from ._attempts import fork_with_options
 from ._callables import kind_of_fork
 from ._config import current_config
 from ._coroutine_fork import run_now, start_coroutine_fork
 from ._debug import fork_site, note_forked, watch_slow_forks
 from ._future import Future
+from ._options import WithOptions
 from ._remote import remote_call, submit_remote_fork
 from ._sync_job import submit_sync_fork
 
@@ -101,12 +111,17 @@ def fork(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
     native = _loops.running_native_loop()
     try:
         # The routing table: kind of callable -> the place it runs (its runner's module).
-        if is_async:  # coroutine function -> a task of the scope or loop, or the background loop
+        if may_be_remote and type(func) is WithOptions:  # options -> its attempts (_attempts)
+            fork_with_options(
+                future, cast("WithOptions[..., Any]", func), args, kwargs, native, config.eager
+            )
+        elif is_async:  # coroutine function -> a task of the scope or loop, or the background loop
             start_coroutine_fork(future, func, args, kwargs, native, config.eager)
         elif config.eager:  # sync callable in eager mode -> now, in the caller
             run_now(future, func, args, kwargs, False, contextvars.copy_context())
         elif may_be_remote and (remote := remote_call(func, args, kwargs)) is not None:
-            submit_remote_fork(future, *remote)  # remote callable -> its cluster (_remote)
+            # process function or remote callable -> a worker process or its cluster
+            submit_remote_fork(future, *remote)
         else:  # sync callable -> the worker pool (_sync_job)
             submit_sync_fork(future, func, args, kwargs, contextvars.copy_context(), native)
         return future

@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar, cast
 from typing_extensions import Never
 
 from . import _blocking, _loops
-from ._blocking import inline, max_inline_depth, may_run_inline, run_inline
+from ._blocking import held_by_task, inline, max_inline_depth, may_run_inline, run_inline
 from ._callbacks import check_callable, help_pending_dispatch
 from ._errors import AlreadyCompletedError, CancelledError, NotReadyError, WouldBlockError
 from ._reports import report_unretrieved
@@ -262,11 +262,21 @@ class Future(FutureState[T]):
                 del work
             wake, wait = _loops.loop_waiter()
             self._add_callback(wake)
+            # A task holding a place in a limit gives it back while it waits (see _limits).
+            place = held_by_task.get()
+            if place is not None and not place.leave():
+                place = None
+            closing = False
             try:
                 yield from wait()
+            except GeneratorExit:
+                closing = True  # the coroutine is being closed: no more awaiting
+                raise
             finally:
                 if self._state == _PENDING:
                     self._discard_callback(wake)
+                if place is not None and not closing:
+                    yield from place.rejoin()
             if self._state == _FAILED and isinstance(self._exception, StopIteration):
                 # A generator cannot raise it, and there is no other way to raise it at an
                 # await once the task is suspended (Python 3.12+ takes a StopIteration

@@ -16,7 +16,7 @@ from ._exit import exit_join
 from ._future import Future
 from ._scope import current_scope_group
 
-__all__ = ["RemoteCallable", "remote_call", "submit_remote_fork"]
+__all__ = ["RemoteCallable", "remote_call", "send_attempt", "submit_remote_fork"]
 
 
 class RemoteCallable:
@@ -60,9 +60,17 @@ def submit_remote_fork(
 
     Nothing is tracked if sending fails (arguments that cannot be sent): ``fork`` raises.
     """
-    exit_join.check_open()  # no work goes out that nothing would wait for
-    remote.fork_remotely(future, args, kwargs)
+    send_attempt(future, remote, args, kwargs)
     group = current_scope_group()
     if group is not None:
         group.track_sync_fork(future)
+
+
+def send_attempt(
+    future: Future[Any], remote: RemoteCallable, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Send one call away, counted by the exit join only: a fork of a remote callable, or
+    one attempt of an options-wrapped one (``_attempts``, whose scope counts the fork)."""
+    exit_join.check_open()  # no work goes out that nothing would wait for
+    remote.fork_remotely(future, args, kwargs)
     exit_join.track(future)

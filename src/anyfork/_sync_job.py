@@ -34,7 +34,7 @@ from ._state import (
 )
 from ._torch import capture_grad_mode
 
-__all__ = ["SyncJob", "SyncJobParts", "submit_sync_fork"]
+__all__ = ["SyncJob", "SyncJobParts", "loop_token_here", "submit_attempt", "submit_sync_fork"]
 
 
 def submit_sync_fork(
@@ -44,8 +44,9 @@ def submit_sync_fork(
     kwargs: dict[str, Any],
     context: contextvars.Context,
     native: object | None,
-) -> None:
-    """Send a sync fork to the worker pool, tied to the loop and scope it was made in.
+) -> SyncJob:
+    """Send a sync fork to the worker pool, tied to the loop and scope it was made in;
+    return its job.
 
     The loop (of this thread, or of the anyio or anyfork worker thread this is) goes with
     the job, so that inside it ``anyio.from_thread`` and new forks find that loop. A scope
@@ -55,10 +56,8 @@ def submit_sync_fork(
     token: EventLoopToken | None
     if group is not None and group.track_sync_fork(future):
         token = group.token
-    elif native is not None:
-        token = _loops.token_for(native)
     else:
-        token = _loops.worker_thread_token()
+        token = loop_token_here(native)
     # The pool outlives loops: the exit join waits for the fork (the job tells it when its
     # work is over).
     exit_join.track(future, forget_when_done=False)
@@ -67,6 +66,34 @@ def submit_sync_fork(
     # On a loop's thread the job reaches the pool when the loop next gets control: a
     # blocking wait before that runs it in the caller, as torch.jit.wait does.
     submit_fork(job, native)
+    return job
+
+
+def loop_token_here(native: object | None) -> EventLoopToken | None:
+    """The loop a sync fork made here belongs to: the one running in this thread, or the
+    one whose anyio worker thread this is; ``None`` where no loop is reachable."""
+    if native is not None:
+        return _loops.token_for(native)
+    return _loops.worker_thread_token()
+
+
+def submit_attempt(
+    future: Future[Any],
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: contextvars.Context,
+    grad_mode: Callable[..., Any] | None,
+    token: EventLoopToken | None,
+) -> SyncJob:
+    """Send one attempt of an options-wrapped sync fork (``_attempts``) to the worker pool
+    now, from any thread, with what was captured when it was forked. The exit join waits
+    for it; no scope counts it (the scope counts the fork's own future)."""
+    exit_join.track(future, forget_when_done=False)
+    job = SyncJob((future, func, args, kwargs, context, grad_mode, token))
+    attach(future, job)
+    submit_fork(job, None)
+    return job
 
 
 #: What a sync fork's job runs, ``context.run(func, *args, **kwargs)`` for ``future``:

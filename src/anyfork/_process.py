@@ -1,0 +1,167 @@
+"""Process forks: :func:`process` marks a sync function to run in a worker process.
+
+A :class:`ProcessFunction` runs here when called; when forked, it pickles itself and its
+arguments in the forking thread (cloudpickle: functions of ``__main__``, of a notebook cell
+and closures go by value) and queues them on the pool of worker processes
+(``_process_pool``). ``fork`` reaches it through the one door for places outside this
+process, ``_remote.RemoteCallable``, so scopes, the exit join and per-callable options
+treat it as any fork.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, overload
+
+from typing_extensions import ParamSpec
+
+from ._callables import is_coroutine_function
+from ._future import Future
+from ._process_link import Job
+from ._process_pool import pool
+from ._remote import RemoteCallable
+from ._torch import grad_mode_flags
+
+__all__ = ["ProcessFunction", "process"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class ProcessFunction(RemoteCallable, Generic[P, T]):
+    """A sync function that runs in a worker process when forked, and here when called.
+
+    Made by :func:`process`; it keeps the function's signature, so ``anyfork.fork`` stays
+    typed. It pickles by its module and name when that finds it again (a module-level
+    ``@anyfork.process`` function), else by value.
+    """
+
+    def __init__(self, func: Callable[P, T]) -> None:
+        functools.update_wrapper(self, func)
+        self._name: str = getattr(func, "__qualname__", repr(func))
+        self._func = func
+        self._payload: bytes | None = None  # the function pickled, on first fork
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<anyfork.process {self._name!r}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        module = getattr(self, "__module__", None)
+        name = getattr(self, "__qualname__", None)
+        if module not in (None, "__main__") and _find(module, name) is self:
+            return (_find, (module, name))
+        return (ProcessFunction, (self._func,))
+
+    @property
+    def func(self) -> Callable[P, T]:
+        """The plain function: fork it to run it in a worker thread of this process."""
+        return self._func
+
+    def fork_remotely(
+        self, future: Future[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        import pickle
+
+        if self._payload is None:
+            self._payload = _dumps(self, f"the function {self._name}")
+        call = _dumps((args, kwargs), f"the arguments of {self._name}")
+        request = pickle.dumps((self._payload, call, grad_mode_flags()), protocol=5)
+        pool.submit(Job(future, self._name, request))
+
+
+def _find(module: str | None, name: str | None) -> object:
+    target: object = sys.modules.get(module or "")
+    if target is None:
+        target = importlib.import_module(module or "")
+    for part in (name or "").split("."):
+        target = getattr(target, part, None)
+    return target
+
+
+def _dumps(obj: object, what: str) -> bytes:
+    import cloudpickle  # type: ignore[import-untyped]
+
+    try:
+        return cloudpickle.dumps(obj, protocol=5)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise TypeError(
+            f"anyfork.process cannot send {what} to a worker process: {exc}. Everything a "
+            "process fork takes must pickle (no open files, locks, sockets, generators or "
+            "event loops); make such objects inside the function instead"
+        ) from exc
+
+
+def _require_cloudpickle() -> None:
+    try:
+        importlib.import_module("cloudpickle")
+    except ImportError:
+        raise ImportError(
+            "anyfork.process needs cloudpickle, to send functions of __main__, notebook cells "
+            'and closures to its worker processes: pip install "anyfork[process]"'
+        ) from None
+
+
+@overload
+def process(func: Callable[P, T], /) -> ProcessFunction[P, T]: ...
+
+
+@overload
+def process() -> Callable[[Callable[P, T]], ProcessFunction[P, T]]: ...
+
+
+def process(func: Callable[..., Any] | None = None, /) -> Any:
+    """Mark a sync function to run in a worker process when forked.
+
+    Used as a decorator, ``@anyfork.process`` or ``@anyfork.process()``. Calling the result
+    runs the function here; ``anyfork.fork(func, ...)`` runs it in one of anyfork's worker
+    processes (at most ``configure(process_workers=...)``, by default one per CPU core) and
+    returns the same :class:`~anyfork.Future` as any fork. For pure-Python CPU work, which
+    threads cannot run in parallel under the GIL.
+
+    - Its arguments are pickled in the forking thread: one that cannot be makes ``fork``
+      raise ``TypeError``. Functions of ``__main__``, notebook cells and closures go by
+      value (cloudpickle); module-level functions by module and name.
+    - Cancelling a running process fork (``cancel()``, its scope, a deadline) kills its
+      worker process; a fresh one takes its place. A queued one never starts.
+    - A worker process that dies (a segfault, ``os._exit``, the out-of-memory killer) fails
+      only its fork, with :class:`~anyfork.ProcessDiedError`.
+    - Errors come back with their own type, with the worker's traceback as their
+      ``__cause__``; torch's grad and inference mode go along, as for a thread fork.
+
+    :param func: a sync callable
+    :return: a :class:`ProcessFunction`, or a decorator making one
+    :raises TypeError: for a coroutine function or a non-callable
+    :raises ImportError: if cloudpickle is not installed (``pip install "anyfork[process]"``)
+
+    Example::
+
+        @anyfork.process
+        def tokenize(text: str) -> list[str]: ...
+
+        futures = [anyfork.fork(tokenize, text) for text in texts]
+        tokens = anyfork.wait_all(futures)
+
+    .. versionadded:: 0.2
+    """
+    _require_cloudpickle()
+
+    def make(target: Callable[P, T]) -> ProcessFunction[P, T]:
+        if not callable(target):
+            raise TypeError(f"process() takes a callable, got {type(target).__name__}")
+        if is_coroutine_function(target):
+            raise TypeError(
+                f"anyfork.process runs sync callables only, and "
+                f"{getattr(target, '__qualname__', target)!r} is a coroutine function: a "
+                "worker process has no event loop of yours to await it on. Fork it with "
+                "anyfork.fork (it runs as a task here), or mark a sync function that calls "
+                "anyio.run(...) in the worker"
+            )
+        return ProcessFunction(target)
+
+    return make if func is None else make(func)
