@@ -26,28 +26,16 @@ from ._future import Future
 from ._groups import live_groups
 from ._state import fork_record, keep_fork_record
 
-__all__ = ["ForkRecord", "PendingFork", "fork_site", "note_forked", "pending", "watch_slow_forks"]
+__all__ = ["PendingFork", "fork_site", "note_forked", "pending", "watch_slow_forks"]
 
 logger = logging.getLogger("anyfork")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-class ForkRecord:
-    """When a fork was made, and in debug mode where: the one record its future keeps."""
-
-    __slots__ = ("forked_at", "site")
-
-    def __init__(self, forked_at: float, site: str | None) -> None:
-        #: ``time.monotonic()`` when it was forked.
-        self.forked_at = forked_at
-        #: Where it was forked (``file:line in function``), in debug mode; else ``None``.
-        self.site = site
-
-
 def note_forked(future: Future[Any], site: str | None) -> None:
     """Record that ``future`` is a fork's, made now at ``site`` (debug mode, else None)."""
-    keep_fork_record(future, ForkRecord(time.monotonic(), site))
+    keep_fork_record(future, (time.monotonic(), site))
 
 
 @dataclass(frozen=True)
@@ -97,7 +85,7 @@ def describe(futures: list[Future[Any]]) -> list[PendingFork]:
         if record is None or id(future) in seen:
             continue
         seen.add(id(future))
-        kept, work = record
+        (forked_at, site), work = record
         state = "queued" if work is None else work.state(future)
         records.append(
             PendingFork(
@@ -105,8 +93,8 @@ def describe(futures: list[Future[Any]]) -> list[PendingFork]:
                 name=future.name or "",
                 kind="work" if work is None else work.kind,
                 state="running" if state == "running" else "queued",
-                age=max(now - kept.forked_at, 0.0),
-                forked_at=kept.site,
+                age=max(now - forked_at, 0.0),
+                forked_at=site,
             )
         )
     records.sort(key=lambda record: -record.age)
