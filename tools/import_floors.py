@@ -2,7 +2,8 @@
 
 Run: ``python tools/import_floors.py``. A module's floor is the length of its longest chain
 of sibling imports (0: imports no sibling). Function-level imports count too. It also fails
-if the Future reaches, through any chain, a module about threads, pools or runners.
+if the Future reaches, through any chain, a module about threads, pools or runners, or if
+a module other than ``_loops`` imports anyio's private modules (``anyio._core``...).
 """
 
 from __future__ import annotations
@@ -72,8 +73,21 @@ def reachable(graph: dict[str, list[str]], module: str) -> set[str]:
     return seen
 
 
+def below_anyio() -> list[str]:
+    """The modules other than ``_loops`` that import from anyio's private modules."""
+    return [
+        path.stem
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.stem != "_loops"
+        and re.search(r"^\s*(from|import) anyio\._", path.read_text(), re.MULTILINE)
+    ]
+
+
 def main() -> int:
     graph = sibling_imports()
+    if wrong := below_anyio():
+        print(f"{', '.join(wrong)} import anyio's private modules: only _loops may")
+        return 1
     cycle = find_cycle(graph)
     if cycle:
         print("import cycle:", " -> ".join(cycle))

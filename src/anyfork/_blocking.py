@@ -245,7 +245,7 @@ def max_inline_depth() -> int:
 
 
 class Stealable(Protocol):
-    """Work a waiting thread can run itself (a sync fork's, see ``_future.Work``)."""
+    """Work a waiting thread can run itself (a sync fork's, see ``_state.Work``)."""
 
     def steal(self) -> None: ...
 

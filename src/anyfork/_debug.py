@@ -28,7 +28,6 @@ from ._state import fork_record, keep_fork_record
 
 __all__ = [
     "AttemptsView",
-    "ForkRecord",
     "PendingFork",
     "fork_site",
     "note_forked",
@@ -42,21 +41,9 @@ logger = logging.getLogger("anyfork")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-class ForkRecord:
-    """When a fork was made, and in debug mode where: the one record its future keeps."""
-
-    __slots__ = ("forked_at", "site")
-
-    def __init__(self, forked_at: float, site: str | None) -> None:
-        #: ``time.monotonic()`` when it was forked.
-        self.forked_at = forked_at
-        #: Where it was forked (``file:line in function``), in debug mode; else ``None``.
-        self.site = site
-
-
 def note_forked(future: Future[Any], site: str | None) -> None:
     """Record that ``future`` is a fork's, made now at ``site`` (debug mode, else None)."""
-    keep_fork_record(future, ForkRecord(time.monotonic(), site))
+    keep_fork_record(future, (time.monotonic(), site))
 
 
 @dataclass(frozen=True)
@@ -129,7 +116,7 @@ def describe(futures: list[Future[Any]]) -> list[PendingFork]:
         if record is None or id(future) in seen:
             continue
         seen.add(id(future))
-        kept, work = record
+        (forked_at, site), work = record
         state = "queued" if work is None else work.state(future)
         attempt = 1
         view = _attempts.get(future) if _attempts else None
@@ -143,8 +130,8 @@ def describe(futures: list[Future[Any]]) -> list[PendingFork]:
                 name=future.name or "",
                 kind="work" if work is None else work.kind,
                 state="running" if state == "running" else "queued",
-                age=max(now - kept.forked_at, 0.0),
-                forked_at=kept.site,
+                age=max(now - forked_at, 0.0),
+                forked_at=site,
                 attempt=attempt,
             )
         )

@@ -104,7 +104,7 @@ class Future(FutureState[T]):
         if self._state == _PENDING and self._running:
             state = "running"
         record = self._fork_record
-        site = f" forked at {record.site}" if record is not None and record.site else ""
+        site = f" forked at {record[1]}" if record is not None and record[1] else ""
         return f"<anyfork.Future{label} {state}{site}>"
 
     def __reduce__(self) -> NoReturn:

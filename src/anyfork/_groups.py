@@ -53,7 +53,7 @@ Kwargs = dict[str, Any]
 class ForkGroup(Work):
     """A task group on one event loop, and the forks that belong to it.
 
-    It is also the :class:`~anyfork._future.Work` attached to each of its coroutine forks'
+    It is also the :class:`~anyfork._state.Work` attached to each of its coroutine forks'
     futures (cancelling one cancels its task, on the group's loop): one object for all of
     them, so that a fork allocates none of its own.
     """

@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ._blocking import run_inline
 from ._callbacks import callback_hand_off, invoke, run_callbacks
@@ -36,8 +36,8 @@ __all__ = [
     "FINISHED",
     "PENDING",
     "Callback",
-    "Record",
     "FutureState",
+    "Record",
     "Work",
     "abandon_in_child",
     "attach",
@@ -64,9 +64,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-S = TypeVar("S")
 E = TypeVar("E", bound=BaseException)
 
+# A future's states: ``_future.py`` imports them under its own private names, and this
+# module's moved code reads them by the same private names.
 PENDING = _PENDING = 0
 FINISHED = _FINISHED = 1
 FAILED = _FAILED = 2
@@ -80,7 +81,7 @@ def without_catching_frame(exc: E) -> E:
     """Return ``exc`` with the calling frame's entry dropped from the top of its traceback.
 
     For the ``except`` block that stores a work's exception in a future:
-    ``future._complete(_FAILED, None, without_catching_frame(exc))``. anyfork's catching
+    ``settle_failed(future, without_catching_frame(exc))``. anyfork's catching
     frame is noise in the user's traceback, and it often holds the future: left there, it
     makes the cycle future -> exception -> traceback -> frame -> future. The entry is
     dropped only if it is the caller's own, so the work's frames always stay.
@@ -97,15 +98,10 @@ def without_catching_frame(exc: E) -> E:
     return exc
 
 
-class Record(Protocol):
-    """What a fork's future keeps of when, and in debug mode where, it was made: one
-    object, made and read by ``_debug.py`` (``_debug.ForkRecord``)."""
-
-    @property
-    def forked_at(self) -> float: ...
-
-    @property
-    def site(self) -> str | None: ...
+#: What a fork's future keeps of when (``time.monotonic()``) and, in debug mode, where
+#: (``file:line in function``) it was made: one tuple in one slot, made and read by
+#: ``_debug.py`` (a tuple, not a class: it is made on every fork).
+Record = tuple[float, "str | None"]
 
 
 class FutureState(Generic[T]):
@@ -279,7 +275,7 @@ def attach(future: FutureState[Any], work: Work | None) -> None:
 
 
 def keep_fork_record(future: FutureState[Any], record: Record) -> None:
-    """Keep ``record`` (``_debug.ForkRecord``: when and where it was made) with the fork
+    """Keep ``record`` (when, and in debug mode where, it was made) with the fork
     ``future``."""
     future._fork_record = record
 
