@@ -485,3 +485,56 @@ def test_a_deadline_stops_a_running_sync_fork_that_checks(repeat: int) -> None:
         time.sleep(0.002)
     assert isinstance(work.seen, anyfork.CancelledError)
     assert work.steps >= 1
+
+
+# --- options-wrapped sync forks (anyfork.options) ------------------------------------------
+# Their future's work is the options runner, not the job: a request must still reach the job.
+
+OPTIONS: dict[str, dict[str, object]] = {
+    "limit": {"limit": 1},
+    "limit and retries": {"limit": 1, "retries": 2},
+    "deadline": {"timeout": 60},
+    "limit and deadline": {"limit": 2, "timeout": 60},
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_cancel_stops_a_running_options_wrapped_sync_fork(options: str) -> None:
+    work = Loop()
+    fut = anyfork.fork(anyfork.options(work, **OPTIONS[options]))  # type: ignore[arg-type]
+    work.steps_at(3)
+    assert fut.cancel() is False  # running: asked to stop
+    asked_at = work.steps
+    with pytest.raises(anyfork.CancelledError):
+        fut.wait(timeout=30)
+    assert fut.cancelled()
+    assert isinstance(work.seen, anyfork.CancelledError)
+    assert work.steps <= asked_at + 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("options", OPTIONS)
+async def test_a_scope_cancel_stops_its_running_options_wrapped_sync_forks(options: str) -> None:
+    work = Loop()
+    with anyio.fail_after(30):
+        async with anyfork.scope() as scope:
+            fut = anyfork.fork(anyfork.options(work, **OPTIONS[options]))  # type: ignore[arg-type]
+            await steps_at(work, 2)
+            scope.cancel()
+            asked_at = work.steps
+    assert fut.cancelled()
+    assert isinstance(work.seen, anyfork.CancelledError)
+    assert work.steps <= asked_at + 1
+
+
+@pytest.mark.parametrize("options", ["limit", "limit and retries"])
+def test_a_deadline_stops_a_running_limited_sync_fork_that_checks(options: str) -> None:
+    work = Loop()
+    limited = anyfork.options(work, timeout=0.2, **OPTIONS[options])  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        anyfork.fork(limited).wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while work.seen is None:
+        assert time.monotonic() < deadline, work.steps
+        time.sleep(0.002)
+    assert isinstance(work.seen, anyfork.CancelledError)

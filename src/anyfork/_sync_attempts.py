@@ -163,6 +163,17 @@ class SyncRun(Work):
     def cancel(self, future: Future[Any]) -> None:
         self._stop(future)
 
+    def ask_to_stop(self, future: Future[Any]) -> None:
+        # cancel() found the fork running (an attempt in a worker thread): the request
+        # goes to that attempt's job, which the work checks.
+        self._ask_attempt_to_stop()
+
+    def _ask_attempt_to_stop(self) -> None:
+        # The attempt's future was made here, not by fork(): its job is reached directly.
+        job, attempt = self._job, self.attempt
+        if job is not None and attempt is not None:
+            job.ask_to_stop(attempt)
+
     # --- the attempts ---------------------------------------------------------------
 
     def _granted(self, ticket: Future[None]) -> None:
@@ -304,7 +315,7 @@ class SyncRun(Work):
         attempt = self.attempt
         # A running attempt cannot be cancelled: it may see the request, else it runs on.
         if attempt is not None and not attempt.done() and not attempt.cancel():
-            request_stop(attempt)
+            self._ask_attempt_to_stop()
             request_stop(future)
 
     def _release(self) -> None:
@@ -359,6 +370,12 @@ class AttemptsInThread(Work):
     def cancel(self, future: Future[Any]) -> None:
         self.job.cancel(future)
         self.never_started()
+
+    def ask_to_stop(self, future: Future[Any]) -> None:
+        # cancel() found the fork running: its job (the fork's StopState) takes the request.
+        job = self.job
+        if job is not self:
+            job.ask_to_stop(future)
 
     # The slot of the thread running the job (``_blocking.Slot``), the place in the limit
     # chained before the thread's own slot, as a ``LimitSlot`` (one object fewer a fork).
