@@ -480,9 +480,7 @@ async def test_aclose_cancels_the_forks(anyio_backend: Any) -> None:
 
 
 def test_a_running_sync_fork_is_asked_to_stop_when_the_map_ends() -> None:
-    check_cancelled = getattr(anyfork, "check_cancelled", None)
-    if check_cancelled is None:
-        pytest.skip("anyfork.check_cancelled (issue 19, part 2) is not merged yet")
+    check_cancelled = anyfork.check_cancelled
     running = threading.Event()
     stopped = threading.Event()
 
@@ -729,9 +727,7 @@ def test_bad_arguments_are_refused_at_the_call_naming_them() -> None:
 
 
 def test_options_wrapped_callables_are_mapped() -> None:
-    options = getattr(anyfork, "options", None)
-    if options is None:
-        pytest.skip("anyfork.options (issue 19, part 1) is not merged yet")
+    options = anyfork.options
     started = Started()
 
     def work(item: int) -> int:
