@@ -105,16 +105,7 @@ def remote(
         @anyfork.dask.remote(resources={"GPU": 1}, retries=2)
         def embed(texts: list[str]) -> list[list[float]]: ...
     """
-    options = {
-        "resources": resources,
-        "retries": retries,
-        "workers": workers,
-        "priority": priority,
-    }
-    for name, value in options.items():
-        allowed = _OPTION_TYPES[name]
-        if value is not None and not isinstance(value, allowed):
-            raise TypeError(f"remote(): {name}= got {type(value).__name__} {value!r}")
-    options = {name: value for name, value in options.items() if value is not None}
+    given = {"resources": resources, "retries": retries, "workers": workers, "priority": priority}
+    options = _remote.checked_options(given, _OPTION_TYPES, bool_is_int=True)
 
     return RemoteFunction.decorate(func, options)

@@ -157,11 +157,6 @@ def remote(
         "runtime_env": runtime_env,
         "scheduling_strategy": scheduling_strategy,
     }
-    for name, value in given.items():
-        allowed = _OPTION_TYPES[name]
-        wrong = isinstance(value, bool) and bool not in allowed
-        if value is not None and (wrong or not isinstance(value, allowed)):
-            raise TypeError(f"remote(): {name}= got {type(value).__name__} {value!r}")
-    options = {name: value for name, value in given.items() if value is not None}
+    options = _remote.checked_options(given, _OPTION_TYPES)
 
     return RemoteFunction.decorate(func, options)

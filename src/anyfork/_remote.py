@@ -26,6 +26,7 @@ from ._scope import current_scope_group
 __all__ = [
     "RemoteCallable",
     "RemoteFunction",
+    "checked_options",
     "remote_call",
     "send_attempt",
     "submit_remote_fork",
@@ -158,6 +159,22 @@ def _find(module: str | None, name: str | None) -> object:
     for part in (name or "").split("."):
         target = getattr(target, part, None)
     return target
+
+
+def checked_options(
+    given: dict[str, Any], types: dict[str, tuple[type, ...]], *, bool_is_int: bool = False
+) -> dict[str, Any]:
+    """The options of a decorator that were given (not None), each of one of its ``types``.
+
+    A bool is not an int there unless ``bool_is_int``. :raises TypeError: for the first
+    option of the wrong type.
+    """
+    for name, value in given.items():
+        allowed = types[name]
+        wrong = not bool_is_int and isinstance(value, bool) and bool not in allowed
+        if value is not None and (wrong or not isinstance(value, allowed)):
+            raise TypeError(f"remote(): {name}= got {type(value).__name__} {value!r}")
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def remote_call(
