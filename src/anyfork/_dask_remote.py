@@ -32,7 +32,7 @@ class RemoteFunction(_remote.RemoteFunction[P, T]):
     ``@remote`` function), so that a task can fork it in turn.
     """
 
-    label = "anyfork.dask.remote"
+    _label = "anyfork.dask.remote"
     _no_loop = "a Dask task runs in a worker thread with no event loop to await it on"
 
     @property
@@ -108,4 +108,4 @@ def remote(
     given = {"resources": resources, "retries": retries, "workers": workers, "priority": priority}
     options = _remote.checked_options(given, _OPTION_TYPES, bool_is_int=True)
 
-    return RemoteFunction.decorate(func, options)
+    return _remote.decorate(RemoteFunction, func, options)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
+from . import _remote
 from ._future import Future
 from ._process_link import Job
 from ._process_pool import pool
@@ -36,7 +37,7 @@ class ProcessFunction(RemoteFunction[P, T]):
     ``@anyfork.process`` function), else by value.
     """
 
-    label = "anyfork.process"
+    _label = "anyfork.process"
     _decorator = "process()"
     _no_loop = "a worker process has no event loop of yours to await it on"
     _anyio_run_where = "in the worker"
@@ -126,4 +127,4 @@ def process(func: Callable[..., Any] | None = None, /) -> Any:
     """
     _require_cloudpickle()
 
-    return ProcessFunction.decorate(func)
+    return _remote.decorate(ProcessFunction, func)

@@ -30,12 +30,13 @@ DEFAULT_MAX_RETRIES = 0
 class RemoteFunction(_remote.RemoteFunction[P, T]):
     """A sync function that runs on the Ray cluster when forked, and here when called.
 
-    Made by :func:`remote`; it keeps the function's signature, so ``anyfork.fork`` stays
-    typed. It pickles by its module and name when that finds it again (a module-level
-    ``@remote`` function), so that a task can fork it in turn.
+    Made by :func:`remote`, with the Ray :attr:`options` of every fork. It keeps the
+    function's signature, so ``anyfork.fork`` stays typed, and pickles by its module and
+    name when that finds it again (a module-level ``@remote`` function), so that a Ray task
+    can fork it in turn.
     """
 
-    label = "anyfork.ray.remote"
+    _label = "anyfork.ray.remote"
     _no_loop = "a remote fork runs in a Ray worker's thread with no event loop to await it on"
 
     def __init__(self, func: Callable[P, T], options: dict[str, Any]) -> None:
@@ -159,4 +160,4 @@ def remote(
     }
     options = _remote.checked_options(given, _OPTION_TYPES)
 
-    return RemoteFunction.decorate(func, options)
+    return _remote.decorate(RemoteFunction, func, options)

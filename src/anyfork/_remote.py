@@ -27,6 +27,7 @@ __all__ = [
     "RemoteCallable",
     "RemoteFunction",
     "checked_options",
+    "decorate",
     "remote_call",
     "send_attempt",
     "submit_remote_fork",
@@ -60,13 +61,13 @@ class RemoteFunction(RemoteCallable, Generic[P, T]):
 
     It runs here when called and keeps the function's signature, so ``anyfork.fork`` stays
     typed. It pickles by its module and name when that finds it again (a module-level
-    decorated function), else by value. A subclass names itself (:attr:`label`), says why a
+    decorated function), else by value. A subclass names itself (:attr:`_label`), says why a
     coroutine function cannot go there, pickles with its engine's pickler (:meth:`_pickle`)
     and sends the work away (:meth:`fork_remotely`, with :meth:`_dumps`).
     """
 
     #: The decorator's public name, in reprs and errors: ``anyfork.dask.remote``.
-    label: ClassVar[str]
+    _label: ClassVar[str]
     #: The decorator as called, in the error for a non-callable: ``remote()``.
     _decorator: ClassVar[str] = "remote()"
     #: Why a coroutine function cannot run there: no event loop to await it on.
@@ -91,7 +92,7 @@ class RemoteFunction(RemoteCallable, Generic[P, T]):
         return self._func(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"<{self.label} {self._name!r}>"
+        return f"<{self._label} {self._name!r}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
         module = getattr(self, "__module__", None)
@@ -118,7 +119,7 @@ class RemoteFunction(RemoteCallable, Generic[P, T]):
         try:
             return self._pickle(obj)
         except Exception as exc:
-            engine = self.label.removesuffix(".remote")
+            engine = self._label.removesuffix(".remote")
             message = self._cannot_send.format(engine=engine, what=what, exc=exc)
             raise TypeError(message) from exc
 
@@ -131,24 +132,31 @@ class RemoteFunction(RemoteCallable, Generic[P, T]):
             self._payload = self._dumps(self, f"the function {self._name}")
         return self._payload, self._dumps((args, kwargs), f"the arguments of {self._name}")
 
-    @classmethod
-    def decorate(cls, func: Callable[..., Any] | None, *args: Any) -> Any:
-        """What ``@decorator`` (``func``) and ``@decorator(...)`` (None) give: the function
-        made remote, or a decorator making it. ``args`` follow ``func`` to ``__init__``."""
 
-        def make(target: Callable[..., Any]) -> Any:
-            if not callable(target):
-                raise TypeError(f"{cls._decorator} takes a callable, got {type(target).__name__}")
-            if is_coroutine_function(target):
-                raise TypeError(
-                    f"{cls.label} runs sync callables only, and "
-                    f"{getattr(target, '__qualname__', target)!r} is a coroutine function: "
-                    f"{cls._no_loop}. Fork it with anyfork.fork (it runs as a task here), or "
-                    f"mark a sync function that calls anyio.run(...) {cls._anyio_run_where}"
-                )
-            return cls(target, *args)
+def decorate(
+    kind: type[RemoteFunction[Any, Any]], func: Callable[..., Any] | None, *args: Any
+) -> Any:
+    """What ``@decorator`` (``func``) and ``@decorator(...)`` (None) give: ``func`` made a
+    ``kind`` of remote function, or a decorator making one. ``args`` follow ``func`` to
+    ``kind``'s ``__init__``."""
 
-        return make if func is None else make(func)
+    # The wording is the class's own (its private class attributes).
+    decorator, label = kind._decorator, kind._label  # pyright: ignore[reportPrivateUsage]
+    no_loop, where = kind._no_loop, kind._anyio_run_where  # pyright: ignore[reportPrivateUsage]
+
+    def make(target: Callable[..., Any]) -> Any:
+        if not callable(target):
+            raise TypeError(f"{decorator} takes a callable, got {type(target).__name__}")
+        if is_coroutine_function(target):
+            raise TypeError(
+                f"{label} runs sync callables only, and "
+                f"{getattr(target, '__qualname__', target)!r} is a coroutine function: "
+                f"{no_loop}. Fork it with anyfork.fork (it runs as a task here), or "
+                f"mark a sync function that calls anyio.run(...) {where}"
+            )
+        return kind(target, *args)
+
+    return make if func is None else make(func)
 
 
 def _find(module: str | None, name: str | None) -> object:
