@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _pool
@@ -33,7 +34,13 @@ from ._state import (
     take_unretrieved_error,
 )
 
-__all__ = ["EXIT_STOP_GRACE", "ExitParticipant", "exit_join", "exit_join_started"]
+__all__ = [
+    "EXIT_STOP_GRACE",
+    "ExitParticipant",
+    "StopAtExit",
+    "exit_join",
+    "exit_join_started",
+]
 
 logger = logging.getLogger("anyfork")
 
@@ -53,6 +60,29 @@ class ExitParticipant(Protocol):
         (``None``: no bound, take as long as stopping takes). What has not stopped by then
         is abandoned, never waited for."""
         ...
+
+
+class _Stoppable(Protocol):
+    def stop(self, timeout: float | None = None) -> None: ...
+
+
+class StopAtExit:
+    """The exit join's participant for a connection to a cluster: it stops the connection
+    ``current`` gives (None: no connection) once the join is over. The join tracks the
+    connection's forks itself (``send_attempt``)."""
+
+    __slots__ = ("_current",)
+
+    def __init__(self, current: Callable[[], _Stoppable | None]) -> None:
+        self._current = current
+
+    def pending_futures(self) -> list[Future[Any]]:
+        return []  # every remote fork is tracked by the exit join itself
+
+    def stop(self, timeout: float | None = None) -> None:
+        connection = self._current()
+        if connection is not None:
+            connection.stop(timeout)
 
 
 class ExitJoin:

@@ -10,19 +10,17 @@ treat it as any fork.
 
 from __future__ import annotations
 
-import functools
 import importlib
-import sys
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
-from ._callables import is_coroutine_function
+from . import _remote
 from ._future import Future
 from ._process_link import Job
 from ._process_pool import pool
-from ._remote import RemoteCallable
+from ._remote import RemoteFunction
 from ._torch import grad_mode_flags
 
 __all__ = ["ProcessFunction", "process"]
@@ -31,7 +29,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class ProcessFunction(RemoteCallable, Generic[P, T]):
+class ProcessFunction(RemoteFunction[P, T]):
     """A sync function that runs in a worker process when forked, and here when called.
 
     Made by :func:`process`; it keeps the function's signature, so ``anyfork.fork`` stays
@@ -39,62 +37,40 @@ class ProcessFunction(RemoteCallable, Generic[P, T]):
     ``@anyfork.process`` function), else by value.
     """
 
+    _label = "anyfork.process"
+    _decorator = "process()"
+    _no_loop = "a worker process has no event loop of yours to await it on"
+    _anyio_run_where = "in the worker"
+    _cannot_send = (
+        "{engine} cannot send {what} to a worker process: {exc}. Everything a process fork "
+        "takes must pickle (no open files, locks, sockets, generators or event loops); make "
+        "such objects inside the function instead"
+    )
+
     def __init__(self, func: Callable[P, T]) -> None:
-        functools.update_wrapper(self, func)
-        self._name: str = getattr(func, "__qualname__", repr(func))
-        self._func = func
-        self._payload: bytes | None = None  # the function pickled, on first fork
+        super().__init__(func, {})
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self._func(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<anyfork.process {self._name!r}>"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        module = getattr(self, "__module__", None)
-        name = getattr(self, "__qualname__", None)
-        if module not in (None, "__main__") and _find(module, name) is self:
-            return (_find, (module, name))
-        return (ProcessFunction, (self._func,))
+    def _by_value(self) -> tuple[Any, ...]:
+        return (self._func,)
 
     @property
     def func(self) -> Callable[P, T]:
         """The plain function: fork it to run it in a worker thread of this process."""
         return self._func
 
+    def _pickle(self, obj: object) -> bytes:
+        import cloudpickle  # type: ignore[import-untyped]
+
+        return cloudpickle.dumps(obj, protocol=5)  # type: ignore[no-any-return]
+
     def fork_remotely(
         self, future: Future[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         import pickle
 
-        if self._payload is None:
-            self._payload = _dumps(self, f"the function {self._name}")
-        call = _dumps((args, kwargs), f"the arguments of {self._name}")
-        request = pickle.dumps((self._payload, call, grad_mode_flags()), protocol=5)
+        payload, call = self._payload_and_call(args, kwargs)
+        request = pickle.dumps((payload, call, grad_mode_flags()), protocol=5)
         pool.submit(Job(future, self._name, request))
-
-
-def _find(module: str | None, name: str | None) -> object:
-    target: object = sys.modules.get(module or "")
-    if target is None:
-        target = importlib.import_module(module or "")
-    for part in (name or "").split("."):
-        target = getattr(target, part, None)
-    return target
-
-
-def _dumps(obj: object, what: str) -> bytes:
-    import cloudpickle  # type: ignore[import-untyped]
-
-    try:
-        return cloudpickle.dumps(obj, protocol=5)  # type: ignore[no-any-return]
-    except Exception as exc:
-        raise TypeError(
-            f"anyfork.process cannot send {what} to a worker process: {exc}. Everything a "
-            "process fork takes must pickle (no open files, locks, sockets, generators or "
-            "event loops); make such objects inside the function instead"
-        ) from exc
 
 
 def _require_cloudpickle() -> None:
@@ -151,17 +127,4 @@ def process(func: Callable[..., Any] | None = None, /) -> Any:
     """
     _require_cloudpickle()
 
-    def make(target: Callable[P, T]) -> ProcessFunction[P, T]:
-        if not callable(target):
-            raise TypeError(f"process() takes a callable, got {type(target).__name__}")
-        if is_coroutine_function(target):
-            raise TypeError(
-                f"anyfork.process runs sync callables only, and "
-                f"{getattr(target, '__qualname__', target)!r} is a coroutine function: a "
-                "worker process has no event loop of yours to await it on. Fork it with "
-                "anyfork.fork (it runs as a task here), or mark a sync function that calls "
-                "anyio.run(...) in the worker"
-            )
-        return ProcessFunction(target)
-
-    return make if func is None else make(func)
+    return _remote.decorate(ProcessFunction, func)

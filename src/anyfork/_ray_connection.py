@@ -22,7 +22,7 @@ from typing import Any
 
 from . import _pool
 from ._errors import WouldBlockError
-from ._exit import exit_join
+from ._exit import StopAtExit, exit_join
 from ._future import Future, block_until_done
 from ._loops import running_native_loop
 from ._ray_tasks import RemoteCall, in_ray_worker, ray, ray_task, submit_task
@@ -407,20 +407,12 @@ def _current_connection() -> _Connection:
         return again
 
 
-class _AtExit:
-    """The exit join's participant: it closes the connection after the join."""
-
-    def pending_futures(self) -> list[Future[Any]]:
-        return []  # every remote fork is tracked by the exit join itself
-
-    def stop(self, timeout: float | None = None) -> None:
-        with _lock:
-            current = _connection
-        if current is not None:
-            current.stop(timeout)
+def _connection_now() -> _Connection | None:
+    with _lock:
+        return _connection
 
 
-_at_exit = _AtExit()
+_at_exit = StopAtExit(_connection_now)  # it closes the connection after the exit join
 
 
 def submit(future: Future[Any], remote_call: RemoteCall) -> None:

@@ -6,18 +6,15 @@ arguments in the forking thread and hands them to the connection (``_ray_connect
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
-from ._callables import is_coroutine_function
+from . import _remote
 from ._future import Future
 from ._ray_connection import submit
 from ._ray_tasks import RemoteCall, ray, ray_task
-from ._remote import RemoteCallable
 from ._torch import grad_mode_flags
 
 __all__ = ["DEFAULT_MAX_RETRIES", "RemoteFunction", "remote"]
@@ -30,79 +27,38 @@ T = TypeVar("T")
 DEFAULT_MAX_RETRIES = 0
 
 
-class RemoteFunction(RemoteCallable, Generic[P, T]):
+class RemoteFunction(_remote.RemoteFunction[P, T]):
     """A sync function that runs on the Ray cluster when forked, and here when called.
 
-    Made by :func:`remote`; it keeps the function's signature, so ``anyfork.fork`` stays
-    typed. It pickles by its module and name when that finds it again (a module-level
-    ``@remote`` function), so that a task can fork it in turn.
+    Made by :func:`remote`, with the Ray :attr:`options` of every fork. It keeps the
+    function's signature, so ``anyfork.fork`` stays typed, and pickles by its module and
+    name when that finds it again (a module-level ``@remote`` function), so that a Ray task
+    can fork it in turn.
     """
 
+    _label = "anyfork.ray.remote"
+    _no_loop = "a remote fork runs in a Ray worker's thread with no event loop to await it on"
+
     def __init__(self, func: Callable[P, T], options: dict[str, Any]) -> None:
-        functools.update_wrapper(self, func)
-        self._name: str = getattr(func, "__qualname__", repr(func))
-        self._func = func
-        self._options = options
-        self._payload: bytes | None = None  # the function pickled, on first fork
+        super().__init__(func, options)
         self._task: Any = None  # ray_task with this function's options, on first fork
         self._resources = _requested_resources(options)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self._func(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<anyfork.ray.remote {self._name!r}>"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        module = getattr(self, "__module__", None)
-        name = getattr(self, "__qualname__", None)
-        if module not in (None, "__main__") and _find(module, name) is self:
-            return (_find, (module, name))
-        return (RemoteFunction, (self._func, self._options))
-
-    @property
-    def func(self) -> Callable[P, T]:
-        """The plain function: fork it to run it on this machine's worker pool instead."""
-        return self._func
 
     @property
     def options(self) -> dict[str, Any]:
         """The Ray options of every fork (a copy), ``max_retries`` included."""
         return dict(self._options)
 
+    def _pickle(self, obj: object) -> bytes:
+        return ray.cloudpickle.dumps(obj)  # type: ignore[no-any-return]
+
     def fork_remotely(
         self, future: Future[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        if self._payload is None:
-            # By module and name where that finds it, as pickle does (see __reduce__).
-            self._payload = _dumps(self, f"the function {self._name}")
+        payload, call = self._payload_and_call(args, kwargs)
+        if self._task is None:
             self._task = ray_task.options(name=self._name, **self._options)
-        call = _dumps((args, kwargs), f"the arguments of {self._name}")
-        submit(
-            future, RemoteCall(self._payload, call, grad_mode_flags(), self._task, self._resources)
-        )
-
-
-def _find(module: str | None, name: str | None) -> object:
-    target: object = sys.modules.get(module or "")
-    if target is None:
-        import importlib
-
-        target = importlib.import_module(module or "")
-    for part in (name or "").split("."):
-        target = getattr(target, part, None)
-    return target
-
-
-def _dumps(obj: object, what: str) -> bytes:
-    try:
-        return ray.cloudpickle.dumps(obj)  # type: ignore[no-any-return]
-    except Exception as exc:
-        raise TypeError(
-            f"anyfork.ray cannot send {what} to the cluster: {exc}. Everything a remote "
-            "fork takes must pickle (no open files, locks, sockets or event loops); make "
-            "such objects inside the function instead"
-        ) from exc
+        submit(future, RemoteCall(payload, call, grad_mode_flags(), self._task, self._resources))
 
 
 def _requested_resources(options: dict[str, Any]) -> dict[str, float]:
@@ -202,24 +158,6 @@ def remote(
         "runtime_env": runtime_env,
         "scheduling_strategy": scheduling_strategy,
     }
-    for name, value in given.items():
-        allowed = _OPTION_TYPES[name]
-        wrong = isinstance(value, bool) and bool not in allowed
-        if value is not None and (wrong or not isinstance(value, allowed)):
-            raise TypeError(f"remote(): {name}= got {type(value).__name__} {value!r}")
-    options = {name: value for name, value in given.items() if value is not None}
+    options = _remote.checked_options(given, _OPTION_TYPES)
 
-    def make(target: Callable[P, T]) -> RemoteFunction[P, T]:
-        if not callable(target):
-            raise TypeError(f"remote() takes a callable, got {type(target).__name__}")
-        if is_coroutine_function(target):
-            raise TypeError(
-                f"anyfork.ray.remote runs sync callables only, and "
-                f"{getattr(target, '__qualname__', target)!r} is a coroutine function: a "
-                "remote fork runs in a Ray worker's thread with no event loop to await it "
-                "on. Fork it with anyfork.fork (it runs as a task here), or mark a sync "
-                "function that calls anyio.run(...) on the worker"
-            )
-        return RemoteFunction(target, options)
-
-    return make if func is None else make(func)
+    return _remote.decorate(RemoteFunction, func, options)
