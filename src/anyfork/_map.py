@@ -272,7 +272,11 @@ class _Window:
         self.busy = False
 
     def in_flight(self) -> int:
-        return len(self._queue) + len(self._pending)
+        # Under the lock: an unordered map's done callback moves a fork from _pending to
+        # _queue in another thread, and two unlocked reads could see it in neither (one
+        # fork too many in flight; seen with the GIL off).
+        with self._lock:
+            return len(self._queue) + len(self._pending)
 
     # --- forking ---------------------------------------------------------------------------
 
