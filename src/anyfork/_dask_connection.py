@@ -30,7 +30,7 @@ from ._errors import WouldBlockError
 from ._exit import StopAtExit, exit_join
 from ._future import Future, block_until_done
 from ._loops import running_native_loop
-from ._state import Work, attach, mark_retrieved, settle, settle_failed
+from ._state import InLine, attach, mark_retrieved, settle, settle_failed
 
 __all__ = ["close", "connect", "submit"]
 
@@ -106,7 +106,7 @@ class _Connection:
             client, error = self.client, self.error
             if client is None and error is None and not self.closed:
                 self._in_line[future] = remote_call
-                attach(future, _InLine(self))
+                attach(future, InLine(self.leave_line))
                 return
         if error is not None:
             settle_failed(future, self._retry_error(error))
@@ -202,24 +202,6 @@ class _Connection:
                 pass
         if cluster is not None:
             cluster.close(deadline)
-
-
-class _InLine(Work):
-    """A remote fork waiting in line for the connection: cancelling it takes it out of the
-    line, so it is never sent."""
-
-    __slots__ = ("_connection",)
-
-    kind = "remote"
-
-    def __init__(self, connection: _Connection) -> None:
-        self._connection = connection
-
-    def state(self, future: Future[Any]) -> str:
-        return "queued"
-
-    def cancel(self, future: Future[Any]) -> None:
-        self._connection.leave_line(future)
 
 
 def _copy_of(error: BaseException) -> BaseException:

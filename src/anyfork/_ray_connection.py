@@ -26,7 +26,7 @@ from ._exit import StopAtExit, exit_join
 from ._future import Future, block_until_done
 from ._loops import running_native_loop
 from ._ray_tasks import RemoteCall, in_ray_worker, ray, ray_task, submit_task
-from ._state import Work, attach, mark_retrieved, on_done, settle, settle_failed
+from ._state import InLine, attach, mark_retrieved, on_done, settle, settle_failed
 
 __all__ = ["close", "connect", "submit"]
 
@@ -192,7 +192,7 @@ class _Connection:
         with self._lock:
             if not self.ready.done() and not self.closed:
                 self._in_line[future] = remote_call
-                attach(future, _InLine(self))
+                attach(future, InLine(self.leave_line))
                 return
             error, closed = self.error, self.closed
         if error is not None:
@@ -261,24 +261,6 @@ class _Connection:
             block_until_done(done, timeout)
         except TimeoutError:  # abandoned: Ray's processes end with this one
             pass
-
-
-class _InLine(Work):
-    """A remote fork waiting in line for the connection: cancelling it takes it out of the
-    line, so it is never sent."""
-
-    __slots__ = ("_connection",)
-
-    kind = "remote"
-
-    def __init__(self, connection: _Connection) -> None:
-        self._connection = connection
-
-    def state(self, future: Future[Any]) -> str:
-        return "queued"
-
-    def cancel(self, future: Future[Any]) -> None:
-        self._connection.leave_line(future)
 
 
 def _no_op() -> None:

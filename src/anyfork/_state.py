@@ -37,6 +37,7 @@ __all__ = [
     "PENDING",
     "Callback",
     "FutureState",
+    "InLine",
     "Record",
     "Work",
     "abandon_in_child",
@@ -256,6 +257,24 @@ class Work:
     def awaited(self) -> None:
         """A task is about to await the future, giving its loop control: work that waits
         for the loop's next turn to start may start now (one loop iteration sooner)."""
+
+
+class InLine(Work):
+    """A remote fork waiting in line for its connection (to a cluster) to open: cancelling
+    it takes it out of the line (``leave``), so it is never sent."""
+
+    __slots__ = ("_leave",)
+
+    kind = "remote"
+
+    def __init__(self, leave: Callable[[Any], object]) -> None:
+        self._leave = leave
+
+    def state(self, future: Any) -> str:
+        return "queued"
+
+    def cancel(self, future: Any) -> None:
+        self._leave(future)
 
 
 def on_done(future: FutureState[Any], callback: Callback) -> None:
